@@ -1,0 +1,36 @@
+"""jcce: exact, NaN-free, fused cross-entropy losses for JAX.
+
+Import from ``jcce`` only; the underscore modules are private and may change.
+"""
+
+from jcce._losses import cross_entropy as cross_entropy
+from jcce._losses import safe_softmax_cross_entropy as safe_softmax_cross_entropy
+from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
+from jcce._losses import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+from jcce._transforms import Chain as Chain
+from jcce._transforms import Transform as Transform
+from jcce._transforms import chain as chain
+from jcce._transforms import label_smoothing as label_smoothing
+from jcce._transforms import log_base as log_base
+from jcce._transforms import softcap as softcap
+from jcce._transforms import temperature as temperature
+from jcce._transforms import z_loss as z_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chain",
+    "Transform",
+    "chain",
+    "cross_entropy",
+    "label_smoothing",
+    "log_base",
+    "safe_softmax_cross_entropy",
+    "softcap",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "temperature",
+    "z_loss",
+]

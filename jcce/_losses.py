@@ -1,0 +1,372 @@
+"""Public cross-entropy losses: validate, configure, call the one kernel, reduce."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jcce import _validate as v
+from jcce._kernel import Static, acc_dtype, fused_cross_entropy
+from jcce._transforms import Chain, Params
+
+_PLAIN = Chain(())
+
+
+def _class_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Moves ``axes`` of ``x`` to the end (in the given order) and flattens them."""
+    if axes == (x.ndim - 1,):
+        return x
+    batch = tuple(a for a in range(x.ndim) if a not in axes)
+    x = jnp.transpose(x, batch + axes)
+    return x.reshape(x.shape[: len(batch)] + (-1,))
+
+
+def _params(params: Params, dtype) -> Params:
+    def cast(value):
+        return None if value is None else jnp.asarray(value, dtype)
+
+    return Params(
+        maps=tuple(cast(m) for m in params.maps),
+        label_smoothing=cast(params.label_smoothing),
+        z_loss=cast(params.z_loss),
+        log_base=cast(params.log_base),
+    )
+
+
+def _kernel_call(
+    chain: Chain,
+    z: jax.Array,
+    target: jax.Array,
+    integer_labels: bool,
+    s: jax.Array | None,
+    cw: jax.Array | None,
+) -> jax.Array:
+    """Runs the kernel on class-last ``z``; returns weighted per-example losses."""
+    spec, params = chain.config()
+    acc = acc_dtype(z.dtype)
+    return fused_cross_entropy(
+        Static(spec, integer_labels),
+        z,
+        target,
+        None if s is None else s.astype(acc),
+        None if cw is None else cw.astype(acc),
+        _params(params, acc),
+    )
+
+
+def _reduce(out, s, cw, target, integer_labels, reduction):
+    if reduction == "none":
+        return out
+    total = jnp.sum(out)
+    if reduction == "sum":
+        return total
+    # Weighted mean: sum_i s_i l_i / sum_i s_i omega_i, and 0 when nothing counts.
+    if cw is not None and integer_labels:
+        omega = cw.astype(out.dtype)[jnp.clip(target, 0, cw.shape[0] - 1)]
+        denom = jnp.sum(omega if s is None else s.astype(out.dtype) * omega)
+    elif s is not None:
+        denom = jnp.sum(s.astype(out.dtype))
+    else:
+        return total / max(out.size, 1)
+    return total / jnp.where(denom == 0, jnp.ones((), out.dtype), denom)
+
+
+def _native(
+    fn: str,
+    chain: Chain,
+    logits,
+    labels,
+    *,
+    axis=-1,
+    where=None,
+    weights=None,
+    class_weights=None,
+    ignore_index=None,
+    reduction="mean",
+) -> jax.Array:
+    logits = v.floating_logits(fn, logits)
+    axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
+    reduction = v.reduction(fn, reduction)
+    batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
+    kind, labels = v.labels_kind(fn, labels, batch_shape, logits.shape)
+    integer_labels = kind == "int"
+    ignore_index = v.ignore_index(fn, ignore_index, kind)
+    num_classes = math.prod(logits.shape[a] for a in axes)
+
+    z = _class_last(logits, axes)
+    target = labels if integer_labels else _class_last(labels, axes)
+
+    acc = acc_dtype(logits.dtype)
+    s = None
+    if weights is not None:
+        s = v.example_weights(fn, weights, batch_shape).astype(acc)
+    if where is not None:
+        live = v.mask(fn, "where", where, batch_shape)
+        s = live.astype(acc) if s is None else jnp.where(live, s, 0)
+    if ignore_index is not None:
+        kept = labels != ignore_index
+        s = kept.astype(acc) if s is None else jnp.where(kept, s, 0)
+    cw = None
+    if class_weights is not None:
+        cw = v.class_weights(fn, class_weights, num_classes).astype(acc)
+
+    out = _kernel_call(chain, z, target, integer_labels, s, cw)
+    return _reduce(out, s, cw, target, integer_labels, reduction)
+
+
+_native_jit = jax.jit(_native, static_argnames=("fn", "axis", "ignore_index", "reduction"))
+
+
+def _static_axis(axis):
+    return tuple(axis) if isinstance(axis, list) else axis
+
+
+def configured_cross_entropy(fn, chain, logits, labels, *, axis=-1, **kwargs):
+    """The native entry point shared by :func:`cross_entropy` and every chain (jitted)."""
+    return _native_jit(fn, chain, logits, labels, axis=_static_axis(axis), **kwargs)
+
+
+def cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Softmax cross-entropy from logits, with PyTorch's options and a fused gradient.
+
+    For example ``i`` with logits ``z`` and target distribution ``q``
+    (``onehot(y)`` for class indices), ``l_i = lse(z) - sum_k q_k z_k``; with class
+    weights ``w``, ``l_i = sum_k w_k q_k (lse(z) - z_k)``. The gradient is the closed form
+    ``softmax(z) sum_k w_k q_k - w q``, computed by a custom VJP that recomputes the
+    softmax from the saved log-sum-exp. Configure label smoothing, temperature and more
+    with :func:`jcce.chain`, which takes the same arguments.
+
+    Args:
+      logits: float ``[*batch, K]`` (classes on ``axis``; float16, bfloat16, float32 or
+        float64). Half-precision inputs accumulate in float32.
+      labels: int ``[*batch]`` class indices in ``[0, K)``, or float ``[*batch, K]``
+        probability targets (the logits' shape), as ``torch.nn.functional.cross_entropy``
+        decides by dtype and shape.
+      axis: the class axis, or a tuple of axes flattened (in order) into one class axis.
+      where: bool ``[*batch]``; ``False`` excludes the example (loss and gradient 0,
+        even if its logits are NaN).
+      weights: float ``[*batch]`` per-example weights (Keras ``sample_weight``); a zero
+        weight masks the example.
+      class_weights: float ``[K]`` per-class weights (PyTorch ``weight``).
+      ignore_index: examples whose integer label equals this value are masked
+        (PyTorch's ``ignore_index``; PyTorch's default is -100, ours is None).
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``. ``"mean"`` is the weighted mean
+        ``sum_i s_i l_i / sum_i s_i w_{y_i}`` of PyTorch (``w_{y_i} = 1`` without class
+        weights or with probability targets), and 0 when every example is masked.
+
+    Returns:
+      float32 (float64 for float64 logits) loss: a scalar, or ``[*batch]`` for
+      ``reduction="none"``.
+
+    Raises:
+      TypeError: for non-floating logits, labels of the wrong dtype, a non-boolean
+        ``where`` or a wrong argument type.
+      ValueError: for shape mismatches, an out-of-range ``axis``, an unknown
+        ``reduction``, or ``ignore_index`` with probability targets.
+
+    An integer label outside ``[0, K)`` that is not ``ignore_index`` (negative ones
+    included) makes that example's loss and gradient NaN; see the ``checkify`` recipe in
+    the README to raise instead.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.log(jnp.array([[0.25, 0.25, 0.5], [0.5, 0.25, 0.25]]))
+      >>> print(jcce.cross_entropy(logits, jnp.array([2, 1]), reduction="none"))
+      [0.6931472 1.3862944]
+      >>> round(float(jcce.cross_entropy(logits, jnp.array([2, 1]))), 4)  # mean
+      1.0397
+
+    Note:
+      Differences from PyTorch: an all-masked ``"mean"`` is 0, not NaN; the default
+      ``ignore_index`` is ``None``. Differences from optax: options are keyword-only
+      and the default reduction is ``"mean"`` (the optax names, e.g.
+      :func:`softmax_cross_entropy`, keep optax's per-example output).
+    """
+    return configured_cross_entropy(
+        "cross_entropy",
+        _PLAIN,
+        logits,
+        labels,
+        axis=axis,
+        where=where,
+        weights=weights,
+        class_weights=class_weights,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+
+
+def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
+    """optax's semantics: per-example losses, ``axis`` may be a tuple, ``where`` may
+    mask single logits (``logits.shape``) or whole examples (the batch shape)."""
+    logits = v.floating_logits(fn, logits)
+    axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
+    batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
+    if integer_labels:
+        kind, labels = v.labels_kind(
+            fn, labels, batch_shape, logits.shape, allow=("int",)
+        )
+    else:
+        labels = v.as_array(fn, "labels", labels)
+        if labels.dtype == jnp.bool_ or not jnp.issubdtype(labels.dtype, jnp.number):
+            raise TypeError(
+                f"{fn}: labels must be numeric probability targets, got {labels.dtype}"
+            )
+        try:
+            labels = jnp.broadcast_to(labels, logits.shape)
+        except ValueError:
+            raise ValueError(
+                f"{fn}: labels has shape {labels.shape} but must have (or broadcast "
+                f"to) the logits' shape {logits.shape}"
+            ) from None
+        if not jnp.issubdtype(labels.dtype, jnp.floating):
+            labels = labels.astype(acc_dtype(logits.dtype))
+
+    z = _class_last(logits, axes)
+    target = labels if integer_labels else _class_last(labels, axes)
+    s = None
+    if where is not None:
+        where = v.as_array(fn, "where", where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"{fn}: where must be a boolean mask, got {where.dtype}")
+        if where.shape == batch_shape and where.ndim != logits.ndim:
+            s = where
+        elif where.shape == logits.shape:
+            per_logit = _class_last(where, axes)
+            z = jnp.where(per_logit, z, -jnp.inf)
+            if not integer_labels:
+                target = jnp.where(per_logit, target, 0)
+            s = jnp.any(per_logit, axis=-1)
+        else:
+            raise ValueError(
+                f"{fn}: where has shape {where.shape} but must have the logits' shape "
+                f"{logits.shape} (per logit) or the batch shape {batch_shape}"
+            )
+        s = s.astype(acc_dtype(logits.dtype))
+    return _kernel_call(_PLAIN, z, target, integer_labels, s, None)
+
+
+_optax_jit = jax.jit(_optax_style, static_argnums=(0, 3), static_argnames=("integer_labels",))
+
+
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""optax's ``softmax_cross_entropy``: per-example ``-sum_k labels_k log softmax(z)_k``.
+
+    A drop-in for ``optax.losses.softmax_cross_entropy`` with the same signature and
+    numbers, computed by jcce's fused kernel with a closed-form gradient.
+
+    Args:
+      logits: float ``[*batch, K]``.
+      labels: ``[*batch, K]`` probability targets (or broadcastable to the logits).
+      axis: class axis, tuple of axes, or ``None`` for all axes.
+      where: bool mask of the logits' shape (per logit: masked logits leave the
+        softmax and the sum) or of the batch shape (per example); a fully masked example
+        costs 0.
+
+    Returns:
+      float32 (float64 for float64 logits) ``[*batch]`` losses.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> print(jcce.softmax_cross_entropy(logits, labels).round(4))
+      [0.2761 2.9518]
+
+    Note:
+      Where optax returns NaN for a ``-inf`` logit with a zero label, jcce returns the
+      finite limit (``0 log 0 = 0``), as :func:`safe_softmax_cross_entropy` does. Losses
+      are float32 for half-precision logits (optax returns the logits' dtype).
+    """
+    return _optax_jit(
+        "softmax_cross_entropy",
+        logits,
+        labels,
+        _static_axis(axis),
+        where,
+        integer_labels=False,
+    )
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""optax's ``softmax_cross_entropy_with_integer_labels``: ``lse(z) - z_y``.
+
+    Args:
+      logits: float ``[*batch, K]``.
+      labels: int ``[*batch]`` in ``[0, K)``; with a tuple ``axis``, a flat index into
+        the (ordered) class axes, as in optax.
+      axis: class axis or tuple of axes.
+      where: bool mask of the logits' shape (per logit) or the batch shape.
+
+    Returns:
+      float32 (float64 for float64 logits) ``[*batch]`` losses.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([0, 1])
+      >>> print(jcce.softmax_cross_entropy_with_integer_labels(logits, labels).round(4))
+      [0.2761 2.9518]
+
+    Note:
+      A label outside ``[0, K)`` gives NaN for that example; optax wraps negative labels
+      (``-1`` means ``K - 1``) and returns a finite, wrong loss. A label on a logit masked
+      by ``where`` costs ``+inf`` (that class has probability 0); optax returns a finite
+      number.
+    """
+    return _optax_jit(
+        "softmax_cross_entropy_with_integer_labels",
+        logits,
+        labels,
+        _static_axis(axis),
+        where,
+        integer_labels=True,
+    )
+
+
+def safe_softmax_cross_entropy(
+    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
+) -> jax.Array:
+    r"""optax's ``safe_softmax_cross_entropy``: ``0 log 0 = 0`` at ``-inf`` logits.
+
+    jcce's kernel always uses this convention, so this is
+    :func:`softmax_cross_entropy` over the last axis, kept for drop-in compatibility.
+
+    Args:
+      logits: float ``[*batch, K]``.
+      labels: ``[*batch, K]`` probability targets (or broadcastable to the logits).
+
+    Returns:
+      float32 (float64 for float64 logits) ``[*batch]`` losses.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.array([[0.0, -jnp.inf]])
+      >>> print(jcce.safe_softmax_cross_entropy(logits, jnp.array([[1.0, 0.0]])))
+      [0.]
+    """
+    return _optax_jit(
+        "safe_softmax_cross_entropy", logits, labels, -1, None, integer_labels=False
+    )

@@ -1,0 +1,364 @@
+"""Loss transforms and ``chain``: small immutable records that configure the one kernel.
+
+A transform is a record ``(kind, value)``. ``chain`` flattens records into a ``Chain``,
+whose :meth:`Chain.config` folds them into the kernel's static :class:`Spec` (which maps
+apply, in which order; which terms are on) and a tuple of hyper-parameter values. The
+kernel reads the configuration once; composing transforms never adds a pass over the
+logits.
+
+Transforms and chains are JAX pytrees whose leaves are the hyper-parameter values, so a
+chain passed into a jitted function as an argument is traced: a new value does not
+retrace. They are also hashable (by value for Python numbers, by identity for arrays) and
+compare equal when their kinds and values match.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Kinds that map the logits elementwise, applied in chain order before the softmax.
+LOGIT_MAPS = ("softcap", "temperature")
+
+
+class Spec(NamedTuple):
+    """Static structure of one kernel call (hashable; part of the jit cache key)."""
+
+    maps: tuple[str, ...] = ()
+    label_smoothing: bool = False
+    z_loss: bool = False
+    log_base: bool = False
+
+
+class Params(NamedTuple):
+    """Hyper-parameter values matching a :class:`Spec`; absent terms are ``None``."""
+
+    maps: tuple[Any, ...] = ()
+    label_smoothing: Any = None
+    z_loss: Any = None
+    log_base: Any = None
+
+
+def _check_value(kind: str, value, ok, requirement: str):
+    """Validates a concrete hyper-parameter now; traced values are trusted."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{kind}: expected a real number, got {value!r}")
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if not ok(v):
+            raise ValueError(f"{kind}: {requirement}, got {value!r}")
+        return v
+    try:
+        arr = jnp.asarray(value)
+    except TypeError:
+        raise TypeError(
+            f"{kind}: expected a real number or a scalar array, got "
+            f"{type(value).__name__}"
+        ) from None
+    if arr.ndim != 0:
+        raise ValueError(f"{kind}: expected a scalar, got an array of shape {arr.shape}")
+    if not (
+        jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{kind}: expected a real number, got dtype {arr.dtype}")
+    if not isinstance(arr, jax.core.Tracer) and not ok(float(arr)):
+        raise ValueError(f"{kind}: {requirement}, got {float(arr)!r}")
+    return arr
+
+
+def _key(value):
+    if isinstance(value, float):
+        return value
+    if isinstance(value, jax.core.Tracer):
+        return ("traced", id(value))
+    try:
+        return ("array", float(value))
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return ("array", id(value))
+
+
+@jax.tree_util.register_pytree_node_class
+class Transform:
+    """One hyper-parameter of the loss, built by a function such as :func:`temperature`.
+
+    Calling a transform is calling ``chain(transform)``.
+    """
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self, kind: str, value):
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "value", value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def tree_flatten(self):
+        return (self.value,), self.kind
+
+    @classmethod
+    def tree_unflatten(cls, kind, children):
+        return cls(kind, children[0])
+
+    def __repr__(self):
+        v = self.value
+        shown = repr(v) if isinstance(v, float) else f"Array({_key(v)[1]!r})"
+        if isinstance(v, jax.core.Tracer):
+            shown = "<traced>"
+        return f"{self.kind}({shown})"
+
+    def __eq__(self, other):
+        if not isinstance(other, Transform):
+            return NotImplemented
+        return self.kind == other.kind and _key(self.value) == _key(other.value)
+
+    def __hash__(self):
+        return hash((self.kind, _key(self.value)))
+
+    def __call__(self, *args, **kwargs):
+        return chain(self)(*args, **kwargs)
+
+
+@jax.tree_util.register_pytree_node_class
+class Chain:
+    """An ordered, flattened tuple of transforms: a configured cross-entropy loss.
+
+    ``chain(...)(logits, labels, ...)`` takes exactly the arguments of
+    :func:`jcce.cross_entropy` and runs the same single kernel.
+    """
+
+    __slots__ = ("transforms",)
+
+    def __init__(self, transforms: tuple[Transform, ...]):
+        object.__setattr__(self, "transforms", tuple(transforms))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Chain is immutable")
+
+    def tree_flatten(self):
+        return self.transforms, None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(tuple(children))
+
+    def __repr__(self):
+        return f"chain({', '.join(map(repr, self.transforms))})"
+
+    def __eq__(self, other):
+        if not isinstance(other, Chain):
+            return NotImplemented
+        return self.transforms == other.transforms
+
+    def __hash__(self):
+        return hash(("chain", self.transforms))
+
+    def __iter__(self):
+        return iter(self.transforms)
+
+    def __len__(self):
+        return len(self.transforms)
+
+    def config(self) -> tuple[Spec, Params]:
+        """Folds the transforms into the kernel's static spec and parameter values."""
+        maps, map_values = [], []
+        terms: dict[str, Any] = {}
+        for t in self.transforms:
+            if t.kind in LOGIT_MAPS:
+                maps.append(t.kind)
+                map_values.append(t.value)
+            else:
+                terms[t.kind] = t.value
+        spec = Spec(
+            maps=tuple(maps),
+            label_smoothing="label_smoothing" in terms,
+            z_loss="z_loss" in terms,
+            log_base="log_base" in terms,
+        )
+        params = Params(
+            maps=tuple(map_values),
+            label_smoothing=terms.get("label_smoothing"),
+            z_loss=terms.get("z_loss"),
+            log_base=terms.get("log_base"),
+        )
+        return spec, params
+
+    def __call__(
+        self,
+        logits,
+        labels,
+        *,
+        axis=-1,
+        where=None,
+        weights=None,
+        class_weights=None,
+        ignore_index=None,
+        reduction="mean",
+    ) -> jax.Array:
+        from jcce import _losses
+
+        return _losses.configured_cross_entropy(
+            "cross_entropy" if not self.transforms else "chain",
+            self,
+            logits,
+            labels,
+            axis=axis,
+            where=where,
+            weights=weights,
+            class_weights=class_weights,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+
+
+def chain(*transforms: Transform | Chain) -> Chain:
+    """Composes transforms into one configured loss; nested chains are flattened.
+
+    Logit maps (:func:`softcap`, :func:`temperature`) apply in the order given;
+    ``chain(a, chain(b, c))`` equals ``chain(a, b, c)``. The result is called exactly like
+    :func:`jcce.cross_entropy` and runs the same single fused kernel.
+
+    Raises:
+      TypeError: if an argument is not a transform or chain.
+      ValueError: if a transform kind appears twice (say which value you mean once).
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> loss = jcce.chain(jcce.label_smoothing(0.1), jcce.temperature(2.0))
+      >>> loss
+      chain(label_smoothing(0.1), temperature(2.0))
+      >>> float(loss(jnp.zeros((1, 4)), jnp.array([2])))  # uniform prediction: log 4
+      1.386...
+    """
+    flat: list[Transform] = []
+    for t in transforms:
+        if isinstance(t, Chain):
+            flat.extend(t.transforms)
+        elif isinstance(t, Transform):
+            flat.append(t)
+        else:
+            raise TypeError(
+                "chain: arguments must be jcce transforms such as "
+                f"jcce.label_smoothing(0.1), got {type(t).__name__}"
+            )
+    seen: dict[str, Transform] = {}
+    for t in flat:
+        if t.kind in seen:
+            raise ValueError(
+                f"chain: {t.kind} appears twice ({seen[t.kind]!r} and {t!r}); "
+                f"give one {t.kind} per chain"
+            )
+        seen[t.kind] = t
+    return Chain(tuple(flat))
+
+
+def label_smoothing(eps) -> Transform:
+    """Label smoothing: the target becomes ``(1 - eps) q + eps u``.
+
+    ``u`` is uniform over the classes whose (mapped) logit is finite, so ``-inf``-masked
+    classes receive no mass. This is optax's, PyTorch's and Keras's ``eps / K``
+    convention; the textbook variant that puts ``eps / (K - 1)`` on each wrong class is
+    ``label_smoothing(eps * K / (K - 1))`` here.
+
+    Args:
+      eps: float in ``[0, 1)``, or a scalar array (a schedule; not checked when traced).
+
+    Raises:
+      ValueError: if ``eps`` is outside ``[0, 1)``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> # K = 2, equal logits: any target costs log 2.
+      >>> round(float(jcce.label_smoothing(0.2)(jnp.zeros((1, 2)), jnp.array([0]))), 4)
+      0.6931
+    """
+    v = _check_value(
+        "label_smoothing", eps, lambda v: 0.0 <= v < 1.0, "eps must be in [0, 1)"
+    )
+    return Transform("label_smoothing", v)
+
+
+def temperature(t) -> Transform:
+    """Temperature scaling of the logits: ``z <- z / t``.
+
+    Args:
+      t: float ``> 0`` or a scalar array (not checked when traced).
+
+    Raises:
+      ValueError: if ``t <= 0``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> z = jnp.array([[0.0, 2.0 * jnp.log(3.0)]])  # at t = 2 the odds are 1 : 3
+      >>> round(float(jcce.temperature(2.0)(z, jnp.array([1]))), 4)  # -log(3/4)
+      0.2877
+    """
+    v = _check_value("temperature", t, lambda v: v > 0.0, "t must be > 0")
+    return Transform("temperature", v)
+
+
+def softcap(cap) -> Transform:
+    """Logit soft-capping (Gemma 2): ``z <- cap * tanh(z / cap)``.
+
+    Args:
+      cap: float ``> 0`` or a scalar array (not checked when traced).
+
+    Raises:
+      ValueError: if ``cap <= 0``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> # logits 1e30 and 0 become 1 and 0 under cap 1: loss log(1 + e) - 1.
+      >>> round(float(jcce.softcap(1.0)(jnp.array([[1e30, 0.0]]), jnp.array([0]))), 4)
+      0.3133
+    """
+    v = _check_value("softcap", cap, lambda v: v > 0.0, "cap must be > 0")
+    return Transform("softcap", v)
+
+
+def z_loss(coef) -> Transform:
+    """Adds ``coef * lse**2`` to each example's loss (PaLM, t5x).
+
+    Args:
+      coef: float ``>= 0`` or a scalar array (not checked when traced).
+
+    Raises:
+      ValueError: if ``coef < 0``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> # lse of [0, 0] is log 2, so the loss is log 2 + 0.5 (log 2)^2.
+      >>> round(float(jcce.z_loss(0.5)(jnp.zeros((1, 2)), jnp.array([0]))), 4)
+      0.9334
+    """
+    v = _check_value("z_loss", coef, lambda v: v >= 0.0, "coef must be >= 0")
+    return Transform("z_loss", v)
+
+
+def log_base(base) -> Transform:
+    """Reports the loss in base ``base`` (``2`` gives bits) instead of nats.
+
+    Args:
+      base: float ``> 0`` and ``!= 1``, or a scalar array (not checked when traced).
+
+    Raises:
+      ValueError: if ``base <= 0`` or ``base == 1``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logp = jnp.log(jnp.array([[0.2, 0.7, 0.1]]))
+      >>> round(float(jcce.log_base(2)(logp, jnp.array([1]))), 3)  # -log2(0.7)
+      0.515
+    """
+    v = _check_value(
+        "log_base",
+        base,
+        lambda v: v > 0.0 and v != 1.0 and math.isfinite(v),
+        "base must be > 0, finite and != 1",
+    )
+    return Transform("log_base", v)

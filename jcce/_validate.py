@@ -1,0 +1,200 @@
+"""Trace-time checks of shapes, dtypes and options.
+
+Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong
+shape or value) with a message of the form ``"<function>: <argument> <what was received>
+<what is accepted>"``. All checks read only static information (shapes, dtypes, Python
+values), so they run once per trace and cost nothing at run time.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def as_array(fn: str, name: str, x) -> jax.Array:
+    """Converts ``x`` to an array, naming the argument if that is impossible."""
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{fn}: {name} must be an array, got {type(x).__name__}: {e}"
+        ) from None
+
+
+def floating_logits(fn: str, logits) -> jax.Array:
+    """Checks that ``logits`` is a floating array of rank >= 1."""
+    logits = as_array(fn, "logits", logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: logits must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {logits.dtype}"
+        )
+    if logits.ndim == 0:
+        raise ValueError(
+            f"{fn}: logits has shape () but needs at least one axis of classes"
+        )
+    return logits
+
+
+def canonical_axes(fn: str, axis, ndim: int, shape) -> tuple[int, ...]:
+    """Returns ``axis`` as a sorted-by-appearance tuple of non-negative ints."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"{fn}: axis must be an int or a tuple of ints, got {axis!r}")
+    if isinstance(axis, numbers.Integral):
+        axes = (int(axis),)
+    elif isinstance(axis, Sequence) and all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
+    ):
+        axes = tuple(int(a) for a in axis)
+        if not axes:
+            raise ValueError(f"{fn}: axis=() names no class axis")
+    else:
+        raise TypeError(f"{fn}: axis must be an int or a tuple of ints, got {axis!r}")
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: axis={axis!r} is out of range for logits of shape "
+                f"{tuple(shape)} (rank {ndim})"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: axis={axis!r} repeats an axis")
+    return tuple(out)
+
+
+def reduction(fn: str, reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(
+            f"{fn}: reduction must be one of 'mean', 'sum' or 'none', got {reduction!r}"
+        )
+    return reduction
+
+
+def mask(fn: str, name: str, where, batch_shape) -> jax.Array:
+    """Checks a boolean example mask of the batch shape."""
+    where = as_array(fn, name, where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(
+            f"{fn}: {name} must be a boolean mask, got dtype {where.dtype}; pass "
+            "real-valued per-example weights as weights="
+        )
+    if where.shape != tuple(batch_shape):
+        raise ValueError(
+            f"{fn}: {name} has shape {where.shape} but the batch shape is "
+            f"{tuple(batch_shape)}; {name} must have shape {tuple(batch_shape)}"
+        )
+    return where
+
+
+def example_weights(fn: str, weights, batch_shape) -> jax.Array:
+    weights = as_array(fn, "weights", weights)
+    if not (
+        jnp.issubdtype(weights.dtype, jnp.floating)
+        or jnp.issubdtype(weights.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{fn}: weights must be real numbers, got dtype {weights.dtype}")
+    if weights.shape != tuple(batch_shape):
+        raise ValueError(
+            f"{fn}: weights has shape {weights.shape} but the batch shape is "
+            f"{tuple(batch_shape)}; weights must have shape {tuple(batch_shape)}"
+        )
+    return weights
+
+
+def class_weights(fn: str, class_weights, num_classes: int) -> jax.Array:
+    class_weights = as_array(fn, "class_weights", class_weights)
+    if not (
+        jnp.issubdtype(class_weights.dtype, jnp.floating)
+        or jnp.issubdtype(class_weights.dtype, jnp.integer)
+    ):
+        raise TypeError(
+            f"{fn}: class_weights must be real numbers, got dtype {class_weights.dtype}"
+        )
+    if class_weights.shape != (num_classes,):
+        raise ValueError(
+            f"{fn}: class_weights has shape {class_weights.shape} but logits have "
+            f"{num_classes} classes; class_weights must have shape ({num_classes},)"
+        )
+    return class_weights
+
+
+def labels_kind(fn: str, labels, batch_shape, logits_shape, *, allow=("int", "prob")):
+    """Decides whether ``labels`` are class indices or probability targets.
+
+    Integer labels must have the batch shape; floating labels must have the logits'
+    (class-last) shape, as ``torch.nn.functional.cross_entropy`` decides.
+    """
+    labels = as_array(fn, "labels", labels)
+    batch_shape, logits_shape = tuple(batch_shape), tuple(logits_shape)
+    accepted = []
+    if "int" in allow:
+        accepted.append(f"{batch_shape} (integer class indices)")
+    if "prob" in allow:
+        accepted.append(f"{logits_shape} (floating probability targets)")
+    need = " or ".join(accepted)
+    if labels.dtype == jnp.bool_:
+        raise TypeError(
+            f"{fn}: labels has dtype bool; labels must be integer class indices of "
+            f"shape {batch_shape} or floating targets of shape {logits_shape}"
+        )
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if "int" not in allow:
+            raise TypeError(
+                f"{fn}: labels has integer dtype {labels.dtype} but this function "
+                f"takes floating probability targets of shape {logits_shape}"
+            )
+        if labels.shape != batch_shape:
+            raise ValueError(
+                f"{fn}: labels has shape {labels.shape} but logits {logits_shape} "
+                f"need labels of shape {need}"
+            )
+        return "int", labels
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        if "prob" not in allow:
+            raise TypeError(
+                f"{fn}: labels has floating dtype {labels.dtype}; class-index labels "
+                f"must have an integer dtype and shape {batch_shape}"
+            )
+        if labels.shape != logits_shape:
+            if labels.shape == batch_shape and "int" in allow:
+                raise TypeError(
+                    f"{fn}: labels has floating dtype {labels.dtype} and shape "
+                    f"{labels.shape}; class-index labels must have an integer dtype "
+                    f"(cast with labels.astype(jnp.int32)), probability targets must "
+                    f"have shape {logits_shape}"
+                )
+            raise ValueError(
+                f"{fn}: labels has shape {labels.shape} but logits {logits_shape} "
+                f"need labels of shape {need}"
+            )
+        return "prob", labels
+    raise TypeError(f"{fn}: labels must be integer or floating, got {labels.dtype}")
+
+
+def ignore_index(fn: str, ignore_index, kind: str):
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, numbers.Integral
+    ):
+        raise TypeError(
+            f"{fn}: ignore_index must be a Python int or None, got {ignore_index!r}"
+        )
+    if kind != "int":
+        raise ValueError(
+            f"{fn}: ignore_index={ignore_index} needs integer class-index labels, but "
+            "labels are probability targets; mask examples with where= instead"
+        )
+    return int(ignore_index)
