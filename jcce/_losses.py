@@ -116,7 +116,9 @@ def _native(
     return _reduce(out, s, cw, target, integer_labels, reduction)
 
 
-_native_jit = jax.jit(_native, static_argnames=("fn", "axis", "ignore_index", "reduction"))
+_native_jit = jax.jit(
+    _native, static_argnames=("fn", "axis", "ignore_index", "reduction")
+)
 
 
 def _static_axis(axis):
@@ -258,7 +260,9 @@ def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
     return _kernel_call(_PLAIN, z, target, integer_labels, s, None)
 
 
-_optax_jit = jax.jit(_optax_style, static_argnums=(0, 3), static_argnames=("integer_labels",))
+_optax_jit = jax.jit(
+    _optax_style, static_argnums=(0, 3), static_argnames=("integer_labels",)
+)
 
 
 def softmax_cross_entropy(
@@ -287,8 +291,8 @@ def softmax_cross_entropy(
       >>> import jax.numpy as jnp, jcce
       >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
       >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-      >>> print(jcce.softmax_cross_entropy(logits, labels).round(4))
-      [0.2761 2.9518]
+      >>> [round(float(x), 4) for x in jcce.softmax_cross_entropy(logits, labels)]
+      [0.2761, 2.9518]
 
     Note:
       Where optax returns NaN for a ``-inf`` logit with a zero label, jcce returns the
@@ -327,8 +331,9 @@ def softmax_cross_entropy_with_integer_labels(
       >>> import jax.numpy as jnp, jcce
       >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
       >>> labels = jnp.array([0, 1])
-      >>> print(jcce.softmax_cross_entropy_with_integer_labels(logits, labels).round(4))
-      [0.2761 2.9518]
+      >>> loss = jcce.softmax_cross_entropy_with_integer_labels(logits, labels)
+      >>> [round(float(x), 4) for x in loss]
+      [0.2761, 2.9518]
 
     Note:
       A label outside ``[0, K)`` gives NaN for that example; optax wraps negative labels

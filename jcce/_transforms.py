@@ -61,9 +61,12 @@ def _check_value(kind: str, value, ok, requirement: str):
             f"{type(value).__name__}"
         ) from None
     if arr.ndim != 0:
-        raise ValueError(f"{kind}: expected a scalar, got an array of shape {arr.shape}")
+        raise ValueError(
+            f"{kind}: expected a scalar, got an array of shape {arr.shape}"
+        )
     if not (
-        jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+        jnp.issubdtype(arr.dtype, jnp.floating)
+        or jnp.issubdtype(arr.dtype, jnp.integer)
     ):
         raise TypeError(f"{kind}: expected a real number, got dtype {arr.dtype}")
     if not isinstance(arr, jax.core.Tracer) and not ok(float(arr)):

@@ -104,7 +104,9 @@ def example_weights(fn: str, weights, batch_shape) -> jax.Array:
         jnp.issubdtype(weights.dtype, jnp.floating)
         or jnp.issubdtype(weights.dtype, jnp.integer)
     ):
-        raise TypeError(f"{fn}: weights must be real numbers, got dtype {weights.dtype}")
+        raise TypeError(
+            f"{fn}: weights must be real numbers, got dtype {weights.dtype}"
+        )
     if weights.shape != tuple(batch_shape):
         raise ValueError(
             f"{fn}: weights has shape {weights.shape} but the batch shape is "
