@@ -54,6 +54,11 @@ def _apply_maps(spec: Spec, z, map_values):
     return x
 
 
+def _as_row(cw, ndim):
+    """Class weights ``[K]`` shaped ``[1, ..., 1, K]`` to broadcast against the logits."""
+    return None if cw is None else cw.reshape((1,) * (ndim - 1) + cw.shape)
+
+
 def _live(s):
     return None if s is None else s != 0
 
@@ -75,7 +80,8 @@ class _Res(NamedTuple):
     b: jax.Array | None  # uniform term B (label smoothing)
     ks: jax.Array | None  # support size K_S (label smoothing)
     ce_y: jax.Array | None  # log_se - d_y (class indices), A without the class weight
-    wq: jax.Array  # dl/dlse of the cross-entropy part: sum_k w_k q_k
+    wq_a: jax.Array  # dA/dlse: w_y, or sum_k w_k t_k
+    wq_b: jax.Array | None  # dB/dlse: sum_{k in S} w_k / K_S (label smoothing)
     loss: jax.Array  # per-example loss before the example weight
 
 
@@ -105,15 +111,15 @@ def _forward(static: Static, z, target, s, cw, params: Params):
         ce_y = jnp.where(valid, log_se - d_y, jnp.nan)
         w_y = jnp.ones((), acc) if cw is None else cw[yc]
         a = w_y * ce_y
-        wq = jnp.broadcast_to(w_y, a.shape)
+        wq_a = jnp.broadcast_to(w_y, a.shape)
     else:
         wt = target.astype(acc)
         if cw is not None:
-            wt = wt * cw
-        wq = jnp.sum(wt, axis=-1)
-        a = log_se * wq - jnp.sum(jnp.where(wt == 0, 0, wt * d), axis=-1)
+            wt = wt * _as_row(cw, z.ndim)
+        wq_a = jnp.sum(wt, axis=-1)
+        a = log_se * wq_a - jnp.sum(jnp.where(wt == 0, 0, wt * d), axis=-1)
 
-    b = ks = None
+    b = ks = wq_b = None
     loss = a
     if spec.label_smoothing:
         eps = params.label_smoothing
@@ -123,17 +129,18 @@ def _forward(static: Static, z, target, s, cw, params: Params):
             ws = ks
             wd = jnp.sum(jnp.where(support, d, 0), axis=-1)
         else:
-            ws = jnp.sum(jnp.where(support, cw, 0), axis=-1)
-            wd = jnp.sum(jnp.where(support, cw * d, 0), axis=-1)
+            cw_row = _as_row(cw, z.ndim)
+            ws = jnp.sum(jnp.where(support, cw_row, 0), axis=-1)
+            wd = jnp.sum(jnp.where(support, cw_row * d, 0), axis=-1)
         b = (log_se * ws - wd) / ks
         loss = (1 - eps) * a + eps * b
-        wq = (1 - eps) * wq + eps * ws / ks
+        wq_b = ws / ks
     if spec.z_loss:
         loss = loss + params.z_loss * lse**2
     if spec.log_base:
         loss = loss / jnp.log(params.log_base)
     out = loss if s is None else jnp.where(live, s * loss, jnp.zeros((), acc))
-    return out, _Res(lse, log_se, m, a, b, ks, ce_y, wq, loss)
+    return out, _Res(lse, log_se, m, a, b, ks, ce_y, wq_a, wq_b, loss)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -170,27 +177,29 @@ def _bwd(static, saved, ct):
     c0 = ct if s is None else jnp.where(live, ct * s, jnp.zeros((), acc))
     c = c0 / jnp.log(params.log_base) if spec.log_base else c0
     eps = params.label_smoothing if spec.label_smoothing else None
+    cw_row = _as_row(cw, z.ndim)
 
     x, pull_maps = jax.vjp(lambda z_, mv: _apply_maps(spec, z_, mv), zc, params.maps)
     d = x - r.m[..., None]
     p = jnp.exp(d - r.log_se[..., None])
-    coef = r.wq + 2 * params.z_loss * r.lse if spec.z_loss else r.wq
-    grad = coef[..., None] * p
-
+    # Each bracket below is a "p - q" whose row sums cancel exactly when the weights are
+    # 1, so the gradient of a certain prediction (one class, or one finite logit) is 0.
     num_classes = z.shape[-1]
     if static.integer_labels:
         yc = jnp.clip(target, 0, num_classes - 1)
         onehot = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == yc[..., None]
         w_y = jnp.ones((), acc) if cw is None else cw[yc]
-        hit = w_y if eps is None else (1 - eps) * w_y
-        grad = grad - jnp.where(onehot, hit[..., None], 0)
+        grad = r.wq_a[..., None] * p - jnp.where(onehot, w_y[..., None], 0)
     else:
-        wt = target.astype(acc) if cw is None else target.astype(acc) * cw
-        grad = grad - (wt if eps is None else (1 - eps) * wt)
+        wt = target.astype(acc) if cw is None else target.astype(acc) * cw_row
+        grad = r.wq_a[..., None] * p - wt
     if eps is not None:
         support = d > -jnp.inf
-        w = jnp.ones((), acc) if cw is None else cw
-        grad = grad - jnp.where(support, eps * w / r.ks[..., None], 0)
+        w = jnp.ones((), acc) if cw is None else cw_row
+        uniform = r.wq_b[..., None] * p - jnp.where(support, w / r.ks[..., None], 0)
+        grad = (1 - eps) * grad + eps * uniform
+    if spec.z_loss:
+        grad = grad + (2 * params.z_loss * r.lse)[..., None] * p
     grad = c[..., None] * grad
     if static.integer_labels:
         # An out-of-range label poisons its example's gradient as it does its loss.
@@ -204,7 +213,7 @@ def _bwd(static, saved, ct):
     ce_k = r.log_se[..., None] - d  # lse - x_k, +inf off the support
     dtarget = None
     if not static.integer_labels:
-        w = jnp.ones((), acc) if cw is None else cw
+        w = jnp.ones((), acc) if cw is None else cw_row
         scale = c if eps is None else c * (1 - eps)
         dt = jnp.where((c != 0)[..., None], scale[..., None] * w * ce_k, 0)
         dtarget = dt.astype(target.dtype)

@@ -92,7 +92,7 @@ def _native(
     batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
     kind, labels = v.labels_kind(fn, labels, batch_shape, logits.shape)
     integer_labels = kind == "int"
-    ignore_index = v.ignore_index(fn, ignore_index, kind)
+    ignore_index = v.ignore_index(fn, ignore_index, kind, labels.dtype)
     num_classes = math.prod(logits.shape[a] for a in axes)
 
     z = _class_last(logits, axes)
@@ -121,13 +121,38 @@ _native_jit = jax.jit(
 )
 
 
-def _static_axis(axis):
-    return tuple(axis) if isinstance(axis, list) else axis
+def _arrays(fn, **named):
+    """Converts array arguments before jit sees them, so bad ones get a named error."""
+    return {k: None if x is None else v.as_array(fn, k, x) for k, x in named.items()}
 
 
-def configured_cross_entropy(fn, chain, logits, labels, *, axis=-1, **kwargs):
+def configured_cross_entropy(
+    fn,
+    chain,
+    logits,
+    labels,
+    *,
+    axis=-1,
+    where=None,
+    weights=None,
+    class_weights=None,
+    ignore_index=None,
+    reduction="mean",
+):
     """The native entry point shared by :func:`cross_entropy` and every chain (jitted)."""
-    return _native_jit(fn, chain, logits, labels, axis=_static_axis(axis), **kwargs)
+    arrays = _arrays(
+        fn,
+        logits=logits,
+        labels=labels,
+        where=where,
+        weights=weights,
+        class_weights=class_weights,
+    )
+    v.no_forward_mode(fn, arrays, chain)
+    axis, ignore_index = v.static_options(fn, axis, reduction, ignore_index)
+    return _native_jit(
+        fn, chain, **arrays, axis=axis, ignore_index=ignore_index, reduction=reduction
+    )
 
 
 def cross_entropy(
@@ -222,9 +247,22 @@ def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
         )
     else:
         labels = v.as_array(fn, "labels", labels)
-        if labels.dtype == jnp.bool_ or not jnp.issubdtype(labels.dtype, jnp.number):
+        if labels.dtype == jnp.bool_ or not (
+            jnp.issubdtype(labels.dtype, jnp.floating)
+            or jnp.issubdtype(labels.dtype, jnp.integer)
+        ):
             raise TypeError(
-                f"{fn}: labels must be numeric probability targets, got {labels.dtype}"
+                f"{fn}: labels must be real probability targets, got {labels.dtype}"
+            )
+        if (
+            jnp.issubdtype(labels.dtype, jnp.integer)
+            and labels.shape == batch_shape
+            and batch_shape != logits.shape
+        ):
+            raise TypeError(
+                f"{fn}: labels has integer dtype {labels.dtype} and shape "
+                f"{labels.shape}; for class indices use "
+                "softmax_cross_entropy_with_integer_labels"
             )
         try:
             labels = jnp.broadcast_to(labels, logits.shape)
@@ -260,9 +298,23 @@ def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
     return _kernel_call(_PLAIN, z, target, integer_labels, s, None)
 
 
-_optax_jit = jax.jit(
+_optax_jit_impl = jax.jit(
     _optax_style, static_argnums=(0, 3), static_argnames=("integer_labels",)
 )
+
+
+def _optax_jit(fn, logits, labels, axis, where, *, integer_labels):
+    arrays = _arrays(fn, logits=logits, labels=labels, where=where)
+    v.no_forward_mode(fn, arrays)
+    axis, _ = v.static_options(fn, axis, "none", None)
+    return _optax_jit_impl(
+        fn,
+        arrays["logits"],
+        arrays["labels"],
+        axis,
+        arrays["where"],
+        integer_labels=integer_labels,
+    )
 
 
 def softmax_cross_entropy(
@@ -303,7 +355,7 @@ def softmax_cross_entropy(
         "softmax_cross_entropy",
         logits,
         labels,
-        _static_axis(axis),
+        axis,
         where,
         integer_labels=False,
     )
@@ -345,7 +397,7 @@ def softmax_cross_entropy_with_integer_labels(
         "softmax_cross_entropy_with_integer_labels",
         logits,
         labels,
-        _static_axis(axis),
+        axis,
         where,
         integer_labels=True,
     )

@@ -45,17 +45,34 @@ class Params(NamedTuple):
 
 
 def _check_value(kind: str, value, ok, requirement: str):
-    """Validates a concrete hyper-parameter now; traced values are trusted."""
-    if isinstance(value, (bool, np.bool_)):
+    """Validates a concrete hyper-parameter now; traced values are trusted.
+
+    Python and NumPy numbers (even inside ``jax.jit``, where they are still concrete)
+    are checked and kept; JAX arrays are checked unless traced.
+    """
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (np.ndarray, jax.Array)) and value.dtype == np.bool_
+    ):
         raise TypeError(f"{kind}: expected a real number, got {value!r}")
+    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(
+        value, numbers.Real
+    ):
+        if value.ndim != 0:
+            raise ValueError(
+                f"{kind}: expected a scalar, got an array of shape {value.shape}"
+            )
+        value = value[()]
     if isinstance(value, numbers.Real):
-        v = float(value)
-        if not ok(v):
-            raise ValueError(f"{kind}: {requirement}, got {value!r}")
+        try:
+            v = float(value)
+        except OverflowError:
+            raise ValueError(f"{kind}: {requirement}, got {value!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise ValueError(f"{kind}: {requirement}, got {v:g}")
         return v
     try:
         arr = jnp.asarray(value)
-    except TypeError:
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(
             f"{kind}: expected a real number or a scalar array, got "
             f"{type(value).__name__}"
@@ -69,8 +86,10 @@ def _check_value(kind: str, value, ok, requirement: str):
         or jnp.issubdtype(arr.dtype, jnp.integer)
     ):
         raise TypeError(f"{kind}: expected a real number, got dtype {arr.dtype}")
-    if not isinstance(arr, jax.core.Tracer) and not ok(float(arr)):
-        raise ValueError(f"{kind}: {requirement}, got {float(arr)!r}")
+    if not isinstance(arr, jax.core.Tracer):
+        v = float(arr)
+        if not (math.isfinite(v) and ok(v)):
+            raise ValueError(f"{kind}: {requirement}, got {v:g}")
     return arr
 
 
@@ -301,7 +320,7 @@ def temperature(t) -> Transform:
       >>> round(float(jcce.temperature(2.0)(z, jnp.array([1]))), 4)  # -log(3/4)
       0.2877
     """
-    v = _check_value("temperature", t, lambda v: v > 0.0, "t must be > 0")
+    v = _check_value("temperature", t, lambda v: v > 0.0, "t must be finite and > 0")
     return Transform("temperature", v)
 
 
@@ -320,7 +339,7 @@ def softcap(cap) -> Transform:
       >>> round(float(jcce.softcap(1.0)(jnp.array([[1e30, 0.0]]), jnp.array([0]))), 4)
       0.3133
     """
-    v = _check_value("softcap", cap, lambda v: v > 0.0, "cap must be > 0")
+    v = _check_value("softcap", cap, lambda v: v > 0.0, "cap must be finite and > 0")
     return Transform("softcap", v)
 
 
@@ -339,7 +358,7 @@ def z_loss(coef) -> Transform:
       >>> round(float(jcce.z_loss(0.5)(jnp.zeros((1, 2)), jnp.array([0]))), 4)
       0.9334
     """
-    v = _check_value("z_loss", coef, lambda v: v >= 0.0, "coef must be >= 0")
+    v = _check_value("z_loss", coef, lambda v: v >= 0.0, "coef must be finite and >= 0")
     return Transform("z_loss", v)
 
 
@@ -361,7 +380,7 @@ def log_base(base) -> Transform:
     v = _check_value(
         "log_base",
         base,
-        lambda v: v > 0.0 and v != 1.0 and math.isfinite(v),
+        lambda v: v > 0.0 and v != 1.0,
         "base must be > 0, finite and != 1",
     )
     return Transform("log_base", v)

@@ -9,7 +9,6 @@ values), so they run once per trace and cost nothing at run time.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +21,67 @@ def as_array(fn: str, name: str, x) -> jax.Array:
     """Converts ``x`` to an array, naming the argument if that is impossible."""
     if isinstance(x, jax.Array):
         return x
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{fn}: {name} must be an array, got {type(x).__name__}")
     try:
         return jnp.asarray(x)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(
             f"{fn}: {name} must be an array, got {type(x).__name__}: {e}"
         ) from None
+
+
+def _forward_mode_tracer(x) -> bool:
+    """True if ``x`` is traced by a direct ``jax.jvp`` (not forward-over-reverse).
+
+    Walks down nested tracers; a linearize (reverse-mode) trace inside a JVP trace is
+    ``jax.hessian`` or ``jvp(grad(f))``, which work. Uses JAX internals defensively: on
+    any surprise it answers False and JAX's own error applies.
+    """
+    try:
+        while isinstance(x, jax.core.Tracer):
+            name = type(x).__name__
+            if name == "LinearizeTracer":
+                return False
+            if name == "JVPTracer":
+                return True
+            x = getattr(x, "val", None)
+        return False
+    except Exception:  # pragma: no cover - depends on JAX internals
+        return False
+
+
+def no_forward_mode(fn: str, *args) -> None:
+    """Rejects ``jax.jvp``/``jax.jacfwd`` of a loss with a message that says what works."""
+    for leaf in jax.tree_util.tree_leaves(args):
+        if _forward_mode_tracer(leaf):
+            raise TypeError(
+                f"{fn}: forward-mode autodiff (jax.jvp, jax.jacfwd) of a jcce loss is "
+                "not supported: its derivative is a closed-form custom_vjp. Use "
+                "reverse mode (jax.grad, jax.vjp, jax.jacrev); for second order, "
+                "jax.hessian and jax.jvp(jax.grad(f), ...) work."
+            )
+
+
+def static_options(fn: str, axis, reduction_, ignore_index_):
+    """Checks the options that select a compiled program (before jit sees them)."""
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    if not (
+        axis is None
+        or (isinstance(axis, numbers.Integral) and not isinstance(axis, bool))
+        or isinstance(axis, tuple)
+    ):
+        raise TypeError(f"{fn}: axis must be an int or a tuple of ints, got {axis!r}")
+    reduction(fn, reduction_)
+    if ignore_index_ is not None and (
+        isinstance(ignore_index_, (bool, np.bool_))
+        or not isinstance(ignore_index_, numbers.Integral)
+    ):
+        raise TypeError(
+            f"{fn}: ignore_index must be a Python int or None, got {ignore_index_!r}"
+        )
+    return axis, None if ignore_index_ is None else int(ignore_index_)
 
 
 def floating_logits(fn: str, logits) -> jax.Array:
@@ -53,12 +107,12 @@ def canonical_axes(fn: str, axis, ndim: int, shape) -> tuple[int, ...]:
         raise TypeError(f"{fn}: axis must be an int or a tuple of ints, got {axis!r}")
     if isinstance(axis, numbers.Integral):
         axes = (int(axis),)
-    elif isinstance(axis, Sequence) and all(
+    elif isinstance(axis, (tuple, list)) and all(
         isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
     ):
         axes = tuple(int(a) for a in axis)
         if not axes:
-            raise ValueError(f"{fn}: axis=() names no class axis")
+            raise ValueError(f"{fn}: axis={axis!r} names no class axis")
     else:
         raise TypeError(f"{fn}: axis must be an int or a tuple of ints, got {axis!r}")
     out = []
@@ -146,16 +200,29 @@ def labels_kind(fn: str, labels, batch_shape, logits_shape, *, allow=("int", "pr
     if "prob" in allow:
         accepted.append(f"{logits_shape} (floating probability targets)")
     need = " or ".join(accepted)
-    if labels.dtype == jnp.bool_:
+    if labels.dtype == jnp.bool_ or not (
+        jnp.issubdtype(labels.dtype, jnp.integer)
+        or jnp.issubdtype(labels.dtype, jnp.floating)
+    ):
         raise TypeError(
-            f"{fn}: labels has dtype bool; labels must be integer class indices of "
-            f"shape {batch_shape} or floating targets of shape {logits_shape}"
+            f"{fn}: labels has dtype {labels.dtype}; labels must have shape {need}"
         )
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if "int" not in allow:
             raise TypeError(
                 f"{fn}: labels has integer dtype {labels.dtype} but this function "
                 f"takes floating probability targets of shape {logits_shape}"
+            )
+        if (
+            labels.shape == logits_shape
+            and "prob" in allow
+            and batch_shape != logits_shape
+        ):
+            raise TypeError(
+                f"{fn}: labels has integer dtype {labels.dtype} and the logits' shape "
+                f"{logits_shape}; class indices must have shape {batch_shape} and "
+                "probability (or one-hot) targets must be floating: cast them with "
+                "labels.astype(jnp.float32)"
             )
         if labels.shape != batch_shape:
             raise ValueError(
@@ -182,21 +249,21 @@ def labels_kind(fn: str, labels, batch_shape, logits_shape, *, allow=("int", "pr
                 f"need labels of shape {need}"
             )
         return "prob", labels
-    raise TypeError(f"{fn}: labels must be integer or floating, got {labels.dtype}")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def ignore_index(fn: str, ignore_index, kind: str):
+def ignore_index(fn: str, ignore_index, kind: str, labels_dtype):
     if ignore_index is None:
         return None
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
-        ignore_index, numbers.Integral
-    ):
-        raise TypeError(
-            f"{fn}: ignore_index must be a Python int or None, got {ignore_index!r}"
-        )
     if kind != "int":
         raise ValueError(
             f"{fn}: ignore_index={ignore_index} needs integer class-index labels, but "
             "labels are probability targets; mask examples with where= instead"
+        )
+    info = jnp.iinfo(labels_dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(
+            f"{fn}: ignore_index={ignore_index} is outside the range of the labels' "
+            f"dtype {jnp.dtype(labels_dtype).name} [{info.min}, {info.max}]"
         )
     return int(ignore_index)
