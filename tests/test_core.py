@@ -92,10 +92,6 @@ def test_float32_value_close_to_float64(cfg):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
 
 
-def _naive_kwargs(ref_kw):
-    return {k: v for k, v in ref_kw.items()}
-
-
 @pytest.mark.parametrize("target", ["int", "prob"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
@@ -122,7 +118,9 @@ def test_gradient_with_respect_to_every_input(x64, cfg, target):
     values = [float(tr.value) for tr in transforms]
 
     def ours(z, labels, cw, s, values):
-        rebuilt = [jcce.Transform(tr.kind, v) for tr, v in zip(transforms, values)]
+        rebuilt = [
+            jcce.Transform(tr.kind, v) for tr, v in zip(transforms, values, strict=True)
+        ]
         return jcce.chain(*rebuilt)(z, labels, class_weights=cw, weights=s)
 
     def naive(z, labels, cw, s, values):
