@@ -53,7 +53,8 @@ def _check_value(kind: str, value, ok, requirement: str):
     if isinstance(value, (bool, np.bool_)) or (
         isinstance(value, (np.ndarray, jax.Array)) and value.dtype == np.bool_
     ):
-        raise TypeError(f"{kind}: expected a real number, got {value!r}")
+        shown = value if isinstance(value, (bool, np.bool_)) else "a boolean array"
+        raise TypeError(f"{kind}: expected a real number, got {shown}")
     if isinstance(value, (np.ndarray, np.generic)) and not isinstance(
         value, numbers.Real
     ):
@@ -66,7 +67,9 @@ def _check_value(kind: str, value, ok, requirement: str):
         try:
             v = float(value)
         except OverflowError:
-            raise ValueError(f"{kind}: {requirement}, got {value!r}") from None
+            raise ValueError(
+                f"{kind}: {requirement}, got an integer too large for a float"
+            ) from None
         if not (math.isfinite(v) and ok(v)):
             raise ValueError(f"{kind}: {requirement}, got {v:g}")
         return v

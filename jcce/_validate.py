@@ -70,7 +70,13 @@ def static_options(fn: str, axis, reduction_, ignore_index_):
     if not (
         axis is None
         or (isinstance(axis, numbers.Integral) and not isinstance(axis, bool))
-        or isinstance(axis, tuple)
+        or (
+            isinstance(axis, tuple)
+            and all(
+                isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_))
+                for a in axis
+            )
+        )
     ):
         raise TypeError(f"{fn}: axis must be an int or a tuple of ints, got {axis!r}")
     reduction(fn, reduction_)
@@ -81,6 +87,10 @@ def static_options(fn: str, axis, reduction_, ignore_index_):
         raise TypeError(
             f"{fn}: ignore_index must be a Python int or None, got {ignore_index_!r}"
         )
+    if isinstance(axis, tuple):
+        axis = tuple(int(a) for a in axis)
+    elif axis is not None:
+        axis = int(axis)
     return axis, None if ignore_index_ is None else int(ignore_index_)
 
 
@@ -154,6 +164,11 @@ def mask(fn: str, name: str, where, batch_shape) -> jax.Array:
 
 def example_weights(fn: str, weights, batch_shape) -> jax.Array:
     weights = as_array(fn, "weights", weights)
+    if weights.dtype == jnp.bool_:
+        raise TypeError(
+            f"{fn}: weights has dtype bool; pass a boolean mask as where= and real "
+            "per-example weights as weights="
+        )
     if not (
         jnp.issubdtype(weights.dtype, jnp.floating)
         or jnp.issubdtype(weights.dtype, jnp.integer)
