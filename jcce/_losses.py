@@ -281,6 +281,11 @@ def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
         where = v.as_array(fn, "where", where)
         if where.dtype != jnp.bool_:
             raise TypeError(f"{fn}: where must be a boolean mask, got {where.dtype}")
+        if where.ndim == logits.ndim and where.shape != logits.shape:
+            try:  # optax broadcasts a same-rank mask, e.g. (N, 1) or (1, K)
+                where = jnp.broadcast_to(where, logits.shape)
+            except ValueError:
+                pass
         if where.shape == batch_shape and where.ndim != logits.ndim:
             s = where
         elif where.shape == logits.shape:
@@ -291,8 +296,9 @@ def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
             s = jnp.any(per_logit, axis=-1)
         else:
             raise ValueError(
-                f"{fn}: where has shape {where.shape} but must have the logits' shape "
-                f"{logits.shape} (per logit) or the batch shape {batch_shape}"
+                f"{fn}: where has shape {where.shape} but must have (or broadcast to) "
+                f"the logits' shape {logits.shape} (per logit) or have the batch shape "
+                f"{batch_shape}"
             )
         s = s.astype(acc_dtype(logits.dtype))
     return _kernel_call(_PLAIN, z, target, integer_labels, s, None)

@@ -780,16 +780,16 @@ def _where_cases(name: str, loss, labels) -> list[Case]:
             lambda z, y, w: loss(z, y, where=w),
             (Z, labels, jnp.ones(3, bool)),
             ValueError,
-            f"{name}: where has shape (3,) but must have the logits' shape (2, 3) "
-            "(per logit) or the batch shape (2,)",
+            f"{name}: where has shape (3,) but must have (or broadcast to) the "
+            "logits' shape (2, 3) (per logit) or have the batch shape (2,)",
         ),
         Case(
             f"{name}-where_wrong_shape_2d",
             lambda z, y, w: loss(z, y, where=w),
             (Z, labels, jnp.ones((3, 2), bool)),
             ValueError,
-            f"{name}: where has shape (3, 2) but must have the logits' shape (2, 3) "
-            "(per logit) or the batch shape (2,)",
+            f"{name}: where has shape (3, 2) but must have (or broadcast to) the "
+            "logits' shape (2, 3) (per logit) or have the batch shape (2,)",
         ),
     ]
 
