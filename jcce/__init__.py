@@ -3,6 +3,9 @@
 Import from ``jcce`` only; the underscore modules are private and may change.
 """
 
+from jcce._binary import binary_cross_entropy as binary_cross_entropy
+from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from jcce._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jcce._losses import cross_entropy as cross_entropy
 from jcce._losses import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
@@ -23,11 +26,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Chain",
     "Transform",
+    "binary_cross_entropy",
     "chain",
     "cross_entropy",
     "label_smoothing",
     "log_base",
     "safe_softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
     "softcap",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
