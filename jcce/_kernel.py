@@ -59,6 +59,72 @@ def _as_row(cw, ndim):
     return None if cw is None else cw.reshape((1,) * (ndim - 1) + cw.shape)
 
 
+# XLA:CPU (YNNPACK) reduces rows longer than ~32k elements about 5x slower; reductions
+# over the class axis are split into chunks of at most this many classes when K allows.
+_ROW_CHUNK = 8192
+
+
+def _n_chunks(k: int) -> int:
+    """The fewest equal chunks of <= _ROW_CHUNK classes that tile ``k`` (1 if none)."""
+    if k <= _ROW_CHUNK:
+        return 1
+    for n in range(-(-k // _ROW_CHUNK), k + 1):
+        if k % n == 0 and k // n <= _ROW_CHUNK:
+            return n
+    return 1
+
+
+def _row_reduce(reduce, x, nb):
+    """``reduce(x, axis=-1)`` with the class axis split into ``nb`` chunks (2-D rows)."""
+    if nb == 1:
+        return reduce(x, axis=-1)
+    part = reduce(x.reshape(-1, x.shape[-1] // nb), axis=-1)
+    return reduce(part.reshape(x.shape[:-1] + (nb,)), axis=-1)
+
+
+def _sum_exp(x, m):
+    """``sum_k exp(x_k - m)``, fused by XLA:CPU into one pass over ``x`` (no temp).
+
+    Written ``x + (-m)``: the backward's ``x - m`` would otherwise be CSE'd with this one
+    and the shared ``[..., K]`` difference materialized."""
+    nb = _n_chunks(x.shape[-1])
+    neg = jnp.broadcast_to(-m[..., None], m.shape + (nb,)).reshape(-1, 1)
+    if nb == 1:
+        return jnp.sum(jnp.exp(x + (-m)[..., None]), axis=-1)
+    part = jnp.sum(jnp.exp(x.reshape(-1, x.shape[-1] // nb) + neg), axis=-1)
+    return jnp.sum(part.reshape(m.shape + (nb,)), axis=-1)
+
+
+@jax.custom_jvp
+def _widen(z):
+    """Exact bfloat16 -> float32 by bit operations, so XLA cannot CSE it with the
+    forward's ``convert`` (a shared convert is materialized as an f32 ``[..., K]`` temp)."""
+    bits = lax.bitcast_convert_type(z, jnp.uint16).astype(jnp.uint32) << 16
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@_widen.defjvp
+def _widen_jvp(primals, tangents):
+    return _widen(primals[0]), tangents[0].astype(jnp.float32)
+
+
+@jax.custom_jvp
+def _take_label(z, yc):
+    """``take_along_axis(z, yc[..., None], -1)``; for 16-bit floats on the bit patterns,
+    so XLA cannot hoist the float32 convert of ``z`` above the gather and share it."""
+    if jnp.dtype(z.dtype).itemsize == 2:
+        bits = lax.bitcast_convert_type(z, jnp.uint16)
+        taken = jnp.take_along_axis(bits, yc[..., None], axis=-1)
+        return lax.bitcast_convert_type(taken, z.dtype)
+    return jnp.take_along_axis(z, yc[..., None], axis=-1)
+
+
+@_take_label.defjvp
+def _take_label_jvp(primals, tangents):
+    z, yc = primals
+    return _take_label(z, yc), jnp.take_along_axis(tangents[0], yc[..., None], axis=-1)
+
+
 def _live(s):
     return None if s is None else s != 0
 
@@ -89,11 +155,15 @@ def _forward(static: Static, z, target, s, cw, params: Params):
     spec = static.spec
     acc = acc_dtype(z.dtype)
     live = _live(s)
-    x = _apply_maps(spec, _clean(z, live), params.maps)
-    m = lax.stop_gradient(jnp.max(x, axis=-1))
+    zc = _clean(z, live)
+    x = _apply_maps(spec, zc, params.maps)
+    # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
+    # (no converted or mapped [..., K] copy is needed for the max).
+    m = _apply_maps(spec, _row_reduce(jnp.max, zc, _n_chunks(z.shape[-1])), params.maps)
+    m = lax.stop_gradient(m)
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
     d = x - m[..., None]
-    log_se = jnp.log(jnp.sum(jnp.exp(d), axis=-1))
+    log_se = jnp.log(_sum_exp(x, m))
     lse = m + log_se
 
     ce_y = None
@@ -104,7 +174,7 @@ def _forward(static: Static, z, target, s, cw, params: Params):
         if live is not None:
             valid = valid | ~live
         yc = jnp.clip(y, 0, num_classes - 1)
-        z_y = jnp.take_along_axis(z, yc[..., None], axis=-1)
+        z_y = _take_label(z, yc)
         if live is not None:
             z_y = jnp.where(live[..., None], z_y, jnp.zeros((), z.dtype))
         d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
@@ -124,7 +194,7 @@ def _forward(static: Static, z, target, s, cw, params: Params):
     if spec.label_smoothing:
         eps = params.label_smoothing
         support = d > -jnp.inf
-        ks = jnp.sum(support, axis=-1).astype(acc)
+        ks = jnp.sum(support.astype(acc), axis=-1)
         if cw is None:
             ws = ks
             wd = jnp.sum(jnp.where(support, d, 0), axis=-1)
@@ -167,53 +237,146 @@ def _fwd(static, z, target, s, cw, params):
     return out, (z, target, s, cw, params, res)
 
 
+def _bracket(p, target_w, support_w, wq_a, wq_b, ks, eps, zl):
+    """``(dl/dlse) p - w q`` per logit, before the per-example scale ``c``.
+
+    Written as brackets ``p - q`` whose row sums cancel exactly when the weights are 1,
+    so a certain prediction (one class, or one finite logit) has gradient exactly 0.
+    Callers pass arrays already shaped to broadcast (per-logit or per-example).
+    """
+    g = wq_a * p - target_w
+    if eps is not None:
+        g = (1 - eps) * g + eps * (wq_b * p - support_w / ks)
+    if zl is not None:
+        g = g + zl * p
+    return g
+
+
+def _col(v):
+    return None if v is None else v[..., None]
+
+
 def _bwd(static, saved, ct):
     z, target, s, cw, params, r = saved
     spec = static.spec
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
+    num_classes = z.shape[-1]
 
     c0 = ct if s is None else jnp.where(live, ct * s, jnp.zeros((), acc))
     c = c0 / jnp.log(params.log_base) if spec.log_base else c0
     eps = params.label_smoothing if spec.label_smoothing else None
+    zl = 2 * params.z_loss * r.lse if spec.z_loss else None
     cw_row = _as_row(cw, z.ndim)
+    w = jnp.ones((), acc) if cw is None else cw_row
 
-    x, pull_maps = jax.vjp(lambda z_, mv: _apply_maps(spec, z_, mv), zc, params.maps)
+    if zc.dtype == jnp.bfloat16:
+        x, pull_x = jax.vjp(
+            lambda x_, mv: _apply_maps(spec, x_, mv), _widen(zc), params.maps
+        )
+
+        def pull_maps(g):
+            dx, dm = pull_x(g)
+            return dx.astype(z.dtype), dm
+    else:
+        x, pull_maps = jax.vjp(
+            lambda z_, mv: _apply_maps(spec, z_, mv), zc, params.maps
+        )
     d = x - r.m[..., None]
     p = jnp.exp(d - r.log_se[..., None])
-    # Each bracket below is a "p - q" whose row sums cancel exactly when the weights are
-    # 1, so the gradient of a certain prediction (one class, or one finite logit) is 0.
-    num_classes = z.shape[-1]
+    support_w = None if eps is None else jnp.where(d > -jnp.inf, w, 0)
+    bracket = partial(
+        _bracket,
+        wq_a=_col(r.wq_a),
+        wq_b=_col(r.wq_b),
+        ks=_col(r.ks),
+        eps=eps,
+        zl=_col(zl),
+    )
+
+    yc = jnp.clip(target, 0, num_classes - 1) if static.integer_labels else None
+    w_y = None
     if static.integer_labels:
-        yc = jnp.clip(target, 0, num_classes - 1)
-        onehot = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == yc[..., None]
         w_y = jnp.ones((), acc) if cw is None else cw[yc]
-        grad = r.wq_a[..., None] * p - jnp.where(onehot, w_y[..., None], 0)
-    else:
-        wt = target.astype(acc) if cw is None else target.astype(acc) * cw_row
-        grad = r.wq_a[..., None] * p - wt
-    if eps is not None:
-        support = d > -jnp.inf
-        w = jnp.ones((), acc) if cw is None else cw_row
-        uniform = r.wq_b[..., None] * p - jnp.where(support, w / r.ks[..., None], 0)
-        grad = (1 - eps) * grad + eps * uniform
-    if spec.z_loss:
-        grad = grad + (2 * params.z_loss * r.lse)[..., None] * p
-    grad = c[..., None] * grad
-    if static.integer_labels:
         # An out-of-range label poisons its example's gradient as it does its loss.
-        grad = jnp.where(jnp.isnan(r.ce_y)[..., None], jnp.nan, grad)
+        c_row = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c)
+    else:
+        c_row = c
+    scatter = static.integer_labels and jnp.dtype(z.dtype).itemsize >= 4
+    if scatter:
+        target_w = jnp.zeros((), acc)  # the label entries are set below
+    elif static.integer_labels:
+        onehot = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == yc[..., None]
+        target_w = jnp.where(onehot, w_y[..., None], 0)
+    else:
+        target_w = target.astype(acc) * w
+    grad = _col(c_row) * bracket(p, target_w, support_w)
     if live is not None:
         grad = jnp.where(live[..., None], grad, 0)
     dz, dmaps = pull_maps(grad)
+    if scatter:
+        dz, dmaps = _set_label_entries(
+            static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz, dmaps
+        )
 
-    # Cotangents of everything else a user may differentiate: targets, weights, class
-    # weights and hyper-parameters. Under jit, XLA removes the ones nobody uses.
+    dtarget, ds, dcw, dparams = _input_cotangents(
+        static, target, s, cw, params, r, ct, c, c0, eps, d, yc, live
+    )
+    return dz, dtarget, ds, dcw, dparams._replace(maps=dmaps)
+
+
+def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz, dmaps):
+    """Writes the gradient at each label, from per-example scalars, into ``dz``.
+
+    For 32/64-bit logits this is faster on CPU than a per-logit one-hot compare: the
+    dense gradient is computed with no target term and the ``[*batch]`` label entries
+    are then overwritten (scatter-set) with the full bracket."""
+    spec = static.spec
+    num_classes = zc.shape[-1]
+    if spec.maps:
+        z_y = _take_label(zc, yc)[..., 0]
+        x_y, pull_y = jax.vjp(
+            lambda z_, mv: _apply_maps(spec, z_, mv), z_y, params.maps
+        )
+        p_y = jnp.exp((x_y - r.m) - r.log_se)
+        on_support = x_y > -jnp.inf
+    else:
+        # p_y = exp(d_y - log_se) = exp(-ce_y) exactly; no second gather of the logits.
+        p_y = jnp.exp(-r.ce_y)
+        on_support = r.ce_y < jnp.inf
+    support_w_y = None if eps is None else jnp.where(on_support, w_y, 0)
+    g_y = c_row * _bracket(p_y, w_y, support_w_y, r.wq_a, r.wq_b, r.ks, eps, zl)
+    # The dense pass already pulled the label entry's p-terms through the maps; the
+    # parameter cotangent still needs the target term the set adds.
+    delta_y = -c_row * (w_y if eps is None else (1 - eps) * w_y)
+    if live is not None:
+        g_y = jnp.where(live, g_y, 0)
+        delta_y = jnp.where(live, delta_y, 0)
+    if spec.maps:
+        dz_y, _ = pull_y(g_y)
+        _, dmaps_y = pull_y(delta_y)
+        dmaps = tuple(a + b for a, b in zip(dmaps, dmaps_y, strict=True))
+    else:
+        dz_y = g_y
+    flat = dz.reshape(-1, num_classes)
+    flat = flat.at[jnp.arange(flat.shape[0]), yc.reshape(-1)].set(
+        dz_y.reshape(-1).astype(dz.dtype)
+    )
+    return flat.reshape(zc.shape), dmaps
+
+
+def _input_cotangents(static, target, s, cw, params, r, ct, c, c0, eps, d, yc, live):
+    """Cotangents of targets, weights, class weights and hyper-parameters.
+
+    Under jit, XLA removes the ones nobody differentiates."""
+    spec = static.spec
+    acc = r.lse.dtype
+    batch_axes = tuple(range(d.ndim - 1))
     ce_k = r.log_se[..., None] - d  # lse - x_k, +inf off the support
     dtarget = None
     if not static.integer_labels:
-        w = jnp.ones((), acc) if cw is None else cw_row
+        w = jnp.ones((), acc) if cw is None else _as_row(cw, d.ndim)
         scale = c if eps is None else c * (1 - eps)
         dt = jnp.where((c != 0)[..., None], scale[..., None] * w * ce_k, 0)
         dtarget = dt.astype(target.dtype)
@@ -224,18 +387,16 @@ def _bwd(static, saved, ct):
     if cw is not None:
         if static.integer_labels:
             hit_c = c * r.ce_y if eps is None else c * (1 - eps) * r.ce_y
-            dcw = jnp.zeros(num_classes, acc).at[yc.ravel()].add(hit_c.ravel())
+            dcw = jnp.zeros(cw.shape[0], acc).at[yc.ravel()].add(hit_c.ravel())
         else:
             t = target.astype(acc)
             q = t if eps is None else (1 - eps) * t
             dcw = jnp.sum(
-                jnp.where(q == 0, 0, c[..., None] * q * ce_k),
-                axis=tuple(range(z.ndim - 1)),
+                jnp.where(q == 0, 0, c[..., None] * q * ce_k), axis=batch_axes
             )
         if eps is not None:
-            support = d > -jnp.inf
-            u = jnp.where(support, (c * eps / r.ks)[..., None] * ce_k, 0)
-            dcw = dcw + jnp.sum(u, axis=tuple(range(z.ndim - 1)))
+            u = jnp.where(d > -jnp.inf, (c * eps / r.ks)[..., None] * ce_k, 0)
+            dcw = dcw + jnp.sum(u, axis=batch_axes)
 
     deps = dlam = dbase = None
     if spec.label_smoothing:
@@ -245,8 +406,93 @@ def _bwd(static, saved, ct):
     if spec.log_base:
         base = params.log_base
         dbase = -jnp.sum(c0 * r.loss) / (base * jnp.log(base))
-    dparams = Params(maps=dmaps, label_smoothing=deps, z_loss=dlam, log_base=dbase)
-    return dz, dtarget, ds, dcw, dparams
+    dparams = Params(maps=(), label_smoothing=deps, z_loss=dlam, log_base=dbase)
+    return dtarget, ds, dcw, dparams
 
 
 fused_cross_entropy.defvjp(_fwd, _bwd)
+
+
+def _bwd_int_scatter(
+    static, z, target, s, cw, params, r, ct, zc, live, c, c0, eps, d, p, pull_maps
+):
+    """Integer labels, 32/64-bit logits: the dense gradient has no one-hot term (no iota /
+    compare / select per logit); the label entries are then overwritten in place
+    (scatter-set) with the same bracket computed from per-example scalars."""
+    spec = static.spec
+    acc = acc_dtype(z.dtype)
+    num_classes = z.shape[-1]
+    yc = jnp.clip(target, 0, num_classes - 1)
+    w_y = jnp.ones((), acc) if cw is None else cw[yc]
+    # An out-of-range label poisons its example's gradient: NaN in the per-example scale.
+    cr = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c)
+    zl = 2 * params.z_loss * r.lse if spec.z_loss else None
+
+    def bracket(p_, onehot_w, supp_w, ks, wq_a, wq_b, zl_):
+        g = wq_a * p_ - onehot_w
+        if eps is not None:
+            g = (1 - eps) * g + eps * (wq_b * p_ - supp_w / ks)
+        if zl_ is not None:
+            g = g + zl_ * p_
+        return g
+
+    def col(v):
+        return None if v is None else v[..., None]
+
+    supp_w = None
+    if eps is not None:
+        w = jnp.ones((), acc) if cw is None else _as_row(cw, z.ndim)
+        supp_w = jnp.where(d > -jnp.inf, w, 0)
+    grad = col(cr) * bracket(p, 0, supp_w, col(r.ks), col(r.wq_a), col(r.wq_b), col(zl))
+    if live is not None:
+        grad = jnp.where(live[..., None], grad, 0)
+    dz, dmaps = pull_maps(grad)
+
+    if spec.maps:
+        z_y = _take_label(zc, yc)[..., 0]
+        x_y, pull_y = jax.vjp(
+            lambda z_, mv: _apply_maps(spec, z_, mv), z_y, params.maps
+        )
+        p_y = jnp.exp((x_y - r.m) - r.log_se)
+        on_support = x_y > -jnp.inf
+    else:
+        # p_y = exp(d_y - log_se) = exp(-ce_y) exactly; no second gather of the logits.
+        p_y = jnp.exp(-r.ce_y)
+        on_support = r.ce_y < jnp.inf
+    sw_y = None if eps is None else jnp.where(on_support, w_y, 0)
+    g_y = cr * bracket(p_y, w_y, sw_y, r.ks, r.wq_a, r.wq_b, zl)
+    delta_y = -cr * (w_y if eps is None else (1 - eps) * w_y)  # what the set adds
+    if live is not None:
+        g_y = jnp.where(live, g_y, 0)
+        delta_y = jnp.where(live, delta_y, 0)
+    if spec.maps:
+        dz_y, _ = pull_y(g_y)
+        _, dmaps_y = pull_y(delta_y)
+    else:
+        dz_y, dmaps_y = g_y, ()
+    dmaps = tuple(a + b for a, b in zip(dmaps, dmaps_y, strict=True))
+    flat = dz.reshape(-1, num_classes)
+    flat = flat.at[jnp.arange(flat.shape[0]), yc.reshape(-1)].set(
+        dz_y.reshape(-1).astype(dz.dtype)
+    )
+    dz = flat.reshape(z.shape)
+
+    ds = None if s is None else jnp.where(live, ct * r.loss, 0).astype(s.dtype)
+    dcw = None
+    if cw is not None:
+        hit_c = c * r.ce_y if eps is None else c * (1 - eps) * r.ce_y
+        dcw = jnp.zeros(num_classes, acc).at[yc.ravel()].add(hit_c.ravel())
+        if eps is not None:
+            ce_k = r.log_se[..., None] - d
+            u = jnp.where(d > -jnp.inf, (c * eps / r.ks)[..., None] * ce_k, 0)
+            dcw = dcw + jnp.sum(u, axis=tuple(range(z.ndim - 1)))
+    deps = dlam = dbase = None
+    if spec.label_smoothing:
+        deps = jnp.sum(c * (r.b - r.a))
+    if spec.z_loss:
+        dlam = jnp.sum(c * r.lse**2)
+    if spec.log_base:
+        base = params.log_base
+        dbase = -jnp.sum(c0 * r.loss) / (base * jnp.log(base))
+    dparams = Params(maps=dmaps, label_smoothing=deps, z_loss=dlam, log_base=dbase)
+    return dz, None, ds, dcw, dparams
