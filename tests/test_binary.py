@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jcce
 
-torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 N, K = 4, 3

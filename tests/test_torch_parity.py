@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jcce
 
-torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 REDUCTIONS = ("mean", "sum", "none")
