@@ -74,12 +74,19 @@ def _n_chunks(k: int) -> int:
     return 1
 
 
-def _row_reduce(reduce, x, nb):
-    """``reduce(x, axis=-1)`` with the class axis split into ``nb`` chunks (2-D rows)."""
+def _row_reduce(reduce, x, nb, elementwise=None, row=None):
+    """``reduce(elementwise(x, row), axis=-1)`` with the class axis split into ``nb``
+    chunks, then the chunks reduced again; ``row`` is a per-example operand broadcast
+    along the classes (and along the chunks)."""
+    lead = x.shape[:-1]
     if nb == 1:
-        return reduce(x, axis=-1)
-    part = reduce(x.reshape(-1, x.shape[-1] // nb), axis=-1)
-    return reduce(part.reshape(x.shape[:-1] + (nb,)), axis=-1)
+        v = x if elementwise is None else elementwise(x, row[..., None])
+        return reduce(v, axis=-1)
+    v = x.reshape(-1, x.shape[-1] // nb)
+    if elementwise is not None:
+        per_chunk = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
+        v = elementwise(v, per_chunk)
+    return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
 
 
 def _sum_exp(x, m):
@@ -88,11 +95,7 @@ def _sum_exp(x, m):
     Written ``x + (-m)``: the backward's ``x - m`` would otherwise be CSE'd with this one
     and the shared ``[..., K]`` difference materialized."""
     nb = _n_chunks(x.shape[-1])
-    neg = jnp.broadcast_to(-m[..., None], m.shape + (nb,)).reshape(-1, 1)
-    if nb == 1:
-        return jnp.sum(jnp.exp(x + (-m)[..., None]), axis=-1)
-    part = jnp.sum(jnp.exp(x.reshape(-1, x.shape[-1] // nb) + neg), axis=-1)
-    return jnp.sum(part.reshape(m.shape + (nb,)), axis=-1)
+    return _row_reduce(jnp.sum, x, nb, lambda v, neg: jnp.exp(v + neg), -m)
 
 
 @jax.custom_jvp
