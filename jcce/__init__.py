@@ -6,6 +6,11 @@ Import from ``jcce`` only; the underscore modules are private and may change.
 from jcce._binary import binary_cross_entropy as binary_cross_entropy
 from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jcce._binary import sigmoid_focal_loss as sigmoid_focal_loss
+from jcce._divergence import kl_divergence as kl_divergence
+from jcce._divergence import (
+    kl_divergence_with_log_targets as kl_divergence_with_log_targets,
+)
+from jcce._divergence import smooth_labels as smooth_labels
 from jcce._losses import cross_entropy as cross_entropy
 from jcce._losses import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
@@ -15,9 +20,14 @@ from jcce._losses import (
 from jcce._transforms import Chain as Chain
 from jcce._transforms import Transform as Transform
 from jcce._transforms import chain as chain
+from jcce._transforms import class_weights as class_weights
+from jcce._transforms import focal as focal
+from jcce._transforms import generalized as generalized
 from jcce._transforms import label_smoothing as label_smoothing
 from jcce._transforms import log_base as log_base
+from jcce._transforms import poly as poly
 from jcce._transforms import softcap as softcap
+from jcce._transforms import symmetric as symmetric
 from jcce._transforms import temperature as temperature
 from jcce._transforms import z_loss as z_loss
 
@@ -28,12 +38,20 @@ __all__ = [
     "Transform",
     "binary_cross_entropy",
     "chain",
+    "class_weights",
+    "focal",
+    "generalized",
+    "poly",
+    "symmetric",
     "cross_entropy",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
     "label_smoothing",
     "log_base",
     "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
+    "smooth_labels",
     "softcap",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

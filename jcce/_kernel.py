@@ -139,18 +139,136 @@ def _clean(z, live):
     return jnp.where(live[..., None], z, jnp.zeros((), z.dtype))
 
 
+def _phi(kind, ov, l):  # noqa: E741
+    """The per-class loss ``phi(l)`` and ``phi'(l)`` at surprisal ``l = lse - x_k``.
+
+    ``l`` is in ``[0, inf]`` (``+inf`` for a class off the support); ``p = exp(-l)``.
+    The cross-entropy is ``phi(l) = l``; every objective keeps ``phi`` and ``phi'``
+    finite where the cross-entropy's are, and exact near ``p = 1`` (``1 - p`` is
+    ``-expm1(-l)``).
+    """
+    if kind is None:
+        return l, jnp.ones((), l.dtype)
+    if kind == "symmetric":  # alpha * CE; the reverse term is added by _reverse
+        return ov[0] * l, jnp.broadcast_to(ov[0], l.shape)
+    p = jnp.exp(-l)
+    omp = -jnp.expm1(-l)
+    if kind == "poly":
+        return l + ov[0] * omp, 1 + ov[0] * p
+    if kind == "generalized":
+        q = ov[0]
+        return -jnp.expm1(-q * l) / q, jnp.exp(-q * l)
+    gamma = ov[0]  # focal
+    pos = omp > 0
+    omp_s = jnp.where(pos, omp, 1)
+    mod = jnp.where(pos, omp_s**gamma, (gamma == 0).astype(l.dtype))  # (1-p)^gamma
+    # p l / (1 - p), which tends to 1 as l -> 0 and to 0 as l -> inf.
+    pl = jnp.where(p > 0, p * jnp.where(p > 0, l, 0), 0)
+    ratio = jnp.where(pos, pl / omp_s, 1)
+    return mod * l, mod * (1 + gamma * ratio)
+
+
+def _rce_logs(ov, q):
+    """``max(log q, log_zero)`` with ``log 0 = log_zero`` (symmetric cross-entropy)."""
+    log_zero = ov[2]
+    safe = jnp.where(q > 0, q, 1)
+    return jnp.where(q > 0, jnp.maximum(jnp.log(safe), log_zero), log_zero)
+
+
+class _Terms(NamedTuple):
+    """Per-example target terms; ``loss = (1 - eps) a + eps b + beta r``."""
+
+    a: jax.Array  # target term A = sum_k w_k q_k phi(l_k)
+    wq_a: jax.Array  # dA/dlse = sum_k w_k q_k phi'(l_k)
+    b: jax.Array | None  # uniform term B over the support (label smoothing)
+    wq_b: jax.Array | None  # dB/dlse
+    ks: jax.Array | None  # support size K_S (label smoothing)
+    r: jax.Array | None  # reverse cross-entropy (symmetric)
+    r_coef: jax.Array | None  # its coefficient of (p - onehot(y)), class indices
+
+
+def _terms(static, ov, eps, d, log_se, ce_y, w_y, target, cw_row) -> _Terms:
+    """The target terms of the loss from the shifted logits ``d`` and ``log_se``.
+
+    For the cross-entropy (``phi`` linear) every sum is separable, ``sum w q (lse - x)
+    = log_se sum(w q) - sum(w q d)``, and needs no pass after the log-sum-exp."""
+    kind = static.spec.objective
+    acc = log_se.dtype
+    phi = partial(_phi, kind, ov)
+    linear = kind in (None, "symmetric")
+    scale = ov[0] if kind == "symmetric" else None
+
+    def scaled(v):
+        return v if scale is None else scale * v
+
+    l_k = None if linear else log_se[..., None] - d
+    if static.integer_labels:
+        f_y, df_y = phi(ce_y)
+        a, wq_a = w_y * f_y, jnp.broadcast_to(w_y * df_y, ce_y.shape)
+    else:
+        wt = target.astype(acc) if cw_row is None else target.astype(acc) * cw_row
+        if linear:
+            wq_a = scaled(jnp.sum(wt, axis=-1))
+            a = scaled(log_se * jnp.sum(wt, axis=-1)) - scaled(
+                jnp.sum(jnp.where(wt == 0, 0, wt * d), axis=-1)
+            )
+        else:
+            f, df = phi(jnp.where(wt == 0, 0, l_k))
+            a = jnp.sum(jnp.where(wt == 0, 0, wt * f), axis=-1)
+            wq_a = jnp.sum(jnp.where(wt == 0, 0, wt * df), axis=-1)
+
+    b = wq_b = ks = None
+    support = d > -jnp.inf
+    if eps is not None:
+        ks = jnp.sum(support.astype(acc), axis=-1)
+        w = jnp.ones((), acc) if cw_row is None else cw_row
+        if linear:
+            ws = ks if cw_row is None else jnp.sum(jnp.where(support, w, 0), axis=-1)
+            wd = jnp.sum(jnp.where(support, w * d, 0), axis=-1)
+            b, wq_b = scaled((log_se * ws - wd) / ks), scaled(ws / ks)
+        else:
+            f, df = phi(jnp.where(support, l_k, 0))
+            b = jnp.sum(jnp.where(support, w * f, 0), axis=-1) / ks
+            wq_b = jnp.sum(jnp.where(support, w * df, 0), axis=-1) / ks
+
+    r = r_coef = None
+    if kind == "symmetric":
+        if static.integer_labels:
+            if eps is None:
+                log_y, log_o = jnp.zeros((), acc), ov[2]
+            else:
+                log_o = _rce_logs(ov, eps / ks)
+                log_y = _rce_logs(ov, 1 - eps + eps / ks)
+            p_y = jnp.exp(-ce_y)
+            gap = log_y - log_o
+            r, r_coef = -(log_o + gap * p_y), gap * p_y
+        else:
+            q = _smoothed(target.astype(acc), eps, support, ks)
+            p = jnp.exp(d - log_se[..., None])
+            r = -jnp.sum(jnp.where(p > 0, p * _rce_logs(ov, q), 0), axis=-1)
+    return _Terms(a, wq_a, b, wq_b, ks, r, r_coef)
+
+
+def _smoothed(t, eps, support, ks):
+    return t if eps is None else (1 - eps) * t + eps * support / ks[..., None]
+
+
+def _combine(static, ov, eps, t: _Terms):
+    """``(1 - eps) A + eps B + beta R``: the per-example loss before z-loss and units."""
+    loss = t.a if eps is None else (1 - eps) * t.a + eps * t.b
+    if static.spec.objective == "symmetric":
+        loss = loss + ov[1] * t.r
+    return loss
+
+
 class _Res(NamedTuple):
     """Per-example scalars saved for the backward rule (no ``[..., K]`` arrays)."""
 
     lse: jax.Array
     log_se: jax.Array
     m: jax.Array
-    a: jax.Array  # target term A (unweighted by s, in nats)
-    b: jax.Array | None  # uniform term B (label smoothing)
-    ks: jax.Array | None  # support size K_S (label smoothing)
-    ce_y: jax.Array | None  # log_se - d_y (class indices), A without the class weight
-    wq_a: jax.Array  # dA/dlse: w_y, or sum_k w_k t_k
-    wq_b: jax.Array | None  # dB/dlse: sum_{k in S} w_k / K_S (label smoothing)
+    ce_y: jax.Array | None  # log_se - d_y (class indices), the label's surprisal
+    terms: _Terms
     loss: jax.Array  # per-example loss before the example weight
 
 
@@ -169,7 +287,7 @@ def _forward(static: Static, z, target, s, cw, params: Params):
     log_se = jnp.log(_sum_exp(x, m))
     lse = m + log_se
 
-    ce_y = None
+    ce_y = w_y = None
     if static.integer_labels:
         num_classes = z.shape[-1]
         y = target
@@ -183,37 +301,17 @@ def _forward(static: Static, z, target, s, cw, params: Params):
         d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
         ce_y = jnp.where(valid, log_se - d_y, jnp.nan)
         w_y = jnp.ones((), acc) if cw is None else cw[yc]
-        a = w_y * ce_y
-        wq_a = jnp.broadcast_to(w_y, a.shape)
-    else:
-        wt = target.astype(acc)
-        if cw is not None:
-            wt = wt * _as_row(cw, z.ndim)
-        wq_a = jnp.sum(wt, axis=-1)
-        a = log_se * wq_a - jnp.sum(jnp.where(wt == 0, 0, wt * d), axis=-1)
 
-    b = ks = wq_b = None
-    loss = a
-    if spec.label_smoothing:
-        eps = params.label_smoothing
-        support = d > -jnp.inf
-        ks = jnp.sum(support.astype(acc), axis=-1)
-        if cw is None:
-            ws = ks
-            wd = jnp.sum(jnp.where(support, d, 0), axis=-1)
-        else:
-            cw_row = _as_row(cw, z.ndim)
-            ws = jnp.sum(jnp.where(support, cw_row, 0), axis=-1)
-            wd = jnp.sum(jnp.where(support, cw_row * d, 0), axis=-1)
-        b = (log_se * ws - wd) / ks
-        loss = (1 - eps) * a + eps * b
-        wq_b = ws / ks
+    eps = params.label_smoothing if spec.label_smoothing else None
+    ov = params.objective
+    terms = _terms(static, ov, eps, d, log_se, ce_y, w_y, target, _as_row(cw, z.ndim))
+    loss = _combine(static, ov, eps, terms)
     if spec.z_loss:
         loss = loss + params.z_loss * lse**2
     if spec.log_base:
         loss = loss / jnp.log(params.log_base)
     out = loss if s is None else jnp.where(live, s * loss, jnp.zeros((), acc))
-    return out, _Res(lse, log_se, m, a, b, ks, ce_y, wq_a, wq_b, loss)
+    return out, _Res(lse, log_se, m, ce_y, terms, loss)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -240,19 +338,20 @@ def _fwd(static, z, target, s, cw, params):
     return out, (z, target, s, cw, params, res)
 
 
-def _bracket(p, target_w, support_w, wq_a, wq_b, ks, eps, zl):
-    """``(dl/dlse) p - w q`` per logit, before the per-example scale ``c``.
+def _bracket(p, parts, zl):
+    """``sum scale * (coef * p - target) + zl p`` per logit, before the example scale.
 
-    Written as brackets ``p - q`` whose row sums cancel exactly when the weights are 1,
-    so a certain prediction (one class, or one finite logit) has gradient exactly 0.
-    Callers pass arrays already shaped to broadcast (per-logit or per-example).
+    Each part is a bracket ``p - q`` whose row sum cancels exactly when the weights are
+    1, so a certain prediction (one class, or one finite logit) has gradient exactly 0.
+    ``target`` None means the label entries are set afterwards. Callers pass arrays
+    already shaped to broadcast (per-logit or per-example).
     """
-    g = wq_a * p - target_w
-    if eps is not None:
-        g = (1 - eps) * g + eps * (wq_b * p - support_w / ks)
-    if zl is not None:
-        g = g + zl * p
-    return g
+    g = None
+    for scale, coef, target in parts:
+        term = coef * p if target is None else coef * p - target
+        term = term if scale is None else scale * term
+        g = term if g is None else g + term
+    return g if zl is None else g + zl * p
 
 
 def _col(v):
@@ -262,10 +361,12 @@ def _col(v):
 def _bwd(static, saved, ct):
     z, target, s, cw, params, r = saved
     spec = static.spec
+    kind, ov = spec.objective, params.objective
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
     num_classes = z.shape[-1]
+    t = r.terms
 
     c0 = ct if s is None else jnp.where(live, ct * s, jnp.zeros((), acc))
     c = c0 / jnp.log(params.log_base) if spec.log_base else c0
@@ -288,33 +389,46 @@ def _bwd(static, saved, ct):
         )
     d = x - r.m[..., None]
     p = jnp.exp(d - r.log_se[..., None])
-    support_w = None if eps is None else jnp.where(d > -jnp.inf, w, 0)
-    bracket = partial(
-        _bracket,
-        wq_a=_col(r.wq_a),
-        wq_b=_col(r.wq_b),
-        ks=_col(r.ks),
-        eps=eps,
-        zl=_col(zl),
-    )
+    phi = partial(_phi, kind, ov)
+    linear = kind in (None, "symmetric")
+    scale = ov[0] if kind == "symmetric" else None
+    l_k = None if linear else r.log_se[..., None] - d
+    support = d > -jnp.inf
 
     yc = jnp.clip(target, 0, num_classes - 1) if static.integer_labels else None
     w_y = None
+    scatter = static.integer_labels and jnp.dtype(z.dtype).itemsize >= 4
     if static.integer_labels:
         w_y = jnp.ones((), acc) if cw is None else cw[yc]
         # An out-of-range label poisons its example's gradient as it does its loss.
         c_row = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c)
+        onehot = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == yc[..., None]
+
+        def at_label(v):  # the target entries, or None when set by scatter below
+            return None if scatter else jnp.where(onehot, _col(v), 0)
+
+        target_a = at_label(t.wq_a)
     else:
         c_row = c
-    scatter = static.integer_labels and jnp.dtype(z.dtype).itemsize >= 4
-    if scatter:
-        target_w = jnp.zeros((), acc)  # the label entries are set below
-    elif static.integer_labels:
-        onehot = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == yc[..., None]
-        target_w = jnp.where(onehot, w_y[..., None], 0)
-    else:
-        target_w = target.astype(acc) * w
-    grad = _col(c_row) * bracket(p, target_w, support_w)
+        wt = target.astype(acc) * w
+        if linear:
+            target_a = wt if scale is None else scale * wt
+        else:
+            target_a = jnp.where(wt == 0, 0, wt * phi(jnp.where(wt == 0, 0, l_k))[1])
+    parts = [(None if eps is None else 1 - eps, _col(t.wq_a), target_a)]
+    if eps is not None:
+        if linear:
+            target_b = jnp.where(support, w if scale is None else scale * w, 0)
+        else:
+            target_b = jnp.where(support, w * phi(jnp.where(support, l_k, 0))[1], 0)
+        parts.append((eps, _col(t.wq_b), target_b / _col(t.ks)))
+    if kind == "symmetric":
+        if static.integer_labels:
+            parts.append((ov[1], _col(t.r_coef), at_label(t.r_coef)))
+        else:
+            q = _smoothed(target.astype(acc), eps, support, t.ks)
+            parts.append((ov[1], _col(-t.r), p * _rce_logs(ov, q)))
+    grad = _col(c_row) * _bracket(p, parts, _col(zl))
     if live is not None:
         grad = jnp.where(live[..., None], grad, 0)
     dz, dmaps = pull_maps(grad)
@@ -324,7 +438,7 @@ def _bwd(static, saved, ct):
         )
 
     dtarget, ds, dcw, dparams = _input_cotangents(
-        static, target, s, cw, params, r, ct, c, c0, eps, d, yc, live
+        static, target, s, cw, params, r, ct, c, c0, eps, d, yc, w_y, live
     )
     return dz, dtarget, ds, dcw, dparams._replace(maps=dmaps)
 
@@ -336,6 +450,7 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
     dense gradient is computed with no target term and the ``[*batch]`` label entries
     are then overwritten (scatter-set) with the full bracket."""
     spec = static.spec
+    kind, ov, t = spec.objective, params.objective, r.terms
     num_classes = zc.shape[-1]
     if spec.maps:
         z_y = _take_label(zc, yc)[..., 0]
@@ -348,11 +463,19 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
         # p_y = exp(d_y - log_se) = exp(-ce_y) exactly; no second gather of the logits.
         p_y = jnp.exp(-r.ce_y)
         on_support = r.ce_y < jnp.inf
-    support_w_y = None if eps is None else jnp.where(on_support, w_y, 0)
-    g_y = c_row * _bracket(p_y, w_y, support_w_y, r.wq_a, r.wq_b, r.ks, eps, zl)
+    parts = [(None if eps is None else 1 - eps, t.wq_a, t.wq_a)]
+    if eps is not None:
+        smooth_y = w_y * _phi(kind, ov, jnp.where(on_support, r.ce_y, 0))[1]
+        parts.append((eps, t.wq_b, jnp.where(on_support, smooth_y, 0) / t.ks))
+    if kind == "symmetric":
+        parts.append((ov[1], t.r_coef, t.r_coef))
+    g_y = c_row * _bracket(p_y, parts, zl)
     # The dense pass already pulled the label entry's p-terms through the maps; the
-    # parameter cotangent still needs the target term the set adds.
-    delta_y = -c_row * (w_y if eps is None else (1 - eps) * w_y)
+    # parameter cotangent still needs the target terms the set adds.
+    target_y = t.wq_a if eps is None else (1 - eps) * t.wq_a
+    if kind == "symmetric":
+        target_y = target_y + ov[1] * t.r_coef
+    delta_y = -c_row * target_y
     if live is not None:
         g_y = jnp.where(live, g_y, 0)
         delta_y = jnp.where(live, delta_y, 0)
@@ -369,19 +492,30 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
     return flat.reshape(zc.shape), dmaps
 
 
-def _input_cotangents(static, target, s, cw, params, r, ct, c, c0, eps, d, yc, live):
+def _input_cotangents(
+    static, target, s, cw, params, r, ct, c, c0, eps, d, yc, w_y, live
+):
     """Cotangents of targets, weights, class weights and hyper-parameters.
 
     Under jit, XLA removes the ones nobody differentiates."""
     spec = static.spec
+    kind, ov, t = spec.objective, params.objective, r.terms
     acc = r.lse.dtype
     batch_axes = tuple(range(d.ndim - 1))
     ce_k = r.log_se[..., None] - d  # lse - x_k, +inf off the support
+    support = d > -jnp.inf
+    f_k = ce_k if kind is None else _phi(kind, ov, ce_k)[0]  # phi(l_k), may be +inf
     dtarget = None
     if not static.integer_labels:
         w = jnp.ones((), acc) if cw is None else _as_row(cw, d.ndim)
         scale = c if eps is None else c * (1 - eps)
-        dt = jnp.where((c != 0)[..., None], scale[..., None] * w * ce_k, 0)
+        dt = jnp.where((c != 0)[..., None], scale[..., None] * w * f_k, 0)
+        if kind == "symmetric":  # d(-sum p log q)/dt = -p / q where log q > log_zero
+            q = _smoothed(target.astype(acc), eps, support, t.ks)
+            p = jnp.exp(d - r.log_se[..., None])
+            safe = jnp.where(q > 0, q, 1)
+            inner = jnp.where((q > 0) & (jnp.log(safe) > ov[2]), p / safe, 0)
+            dt = dt - ov[1] * scale[..., None] * inner
         dtarget = dt.astype(target.dtype)
 
     ds = None if s is None else jnp.where(live, ct * r.loss, 0).astype(s.dtype)
@@ -389,27 +523,41 @@ def _input_cotangents(static, target, s, cw, params, r, ct, c, c0, eps, d, yc, l
     dcw = None
     if cw is not None:
         if static.integer_labels:
-            hit_c = c * r.ce_y if eps is None else c * (1 - eps) * r.ce_y
+            f_y = r.ce_y if kind is None else _phi(kind, ov, r.ce_y)[0]
+            hit_c = c * f_y if eps is None else c * (1 - eps) * f_y
             dcw = jnp.zeros(cw.shape[0], acc).at[yc.ravel()].add(hit_c.ravel())
         else:
-            t = target.astype(acc)
-            q = t if eps is None else (1 - eps) * t
-            dcw = jnp.sum(
-                jnp.where(q == 0, 0, c[..., None] * q * ce_k), axis=batch_axes
-            )
+            tq = target.astype(acc)
+            q = tq if eps is None else (1 - eps) * tq
+            dcw = jnp.sum(jnp.where(q == 0, 0, c[..., None] * q * f_k), axis=batch_axes)
         if eps is not None:
-            u = jnp.where(d > -jnp.inf, (c * eps / r.ks)[..., None] * ce_k, 0)
+            u = jnp.where(support, (c * eps / t.ks)[..., None] * f_k, 0)
             dcw = dcw + jnp.sum(u, axis=batch_axes)
 
     deps = dlam = dbase = None
-    if spec.label_smoothing:
-        deps = jnp.sum(c * (r.b - r.a))
+    dov = ()
+    if kind is None:
+        if spec.label_smoothing:
+            deps = jnp.sum(c * (t.b - t.a))
+    else:
+        # The objective's parameters (and eps, on which the reverse term depends too)
+        # enter through per-example sums: differentiate those directly.
+        cw_row = _as_row(cw, d.ndim)
+
+        def per_example(ov_, eps_):
+            terms = _terms(static, ov_, eps_, d, r.log_se, r.ce_y, w_y, target, cw_row)
+            return _combine(static, ov_, eps_, terms)
+
+        _, pull = jax.vjp(per_example, ov, eps)
+        dov, deps = pull(c)
     if spec.z_loss:
         dlam = jnp.sum(c * r.lse**2)
     if spec.log_base:
         base = params.log_base
         dbase = -jnp.sum(c0 * r.loss) / (base * jnp.log(base))
-    dparams = Params(maps=(), label_smoothing=deps, z_loss=dlam, log_base=dbase)
+    dparams = Params(
+        maps=(), label_smoothing=deps, z_loss=dlam, log_base=dbase, objective=dov
+    )
     return dtarget, ds, dcw, dparams
 
 

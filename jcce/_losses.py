@@ -32,6 +32,7 @@ def _params(params: Params, dtype) -> Params:
         label_smoothing=cast(params.label_smoothing),
         z_loss=cast(params.z_loss),
         log_base=cast(params.log_base),
+        objective=tuple(cast(o) for o in params.objective),
     )
 
 
@@ -42,10 +43,17 @@ def _kernel_call(
     integer_labels: bool,
     s: jax.Array | None,
     cw: jax.Array | None,
+    alpha: jax.Array | None = None,
 ) -> jax.Array:
-    """Runs the kernel on class-last ``z``; returns weighted per-example losses."""
+    """Runs the kernel on class-last ``z``; returns weighted per-example losses.
+
+    ``alpha`` (focal's class balance, a scalar or ``[K]``) joins the class weights in
+    the kernel, but not in the ``"mean"``'s denominator."""
     spec, params = chain.config()
     acc = acc_dtype(z.dtype)
+    if alpha is not None:
+        alpha = jnp.broadcast_to(jnp.asarray(alpha, acc), z.shape[-1:])
+        cw = alpha if cw is None else cw.astype(acc) * alpha
     return fused_cross_entropy(
         Static(spec, integer_labels),
         z,
@@ -108,11 +116,29 @@ def _native(
     if ignore_index is not None:
         kept = labels != ignore_index
         s = kept.astype(acc) if s is None else jnp.where(kept, s, 0)
+    chain_weights, alpha = chain.class_factors()
+    if chain_weights is not None:
+        if class_weights is not None:
+            raise ValueError(
+                f"{fn}: class weights given twice, as jcce.class_weights(...) in the "
+                "chain and as the class_weights argument; give one"
+            )
+        class_weights = chain_weights
+    if class_weights is not None and chain.config()[0].objective == "symmetric":
+        raise ValueError(
+            f"{fn}: the symmetric cross-entropy does not define class weights; "
+            "remove class_weights or weight examples with `weights`"
+        )
     cw = None
     if class_weights is not None:
         cw = v.class_weights(fn, class_weights, num_classes).astype(acc)
+    if alpha is not None and jnp.ndim(alpha) == 1 and alpha.shape[0] != num_classes:
+        raise ValueError(
+            f"{fn}: focal alpha has shape {alpha.shape} but the logits have "
+            f"{num_classes} classes"
+        )
 
-    out = _kernel_call(chain, z, target, integer_labels, s, cw)
+    out = _kernel_call(chain, z, target, integer_labels, s, cw, alpha)
     return _reduce(out, s, cw, target, integer_labels, reduction)
 
 

@@ -24,6 +24,9 @@ import numpy as np
 
 # Kinds that map the logits elementwise, applied in chain order before the softmax.
 LOGIT_MAPS = ("softcap", "temperature")
+# Kinds that replace the per-class loss -log p_k by another function of p_k; a chain
+# holds at most one of them.
+OBJECTIVES = ("focal", "poly", "generalized", "symmetric")
 
 
 class Spec(NamedTuple):
@@ -33,6 +36,7 @@ class Spec(NamedTuple):
     label_smoothing: bool = False
     z_loss: bool = False
     log_base: bool = False
+    objective: str | None = None
 
 
 class Params(NamedTuple):
@@ -42,6 +46,7 @@ class Params(NamedTuple):
     label_smoothing: Any = None
     z_loss: Any = None
     log_base: Any = None
+    objective: tuple[Any, ...] = ()
 
 
 def _check_value(kind: str, value, ok, requirement: str):
@@ -97,7 +102,9 @@ def _check_value(kind: str, value, ok, requirement: str):
 
 
 def _key(value):
-    if isinstance(value, float):
+    if isinstance(value, tuple):
+        return tuple(_key(v) for v in value)
+    if value is None or isinstance(value, float):
         return value
     if isinstance(value, jax.core.Tracer):
         return ("traced", id(value))
@@ -105,6 +112,15 @@ def _key(value):
         return ("array", float(value))
     except (TypeError, jax.errors.ConcretizationTypeError):
         return ("array", id(value))
+
+
+def _shown(v) -> str:
+    if v is None or isinstance(v, float):
+        return repr(v)
+    if isinstance(v, jax.core.Tracer):
+        return "<traced>"
+    key = _key(v)[1]
+    return f"Array({key!r})" if isinstance(key, float) else f"Array(shape={v.shape})"
 
 
 @jax.tree_util.register_pytree_node_class
@@ -131,11 +147,8 @@ class Transform:
         return cls(kind, children[0])
 
     def __repr__(self):
-        v = self.value
-        shown = repr(v) if isinstance(v, float) else f"Array({_key(v)[1]!r})"
-        if isinstance(v, jax.core.Tracer):
-            shown = "<traced>"
-        return f"{self.kind}({shown})"
+        values = self.value if isinstance(self.value, tuple) else (self.value,)
+        return f"{self.kind}({', '.join(map(_shown, values))})"
 
     def __eq__(self, other):
         if not isinstance(other, Transform):
@@ -193,10 +206,15 @@ class Chain:
         """Folds the transforms into the kernel's static spec and parameter values."""
         maps, map_values = [], []
         terms: dict[str, Any] = {}
+        objective, objective_values = None, ()
         for t in self.transforms:
             if t.kind in LOGIT_MAPS:
                 maps.append(t.kind)
                 map_values.append(t.value)
+            elif t.kind in OBJECTIVES:
+                objective = t.kind
+                # focal's alpha weights classes; it reaches the kernel with them.
+                objective_values = t.value[:1] if t.kind == "focal" else t.value
             else:
                 terms[t.kind] = t.value
         spec = Spec(
@@ -204,14 +222,22 @@ class Chain:
             label_smoothing="label_smoothing" in terms,
             z_loss="z_loss" in terms,
             log_base="log_base" in terms,
+            objective=objective,
         )
         params = Params(
             maps=tuple(map_values),
             label_smoothing=terms.get("label_smoothing"),
             z_loss=terms.get("z_loss"),
             log_base=terms.get("log_base"),
+            objective=tuple(objective_values),
         )
         return spec, params
+
+    def class_factors(self) -> tuple[Any, Any]:
+        """The chain's :func:`class_weights` value and :func:`focal` ``alpha`` (or None)."""
+        found = {t.kind: t.value for t in self.transforms}
+        focal_ = found.get("focal")
+        return found.get("class_weights"), None if focal_ is None else focal_[1]
 
     def __call__(
         self,
@@ -279,6 +305,18 @@ def chain(*transforms: Transform | Chain) -> Chain:
                 f"give one {t.kind} per chain"
             )
         seen[t.kind] = t
+    objectives = [t for t in flat if t.kind in OBJECTIVES]
+    if len(objectives) > 1:
+        first, second = objectives[:2]
+        raise ValueError(
+            f"chain: {first!r} and {second!r} both replace the per-class loss "
+            "-log p; give at most one of focal, poly, generalized, symmetric"
+        )
+    if "symmetric" in seen and "class_weights" in seen:
+        raise ValueError(
+            f"chain: {seen['symmetric']!r} does not define class weights; remove "
+            f"{seen['class_weights']!r} or weight examples with `weights`"
+        )
     return Chain(tuple(flat))
 
 
@@ -387,3 +425,169 @@ def log_base(base) -> Transform:
         "base must be > 0, finite and != 1",
     )
     return Transform("log_base", v)
+
+
+def _check_vector(kind: str, value, requirement: str):
+    """Validates a per-class vector (``[K]``; concrete values must be finite and >= 0)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{kind}: expected real numbers, got {value}")
+    try:
+        arr = jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(
+            f"{kind}: expected a scalar or a [K] array, got {type(value).__name__}"
+        ) from None
+    if arr.dtype == jnp.bool_ or not (
+        jnp.issubdtype(arr.dtype, jnp.floating)
+        or jnp.issubdtype(arr.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{kind}: expected real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{kind}: expected a [K] vector, got shape {arr.shape}")
+    if not isinstance(arr, jax.core.Tracer):
+        host = np.asarray(arr, np.float64)
+        if not (np.all(np.isfinite(host)) and np.all(host >= 0)):
+            raise ValueError(f"{kind}: {requirement}, got {host}")
+    return arr
+
+
+def class_weights(weights) -> Transform:
+    """Per-class weights as a transform: the same as the ``class_weights`` argument.
+
+    ``jcce.chain(jcce.class_weights(w), ...)(logits, labels)`` equals
+    ``jcce.chain(...)(logits, labels, class_weights=w)`` (PyTorch's ``weight``, with its
+    weighted ``"mean"``). The call argument is the documented way; the transform lets a
+    chain carry its weights. Giving both raises ``ValueError``.
+
+    Args:
+      weights: ``[K]`` non-negative finite weights (not checked when traced).
+
+    Raises:
+      ValueError: if ``weights`` is not a vector or has a negative or non-finite entry.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> loss = jcce.chain(jcce.class_weights(jnp.array([1.0, 3.0])))
+      >>> z, y = jnp.zeros((2, 2)), jnp.array([0, 1])
+      >>> float(loss(z, y, reduction="sum")) == float(4 * jnp.log(2.0))
+      True
+    """
+    w = _check_vector("class_weights", weights, "weights must be finite and >= 0")
+    return Transform("class_weights", w)
+
+
+def focal(gamma=2.0, alpha=None) -> Transform:
+    """Softmax focal loss (Lin et al. 2017): ``-alpha_k (1 - p_k)^gamma log p_k``.
+
+    Each class's term ``-log p_k`` of the cross-entropy is scaled by ``(1 - p_k)^gamma``,
+    which down-weights well-classified examples. With class indices the loss is
+    ``-alpha_y (1 - p_y)^gamma log p_y``; with probability targets (and with label
+    smoothing) it is ``sum_k q_k alpha_k (1 - p_k)^gamma (-log p_k)``. The gradient is the
+    closed form ``[gamma (1 - p_y)^(gamma - 1) p_y log p_y - (1 - p_y)^gamma]
+    (onehot(y) - p)``. ``gamma = 0`` is the cross-entropy.
+
+    Args:
+      gamma: focusing parameter, float ``>= 0`` or a scalar array.
+      alpha: ``None``, a scalar ``>= 0`` or a ``[K]`` vector: the balancing weight of
+        each class's term. Unlike ``class_weights`` it does not enter the ``"mean"``'s
+        denominator (the mean is over examples, as in torchvision and Kornia).
+
+    Raises:
+      ValueError: if ``gamma < 0`` or ``alpha`` is negative or not finite.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logp = jnp.log(jnp.array([[0.5, 0.5]]))  # p_y = 0.5: 0.5^2 * log 2
+      >>> round(float(jcce.focal(2.0)(logp, jnp.array([0]))), 4)
+      0.1733
+    """
+    g = _check_value(
+        "focal", gamma, lambda v: v >= 0.0, "gamma must be finite and >= 0"
+    )
+    a = alpha
+    if alpha is not None:
+        if isinstance(alpha, numbers.Real) or np.ndim(alpha) == 0:
+            a = _check_value(
+                "focal", alpha, lambda v: v >= 0.0, "alpha must be finite and >= 0"
+            )
+        else:
+            a = _check_vector("focal", alpha, "alpha must be finite and >= 0")
+    return Transform("focal", (g, a))
+
+
+def poly(epsilon=2.0) -> Transform:
+    """Poly-1 loss (Leng et al. 2022): adds ``epsilon (1 - p_k)`` to each class's term.
+
+    With class indices ``l = -log p_y + epsilon (1 - p_y)``; with probability targets
+    ``l = sum_k q_k (-log p_k + epsilon (1 - p_k))``, as
+    ``optax.losses.poly_loss_cross_entropy``. The gradient is
+    ``(1 + epsilon p_y) (p - onehot(y))``.
+
+    Args:
+      epsilon: float ``>= -1`` (below ``-1`` the loss would reward a lower ``p_y``).
+
+    Raises:
+      ValueError: if ``epsilon < -1``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logp = jnp.log(jnp.array([[0.5, 0.5]]))  # log 2 + 2 * 0.5
+      >>> round(float(jcce.poly(2.0)(logp, jnp.array([0]))), 4)
+      1.6931
+    """
+    v = _check_value(
+        "poly", epsilon, lambda v: v >= -1.0, "epsilon must be finite and >= -1"
+    )
+    return Transform("poly", (v,))
+
+
+def generalized(q=0.7) -> Transform:
+    """Generalized cross-entropy (Zhang and Sabuncu 2018): ``(1 - p_k^q) / q``.
+
+    Replaces each class's ``-log p_k`` by ``(1 - p_k^q) / q``, robust to noisy labels:
+    ``q -> 0`` gives the cross-entropy, ``q = 1`` the mean absolute error ``1 - p_y``.
+    The gradient is ``p_y^q (p - onehot(y))``.
+
+    Args:
+      q: float in ``(0, 1]``.
+
+    Raises:
+      ValueError: if ``q`` is outside ``(0, 1]``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logp = jnp.log(jnp.array([[0.25, 0.75]]))  # (1 - 0.25^0.5) / 0.5
+      >>> round(float(jcce.generalized(0.5)(logp, jnp.array([0]))), 4)
+      1.0
+    """
+    v = _check_value("generalized", q, lambda v: 0.0 < v <= 1.0, "q must be in (0, 1]")
+    return Transform("generalized", (v,))
+
+
+def symmetric(alpha=0.1, beta=1.0, log_zero=-4.0) -> Transform:
+    """Symmetric cross-entropy (Wang et al. 2019): ``alpha CE + beta RCE``.
+
+    The reverse cross-entropy ``RCE = -sum_k p_k log q_k`` swaps prediction and target,
+    with ``log 0`` replaced by ``log_zero`` (the paper's ``A = -4``). For class indices
+    ``RCE = -log_zero (1 - p_y)``. Class weights are not defined for this loss.
+
+    Args:
+      alpha: weight of the cross-entropy, float ``>= 0``.
+      beta: weight of the reverse cross-entropy, float ``>= 0``.
+      log_zero: the value used for ``log 0``, float ``< 0``.
+
+    Raises:
+      ValueError: if ``alpha < 0``, ``beta < 0`` or ``log_zero >= 0``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logp = jnp.log(jnp.array([[0.5, 0.5]]))  # 0.1 log 2 + 1.0 * 4 * 0.5
+      >>> round(float(jcce.symmetric(0.1, 1.0)(logp, jnp.array([0]))), 4)
+      2.0693
+    """
+    a = _check_value("symmetric", alpha, lambda v: v >= 0.0, "alpha must be >= 0")
+    b = _check_value("symmetric", beta, lambda v: v >= 0.0, "beta must be >= 0")
+    lz = _check_value(
+        "symmetric", log_zero, lambda v: v < 0.0, "log_zero must be finite and < 0"
+    )
+    return Transform("symmetric", (a, b, lz))
