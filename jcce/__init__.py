@@ -12,11 +12,15 @@ from jcce._divergence import (
 )
 from jcce._divergence import smooth_labels as smooth_labels
 from jcce._losses import cross_entropy as cross_entropy
+from jcce._losses import entropy as entropy
+from jcce._losses import generalized_cross_entropy as generalized_cross_entropy
+from jcce._losses import poly_loss_cross_entropy as poly_loss_cross_entropy
 from jcce._losses import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
 from jcce._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from jcce._losses import symmetric_cross_entropy as symmetric_cross_entropy
 from jcce._transforms import Chain as Chain
 from jcce._transforms import Transform as Transform
 from jcce._transforms import chain as chain
@@ -41,9 +45,13 @@ __all__ = [
     "class_weights",
     "focal",
     "generalized",
+    "generalized_cross_entropy",
     "poly",
+    "poly_loss_cross_entropy",
     "symmetric",
+    "symmetric_cross_entropy",
     "cross_entropy",
+    "entropy",
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "label_smoothing",

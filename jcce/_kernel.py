@@ -272,19 +272,25 @@ class _Res(NamedTuple):
     loss: jax.Array  # per-example loss before the example weight
 
 
+def _log_sum_exp(spec: Spec, zc, map_values):
+    """Mapped logits shifted by their max, ``d = x - m``, with ``m`` and
+    ``log_se = log sum exp d`` (so ``lse = m + log_se``), per example."""
+    acc = acc_dtype(zc.dtype)
+    x = _apply_maps(spec, zc, map_values)
+    # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
+    # (no converted or mapped [..., K] copy is needed for the max).
+    m = _apply_maps(spec, _row_reduce(jnp.max, zc, _n_chunks(zc.shape[-1])), map_values)
+    m = lax.stop_gradient(m)
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
+    return x - m[..., None], m, jnp.log(_sum_exp(x, m))
+
+
 def _forward(static: Static, z, target, s, cw, params: Params):
     spec = static.spec
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
-    x = _apply_maps(spec, zc, params.maps)
-    # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
-    # (no converted or mapped [..., K] copy is needed for the max).
-    m = _apply_maps(spec, _row_reduce(jnp.max, zc, _n_chunks(z.shape[-1])), params.maps)
-    m = lax.stop_gradient(m)
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
-    d = x - m[..., None]
-    log_se = jnp.log(_sum_exp(x, m))
+    d, m, log_se = _log_sum_exp(spec, zc, params.maps)
     lse = m + log_se
 
     ce_y = w_y = None
@@ -562,3 +568,49 @@ def _input_cotangents(
 
 
 fused_cross_entropy.defvjp(_fwd, _bwd)
+
+
+@jax.custom_vjp
+def fused_entropy(z, s):
+    """Per-example ``s_i H(softmax(z_i))`` over the last axis, in nats.
+
+    ``H = lse - sum_k p_k x_k``, from the same max-shifted log-sum-exp as the
+    cross-entropy; the gradient is the closed form ``dH/dz_j = p_j (-log p_j - H)``.
+    ``s == 0`` masks the example (NaN-safe, as in :func:`fused_cross_entropy`).
+    """
+    return _entropy_forward(z, s)[0]
+
+
+def _entropy_forward(z, s):
+    acc = acc_dtype(z.dtype)
+    live = _live(s)
+    d, m, log_se = _log_sum_exp(Spec(), _clean(z, live), ())
+    p = jnp.exp(d - log_se[..., None])
+    h = log_se - jnp.sum(jnp.where(p > 0, p * d, 0), axis=-1)
+    out = h if s is None else jnp.where(live, s * h, jnp.zeros((), acc))
+    return out, (m, log_se, h)
+
+
+def _entropy_fwd(z, s):
+    out, res = _entropy_forward(z, s)
+    return out, (z, s, res)
+
+
+def _entropy_bwd(saved, ct):
+    z, s, (m, log_se, h) = saved
+    acc = acc_dtype(z.dtype)
+    live = _live(s)
+    zc = _clean(z, live)
+    x = _widen(zc) if zc.dtype == jnp.bfloat16 else zc.astype(acc)
+    d = x - m[..., None]
+    p = jnp.exp(d - log_se[..., None])
+    c = ct if s is None else jnp.where(live, ct * s, jnp.zeros((), acc))
+    surprisal = jnp.where(p > 0, log_se[..., None] - d, 0)
+    dz = (c[..., None] * p * (surprisal - h[..., None])).astype(z.dtype)
+    if live is not None:
+        dz = jnp.where(live[..., None], dz, jnp.zeros((), z.dtype))
+    ds = None if s is None else jnp.where(live, ct * h, 0).astype(s.dtype)
+    return dz, ds
+
+
+fused_entropy.defvjp(_entropy_fwd, _entropy_bwd)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jcce import _validate as v
-from jcce._kernel import Static, acc_dtype, fused_cross_entropy
+from jcce._kernel import Static, acc_dtype, fused_cross_entropy, fused_entropy
 from jcce._transforms import Chain, Params
 
 _PLAIN = Chain(())
@@ -261,7 +261,7 @@ def cross_entropy(
     )
 
 
-def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
+def _optax_style(fn, logits, labels, axis, where, chain, *, integer_labels: bool):
     """optax's semantics: per-example losses, ``axis`` may be a tuple, ``where`` may
     mask single logits (``logits.shape``) or whole examples (the batch shape)."""
     logits = v.floating_logits(fn, logits)
@@ -327,7 +327,7 @@ def _optax_style(fn, logits, labels, axis, where, *, integer_labels: bool):
                 f"{batch_shape}"
             )
         s = s.astype(acc_dtype(logits.dtype))
-    return _kernel_call(_PLAIN, z, target, integer_labels, s, None)
+    return _kernel_call(chain, z, target, integer_labels, s, None)
 
 
 _optax_jit_impl = jax.jit(
@@ -335,9 +335,9 @@ _optax_jit_impl = jax.jit(
 )
 
 
-def _optax_jit(fn, logits, labels, axis, where, *, integer_labels):
+def _optax_jit(fn, logits, labels, axis, where, *, integer_labels, chain=_PLAIN):
     arrays = _arrays(fn, logits=logits, labels=labels, where=where)
-    v.no_forward_mode(fn, arrays)
+    v.no_forward_mode(fn, arrays, chain)
     axis, _ = v.static_options(fn, axis, "none", None)
     return _optax_jit_impl(
         fn,
@@ -345,6 +345,7 @@ def _optax_jit(fn, logits, labels, axis, where, *, integer_labels):
         arrays["labels"],
         axis,
         arrays["where"],
+        chain,
         integer_labels=integer_labels,
     )
 
@@ -459,3 +460,214 @@ def safe_softmax_cross_entropy(
     return _optax_jit(
         "safe_softmax_cross_entropy", logits, labels, -1, None, integer_labels=False
     )
+
+
+def poly_loss_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    epsilon: jax.typing.ArrayLike = 2.0,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""optax's ``poly_loss_cross_entropy``: Poly-1 (Leng et al. 2022), per example.
+
+    ``l = -sum_k t_k log p_k + epsilon sum_k t_k (1 - p_k)``; for a one-hot target
+    ``-log p_y + epsilon (1 - p_y)``. One pass of the fused kernel (it is
+    ``jcce.chain(jcce.poly(epsilon))`` with optax's signature); the gradient is the
+    closed form ``sum_k t_k (1 + epsilon p_k) (p - e_k)``.
+
+    Args:
+      logits: float ``[*batch, K]``.
+      labels: ``[*batch, K]`` probability targets (or broadcastable to the logits).
+      epsilon: the coefficient of ``(1 - p)``, ``>= -1`` (checked when concrete).
+      axis: class axis, tuple of axes, or ``None`` for all axes.
+      where: bool mask of the logits' shape (per logit) or of the batch shape.
+
+    Returns:
+      float32 (float64 for float64 logits) ``[*batch]`` losses.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+      >>> labels = jnp.array([[1.0, 0.0, 0.0]])  # log 2 + 2 (1 - 0.5)
+      >>> [round(float(x), 4) for x in jcce.poly_loss_cross_entropy(logits, labels)]
+      [1.6931]
+
+    Note:
+      optax accepts any ``epsilon``; jcce requires ``epsilon >= -1``, below which the
+      loss decreases as ``p_y`` falls. Where optax returns NaN for a ``-inf`` logit with
+      a zero label, jcce returns the finite limit.
+    """
+    from jcce._transforms import poly
+
+    return _optax_jit(
+        "poly_loss_cross_entropy",
+        logits,
+        labels,
+        axis,
+        where,
+        integer_labels=False,
+        chain=Chain((poly(epsilon),)),
+    )
+
+
+def generalized_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    q: jax.typing.ArrayLike = 0.7,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Generalized cross-entropy (Zhang and Sabuncu 2018), robust to noisy labels.
+
+    ``l = (1 - p_y^q) / q`` for class indices (``sum_k w_k t_k (1 - p_k^q) / q`` for
+    probability targets): the cross-entropy as ``q -> 0`` and the mean absolute error
+    ``1 - p_y`` at ``q = 1``. The gradient is the closed form ``p_y^q (p - onehot(y))``.
+    It is ``jcce.chain(jcce.generalized(q))``; the other arguments are those of
+    :func:`cross_entropy`.
+
+    Args:
+      logits: float ``[*batch, K]``.
+      labels: int ``[*batch]`` class indices or float ``[*batch, K]`` probabilities.
+      q: float in ``(0, 1]`` (the paper uses 0.7).
+      axis, where, weights, class_weights, ignore_index, reduction: as
+        :func:`cross_entropy`.
+
+    Returns:
+      float32 (float64 for float64 logits) loss, scalar or ``[*batch]``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.log(jnp.array([[0.25, 0.75]]))  # (1 - 0.25 ** 0.5) / 0.5
+      >>> round(float(jcce.generalized_cross_entropy(logits, jnp.array([0]), q=0.5)), 4)
+      1.0
+    """
+    from jcce._transforms import generalized
+
+    return Chain((generalized(q),))._call(
+        "generalized_cross_entropy",
+        logits,
+        labels,
+        axis=axis,
+        where=where,
+        weights=weights,
+        class_weights=class_weights,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+
+
+def symmetric_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    alpha: jax.typing.ArrayLike = 0.1,
+    beta: jax.typing.ArrayLike = 1.0,
+    log_zero: jax.typing.ArrayLike = -4.0,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Symmetric cross-entropy (Wang et al. 2019): ``alpha CE + beta RCE``.
+
+    ``RCE = -sum_k p_k log q_k`` is the cross-entropy with prediction and target
+    swapped, ``log 0`` replaced by ``log_zero`` (the paper's ``A = -4``); for class
+    indices ``RCE = -log_zero (1 - p_y)``. The gradient is in closed form. It is
+    ``jcce.chain(jcce.symmetric(alpha, beta, log_zero))``; the other arguments are those
+    of :func:`cross_entropy` (class weights are not defined for this loss).
+
+    Args:
+      logits: float ``[*batch, K]``.
+      labels: int ``[*batch]`` class indices or float ``[*batch, K]`` probabilities.
+      alpha: weight of the cross-entropy (the paper's CIFAR-10 value is 0.1).
+      beta: weight of the reverse cross-entropy.
+      log_zero: the value of ``log 0``, ``< 0``.
+      axis, where, weights, ignore_index, reduction: as :func:`cross_entropy`.
+
+    Returns:
+      float32 (float64 for float64 logits) loss, scalar or ``[*batch]``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.log(jnp.array([[0.5, 0.5]]))  # 0.1 log 2 + 4 (1 - 0.5)
+      >>> round(float(jcce.symmetric_cross_entropy(logits, jnp.array([0]))), 4)
+      2.0693
+    """
+    from jcce._transforms import symmetric
+
+    return Chain((symmetric(alpha, beta, log_zero),))._call(
+        "symmetric_cross_entropy",
+        logits,
+        labels,
+        axis=axis,
+        where=where,
+        weights=weights,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+
+
+def _entropy(logits, *, axis, where, weights, reduction):
+    fn = "entropy"
+    logits = v.floating_logits(fn, logits)
+    axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
+    reduction = v.reduction(fn, reduction)
+    batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
+    acc = acc_dtype(logits.dtype)
+    s = None
+    if weights is not None:
+        s = v.example_weights(fn, weights, batch_shape).astype(acc)
+    if where is not None:
+        live = v.mask(fn, "where", where, batch_shape)
+        s = live.astype(acc) if s is None else jnp.where(live, s, 0)
+    out = fused_entropy(_class_last(logits, axes), s)
+    return _reduce(out, s, None, None, False, reduction)
+
+
+_entropy_jit = jax.jit(_entropy, static_argnames=("axis", "reduction"))
+
+
+def entropy(
+    logits: jax.typing.ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Entropy of the softmax of the logits, ``H(p) = -sum_k p_k log p_k``, in nats.
+
+    Computed as ``lse(z) - sum_k p_k z_k`` from the same max-shifted log-sum-exp as the
+    cross-entropy (so ``cross_entropy(z, p) = entropy(z)`` for ``p = softmax(z)``), with
+    the closed-form gradient ``p_j (-log p_j - H)``. ``-inf`` logits contribute 0
+    (``0 log 0 = 0``). Useful as a confidence penalty or an exploration bonus.
+
+    Args:
+      logits: float ``[*batch, K]``.
+      axis: the class axis, or a tuple of axes flattened into one.
+      where: bool ``[*batch]``; ``False`` excludes the example (NaN-safe).
+      weights: float ``[*batch]`` per-example weights; zero masks the example.
+      reduction: ``"mean"`` (weighted mean over unmasked examples, 0 if none),
+        ``"sum"`` or ``"none"``.
+
+    Returns:
+      float32 (float64 for float64 logits) entropy, scalar or ``[*batch]``.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> z = jnp.log(jnp.array([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]))
+      >>> [round(float(h), 4) for h in jcce.entropy(z, reduction="none")]  # 1.5 ln 2
+      [1.0397, 0.0]
+    """
+    arrays = _arrays("entropy", logits=logits, where=where, weights=weights)
+    v.no_forward_mode("entropy", arrays)
+    axis, _ = v.static_options("entropy", axis, reduction, None)
+    return _entropy_jit(**arrays, axis=axis, reduction=reduction)

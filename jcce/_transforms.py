@@ -251,11 +251,8 @@ class Chain:
         ignore_index=None,
         reduction="mean",
     ) -> jax.Array:
-        from jcce import _losses
-
-        return _losses.configured_cross_entropy(
+        return self._call(
             "cross_entropy" if not self.transforms else "chain",
-            self,
             logits,
             labels,
             axis=axis,
@@ -265,6 +262,11 @@ class Chain:
             ignore_index=ignore_index,
             reduction=reduction,
         )
+
+    def _call(self, fn: str, logits, labels, **options) -> jax.Array:
+        from jcce import _losses
+
+        return _losses.configured_cross_entropy(fn, self, logits, labels, **options)
 
 
 def chain(*transforms: Transform | Chain) -> Chain:
