@@ -524,3 +524,69 @@ def test_ignored_examples_with_nonfinite_logits():
         np.testing.assert_allclose(got_loss, want_loss, rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(got_grad, want_grad, rtol=RTOL, atol=ATOL)
         np.testing.assert_array_equal(got_grad[[1, 4]], 0.0)
+
+
+# ------------------------------------------- the loss family, written in PyTorch by hand
+
+
+def _torch_family(kind, z, labels, eps, params):
+    """The per-class objectives of the loss family as a PyTorch user writes them.
+
+    Focal follows the common softmax form of torchvision-style implementations
+    (``-alpha (1 - p_t)^gamma log p_t``), with the smoothed target spread over classes.
+    """
+    logp = F.log_softmax(z, dim=-1)
+    p = logp.exp()
+    k = z.shape[-1]
+    q = F.one_hot(labels, k).to(z.dtype) if labels.dtype == torch.int64 else labels
+    q = (1 - eps) * q + eps / k
+    if kind == "focal":
+        gamma, alpha = params
+        per_class = -alpha * (1 - p) ** gamma * logp
+    elif kind == "poly":
+        per_class = -logp + params[0] * (1 - p)
+    elif kind == "generalized":
+        per_class = (1 - p ** params[0]) / params[0]
+    else:  # symmetric
+        alpha, beta, log_zero = params
+        log_q = torch.where(q > 0, q.clamp_min(1e-300).log(), torch.tensor(log_zero))
+        return (-alpha * q * logp).sum(-1) - beta * (p * log_q.clamp_min(log_zero)).sum(
+            -1
+        )
+    return (q * per_class).sum(-1)
+
+
+FAMILY = [
+    ("focal", (2.0, 0.25), lambda a: jcce.focal(a[0], a[1])),
+    ("focal", (0.5, 1.0), lambda a: jcce.focal(a[0], a[1])),
+    ("poly", (2.0,), lambda a: jcce.poly(a[0])),
+    ("generalized", (0.7,), lambda a: jcce.generalized(a[0])),
+    ("symmetric", (0.1, 1.0, -4.0), lambda a: jcce.symmetric(*a)),
+]
+
+
+@pytest.mark.parametrize(("kind", "params", "make"), FAMILY)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("soft", [False, True])
+def test_loss_family_matches_pytorch_by_hand(kind, params, make, eps, soft):
+    rng = np.random.default_rng(11)
+    n, k = 6, 5
+    z = _logits(rng, (n, k))
+    labels = _prob_targets(rng, (n, k)) if soft else _labels(rng, (n,), k)
+    transforms = [make(params)] + ([jcce.label_smoothing(eps)] if eps else [])
+    loss = jcce.chain(*transforms)
+
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    lt = torch.tensor(labels, dtype=torch.float64 if soft else torch.int64)
+    expected = _torch_family(kind, zt, lt, eps, params)
+    expected.sum().backward()
+
+    jl = jnp.asarray(labels) if soft else jnp.asarray(labels, jnp.int32)
+    got = loss(jnp.asarray(z), jl, reduction="none")
+    grad = jax.grad(lambda z_: loss(z_, jl, reduction="sum"))(jnp.asarray(z))
+    np.testing.assert_allclose(got, expected.detach().numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=RTOL, atol=ATOL)
+    # "mean" is over examples for focal's alpha (no class weights here): torch's .mean()
+    np.testing.assert_allclose(
+        loss(jnp.asarray(z), jl), expected.mean().item(), rtol=RTOL, atol=ATOL
+    )
