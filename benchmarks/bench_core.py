@@ -16,9 +16,10 @@ the arguments and outputs) and the temp ratio jcce/optax. The last column is the
 gradient difference from optax (a sanity check). Shapes ``[N, K]``: (4096, 32768) float32, (4096, 32768) bfloat16 and
 (256, 262144) float32 (``--quick`` uses small shapes for a smoke test).
 
-A last table compares a full chain, ``jcce.chain(label_smoothing(0.1), temperature(2.0),
-z_loss(1e-4), softcap(30.0))``, with plain ``jcce.cross_entropy`` at (4096, 32768)
-float32 (ratio chain/plain).
+A last table compares each transform alone, the chain of issue 3
+(``label_smoothing(0.1), temperature(2.0), z_loss(1e-4), softcap(30.0)``) and a chain of
+every transform with plain ``jcce.cross_entropy`` at (4096, 32768) float32 (ratio
+chain/plain; ``--chains-only`` prints just this table).
 
 Run it from the repository root (takes a few minutes on 2 CPU cores):
 
@@ -91,21 +92,39 @@ def loss_fns():
     }
 
 
-def chain_fns():
-    chain = jcce.chain(
-        jcce.label_smoothing(0.1),
-        jcce.temperature(2.0),
-        jcce.z_loss(1e-4),
+def chain_fns(num_classes: int):
+    """Plain ``jcce.cross_entropy``, each transform alone, and chains of several."""
+    cw = jnp.linspace(0.5, 1.5, num_classes)
+    every = jcce.chain(
         jcce.softcap(30.0),
+        jcce.temperature(2.0),
+        jcce.label_smoothing(0.1),
+        jcce.z_loss(1e-4),
+        jcce.log_base(2.0),
+        jcce.focal(2.0),
+        jcce.class_weights(cw),
     )
-
-    def plain(logits, labels):
-        return jcce.cross_entropy(logits, labels)
-
-    def chained(logits, labels):
-        return chain(logits, labels)
-
-    return {"jcce plain": plain, "jcce chain": chained}
+    configs = {
+        "plain": jcce.chain(),
+        "temperature": jcce.temperature(2.0),
+        "softcap": jcce.softcap(30.0),
+        "label_smoothing": jcce.label_smoothing(0.1),
+        "z_loss + log_base": jcce.chain(jcce.z_loss(1e-4), jcce.log_base(2.0)),
+        "class_weights": jcce.class_weights(cw),
+        "focal": jcce.focal(2.0),
+        "poly": jcce.poly(2.0),
+        "issue-3 chain": jcce.chain(
+            jcce.label_smoothing(0.1),
+            jcce.temperature(2.0),
+            jcce.z_loss(1e-4),
+            jcce.softcap(30.0),
+        ),
+        "every transform": every,
+    }
+    return {
+        name: (lambda logits, labels, c=c: c(logits, labels))
+        for name, c in configs.items()
+    }
 
 
 def value_and_grad(loss):
@@ -172,7 +191,7 @@ def bench_case(shape, dtype, repeats, warmup):
 
 def bench_chain(shape, dtype, repeats, warmup):
     args = make_inputs(shape, dtype)
-    losses = chain_fns()
+    losses = chain_fns(shape[-1])
     fns = {name: value_and_grad(f) for name, f in losses.items()}
     mem = {
         name: memory_stats(jax.value_and_grad(f), *args) for name, f in losses.items()
@@ -186,9 +205,9 @@ def bench_chain(shape, dtype, repeats, warmup):
                 label,
                 name,
                 fmt_ms(times[name]),
-                fmt_ratio(times[name] / times["jcce plain"]),
+                fmt_ratio(times[name] / times["plain"]),
                 fmt_bytes(mem[name]["temp"]),
-                fmt_ratio(mem[name]["temp"] / max(mem["jcce plain"]["temp"], 1)),
+                fmt_ratio(mem[name]["temp"] / max(mem["plain"]["temp"], 1)),
             ]
         )
     return rows
@@ -203,6 +222,9 @@ def main(argv=None):
         "--repeats", type=int, default=15, help="timed calls per function"
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    parser.add_argument(
+        "--chains-only", action="store_true", help="only the transforms table"
+    )
     opts = parser.parse_args(argv)
 
     shapes = QUICK_SHAPES if opts.quick else FULL_SHAPES
@@ -213,14 +235,23 @@ def main(argv=None):
         f"{opts.repeats} (warm-up {opts.warmup}); integer labels\n"
     )
 
-    rows = []
-    for shape, dtype in shapes:
-        rows += bench_case(shape, dtype, opts.repeats, opts.warmup)
-    print_table(
-        ["shape", "function", "time", "time/optax", "temp", "temp/optax", "max|dgrad|"],
-        rows,
-    )
-    print()
+    if not opts.chains_only:
+        rows = []
+        for shape, dtype in shapes:
+            rows += bench_case(shape, dtype, opts.repeats, opts.warmup)
+        print_table(
+            [
+                "shape",
+                "function",
+                "time",
+                "time/optax",
+                "temp",
+                "temp/optax",
+                "max|dgrad|",
+            ],
+            rows,
+        )
+        print()
     print_table(
         ["shape", "function", "time", "time/plain", "temp", "temp/plain"],
         bench_chain(*chain_case, opts.repeats, opts.warmup),
