@@ -74,11 +74,32 @@ def _n_chunks(k: int) -> int:
     return 1
 
 
-def _row_reduce(reduce, x, nb, elementwise=None, row=None):
+def _pin(x):
+    """``x`` behind an optimization barrier (free for an input; removed after fusion),
+    so XLA cannot move the chunking reshape below the elementwise ops that follow:
+    YNNPACK runs elementwise ops computed on the unchunked shape several times slower."""
+    return lax.optimization_barrier(x)
+
+
+def _row_reduce(reduce, x, nb, elementwise=None, row=None, layout=None):
     """``reduce(elementwise(x, row), axis=-1)`` with the class axis split into ``nb``
     chunks, then the chunks reduced again; ``row`` is a per-example operand broadcast
-    along the classes (and along the chunks)."""
+    along the classes (and along the chunks).
+
+    With ``layout`` (0, 1, 2, ...) the class axis is split into ``nb * 2**layout`` chunks
+    (twice as many if ``nb == 1``, when ``K`` allows) and :func:`_pin`-ned before
+    ``elementwise``: reductions with different layouts have different shapes, so they
+    share no ``[..., K]``-sized subexpression (XLA would CSE it and materialize it),
+    with each other or with the backward's ``[*batch, K]`` ops."""
     lead = x.shape[:-1]
+    if layout is not None:
+        n = nb * 2 ** (layout + (nb == 1))
+        nb = n if x.shape[-1] % n == 0 else nb
+        v = _pin(x.reshape(-1, x.shape[-1] // nb))
+        if elementwise is not None:
+            r = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
+            v = elementwise(v, r)
+        return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
     if nb == 1:
         v = x if elementwise is None else elementwise(x, row[..., None])
         return reduce(v, axis=-1)
@@ -187,13 +208,16 @@ class _Terms(NamedTuple):
     r_coef: jax.Array | None  # its coefficient of (p - onehot(y)), class indices
 
 
-def _terms(static, ov, eps, d, log_se, ce_y, w_y, target, cw_row) -> _Terms:
+def _terms(
+    static, ov, eps, zc, m, map_values, d, log_se, ce_y, w_y, target, cw
+) -> _Terms:
     """The target terms of the loss from the shifted logits ``d`` and ``log_se``.
 
     For the cross-entropy (``phi`` linear) every sum is separable, ``sum w q (lse - x)
     = log_se sum(w q) - sum(w q d)``, and needs no pass after the log-sum-exp."""
     kind = static.spec.objective
     acc = log_se.dtype
+    cw_row = _as_row(cw, d.ndim)
     phi = partial(_phi, kind, ov)
     linear = kind in (None, "symmetric")
     scale = ov[0] if kind == "symmetric" else None
@@ -220,13 +244,12 @@ def _terms(static, ov, eps, d, log_se, ce_y, w_y, target, cw_row) -> _Terms:
     b = wq_b = ks = None
     support = d > -jnp.inf
     if eps is not None:
-        ks = jnp.sum(support.astype(acc), axis=-1)
         w = jnp.ones((), acc) if cw_row is None else cw_row
         if linear:
-            ws = ks if cw_row is None else jnp.sum(jnp.where(support, w, 0), axis=-1)
-            wd = jnp.sum(jnp.where(support, w * d, 0), axis=-1)
+            ks, ws, wd = _smoothing_sums(static.spec, zc, m, cw, map_values)
             b, wq_b = scaled((log_se * ws - wd) / ks), scaled(ws / ks)
         else:
+            ks = jnp.sum(support.astype(acc), axis=-1)
             f, df = phi(jnp.where(support, l_k, 0))
             b = jnp.sum(jnp.where(support, w * f, 0), axis=-1) / ks
             wq_b = jnp.sum(jnp.where(support, w * df, 0), axis=-1) / ks
@@ -282,7 +305,67 @@ def _log_sum_exp(spec: Spec, zc, map_values):
     m = _apply_maps(spec, _row_reduce(jnp.max, zc, _n_chunks(zc.shape[-1])), map_values)
     m = lax.stop_gradient(m)
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
-    return x - m[..., None], m, jnp.log(_sum_exp(x, m))
+    if spec.maps:
+        # The mapped logits are recomputed from the raw ones inside the reduction (pinned,
+        # so nothing of shape [..., K] is shared with the backward or materialized).
+        se = _row_reduce(
+            jnp.sum,
+            zc,
+            _n_chunks(zc.shape[-1]),
+            lambda v, neg: jnp.exp(_apply_maps(spec, v, map_values) + neg),
+            -m,
+            layout=0,
+        )
+    else:
+        se = _sum_exp(x, m)
+    return x - m[..., None], m, jnp.log(se)
+
+
+def _support(x):
+    """``x > -inf`` as exactly 0 or 1 (NaN stays NaN) from arithmetic that XLA:CPU's
+    reductions fuse (no compare or select): ``x / 2 >= -F / 2`` unless ``x = -inf``, so
+    the sign of ``max(x / 2, -F) + 3F / 4`` is ``-1`` exactly for ``-inf``."""
+    big = jnp.finfo(x.dtype).max
+    return 0.5 * jnp.sign(jnp.maximum(x * 0.5, -big) + 0.75 * big) + 0.5
+
+
+def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
+    """``K_S``, ``sum_S w_k`` and ``sum_S w_k d_k`` over the support ``S`` of the mapped
+    logits, each one reduction over the raw logits in its own layout (no temp)."""
+    acc = m.dtype
+    k = zc.shape[-1]
+    nb = _n_chunks(k)
+
+    def mapped(v):
+        return _apply_maps(spec, v, map_values)
+
+    def masked_d(v, mr):
+        # d on S and exactly 0 off it: with c = max(d, -F), -inf -> -F + 1 F and a
+        # finite d -> d + 0 F.
+        big = jnp.finfo(acc).max
+        c = jnp.maximum(mapped(v) - mr, -big)
+        return c + jnp.minimum(c - (mapped(v) - mr), 1) * big
+
+    if "softcap" in spec.maps:
+        # The soft-cap maps every logit, -inf included, to a finite value: S is every
+        # class (a NaN logit makes the example NaN whatever S is).
+        ks = jnp.full(m.shape, k, acc)
+        ws = ks if cw is None else jnp.broadcast_to(jnp.sum(cw), m.shape)
+        if cw is None:
+            wd = _row_reduce(jnp.sum, zc, nb, lambda v, mr: mapped(v) - mr, m, layout=1)
+        else:
+            wd = jnp.sum(_as_row(cw, zc.ndim) * (mapped(_pin(zc)) - m[..., None]), -1)
+        return ks, ws, wd
+    if cw is None:
+        ks = _row_reduce(jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=1)
+        wd = _row_reduce(jnp.sum, zc, nb, masked_d, m, layout=2)
+        return ks, ks, wd
+    cw_row = _as_row(cw, zc.ndim)
+    support = _support(mapped(_pin(zc)))
+    ks = jnp.sum(support, axis=-1)
+    ws = jnp.sum(cw_row * support, axis=-1)
+    wd = jnp.sum(cw_row * masked_d(_pin(zc), m[..., None]), axis=-1)
+    return ks, ws, wd
 
 
 def _forward(static: Static, z, target, s, cw, params: Params):
@@ -310,7 +393,9 @@ def _forward(static: Static, z, target, s, cw, params: Params):
 
     eps = params.label_smoothing if spec.label_smoothing else None
     ov = params.objective
-    terms = _terms(static, ov, eps, d, log_se, ce_y, w_y, target, _as_row(cw, z.ndim))
+    terms = _terms(
+        static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw
+    )
     loss = _combine(static, ov, eps, terms)
     if spec.z_loss:
         loss = loss + params.z_loss * lse**2
@@ -444,7 +529,7 @@ def _bwd(static, saved, ct):
         )
 
     dtarget, ds, dcw, dparams = _input_cotangents(
-        static, target, s, cw, params, r, ct, c, c0, eps, d, yc, w_y, live
+        static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, w_y, live
     )
     return dz, dtarget, ds, dcw, dparams._replace(maps=dmaps)
 
@@ -499,7 +584,7 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
 
 
 def _input_cotangents(
-    static, target, s, cw, params, r, ct, c, c0, eps, d, yc, w_y, live
+    static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, w_y, live
 ):
     """Cotangents of targets, weights, class weights and hyper-parameters.
 
@@ -548,10 +633,21 @@ def _input_cotangents(
     else:
         # The objective's parameters (and eps, on which the reverse term depends too)
         # enter through per-example sums: differentiate those directly.
-        cw_row = _as_row(cw, d.ndim)
-
         def per_example(ov_, eps_):
-            terms = _terms(static, ov_, eps_, d, r.log_se, r.ce_y, w_y, target, cw_row)
+            terms = _terms(
+                static,
+                ov_,
+                eps_,
+                zc,
+                r.m,
+                params.maps,
+                d,
+                r.log_se,
+                r.ce_y,
+                w_y,
+                target,
+                cw,
+            )
             return _combine(static, ov_, eps_, terms)
 
         _, pull = jax.vjp(per_example, ov, eps)
