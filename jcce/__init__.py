@@ -3,6 +3,7 @@
 Import from ``jcce`` only; the underscore modules are private and may change.
 """
 
+from jcce import calibration as calibration
 from jcce._binary import binary_cross_entropy as binary_cross_entropy
 from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jcce._binary import sigmoid_focal_loss as sigmoid_focal_loss
@@ -41,6 +42,7 @@ __all__ = [
     "Chain",
     "Transform",
     "binary_cross_entropy",
+    "calibration",
     "chain",
     "class_weights",
     "focal",
