@@ -429,6 +429,11 @@ def _fwd(static, z, target, s, cw, params):
     return out, (z, target, s, cw, params, res)
 
 
+def _explicitly_sharded(x) -> bool:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(a is not None for a in spec)
+
+
 def _bracket(p, parts, zl):
     """``sum scale * (coef * p - target) + zl p`` per logit, before the example scale.
 
@@ -488,7 +493,13 @@ def _bwd(static, saved, ct):
 
     yc = jnp.clip(target, 0, num_classes - 1) if static.integer_labels else None
     w_y = None
-    scatter = static.integer_labels and jnp.dtype(z.dtype).itemsize >= 4
+    # An explicitly sharded batch (jax.sharding.AxisType.Explicit) takes the one-hot
+    # path: a scatter's row indices would not carry the batch's sharding.
+    scatter = (
+        static.integer_labels
+        and jnp.dtype(z.dtype).itemsize >= 4
+        and not _explicitly_sharded(z)
+    )
     if static.integer_labels:
         w_y = jnp.ones((), acc) if cw is None else cw[yc]
         # An out-of-range label poisons its example's gradient as it does its loss.
@@ -542,7 +553,6 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
     are then overwritten (scatter-set) with the full bracket."""
     spec = static.spec
     kind, ov, t = spec.objective, params.objective, r.terms
-    num_classes = zc.shape[-1]
     if spec.maps:
         z_y = _take_label(zc, yc)[..., 0]
         x_y, pull_y = jax.vjp(
@@ -576,7 +586,7 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
         dmaps = tuple(a + b for a, b in zip(dmaps, dmaps_y, strict=True))
     else:
         dz_y = g_y
-    flat = dz.reshape(-1, num_classes)
+    flat = dz.reshape(-1, zc.shape[-1])
     flat = flat.at[jnp.arange(flat.shape[0]), yc.reshape(-1)].set(
         dz_y.reshape(-1).astype(dz.dtype)
     )

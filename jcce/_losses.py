@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +55,31 @@ def _kernel_call(
     if alpha is not None:
         alpha = jnp.broadcast_to(jnp.asarray(alpha, acc), z.shape[-1:])
         cw = alpha if cw is None else cw.astype(acc) * alpha
+    vary = partial(_vary_like, jax.typeof(z))
     return fused_cross_entropy(
         Static(spec, integer_labels),
         z,
         target,
-        None if s is None else s.astype(acc),
-        None if cw is None else cw.astype(acc),
-        _params(params, acc),
+        None if s is None else vary(s.astype(acc)),
+        None if cw is None else vary(cw.astype(acc)),
+        jax.tree.map(vary, _params(params, acc)),
     )
+
+
+def _vary_like(logits_type, x):
+    """``x`` marked as varying over the mesh axes the logits vary over (inside
+    ``jax.shard_map``), so the kernel's per-shard cotangent of a replicated class weight
+    or hyper-parameter has its type; JAX sums it over the shards (psum) on the way out."""
+    missing = tuple(sorted(_varying(logits_type) - _varying(jax.typeof(x))))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _varying(aval) -> set:
+    """The mesh axes an abstract value varies over inside ``shard_map`` (else empty)."""
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if manual is not None:
+        return set(manual.varying)
+    return set(getattr(aval, "vma", ()))
 
 
 def _reduce(out, s, cw, target, integer_labels, reduction):
