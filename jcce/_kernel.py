@@ -81,7 +81,7 @@ def _pin(x):
     return lax.optimization_barrier(x)
 
 
-def _row_reduce(reduce, x, nb, elementwise=None, row=None, layout=None):
+def _row_reduce(reduce, x, nb, elementwise=None, row=None, layout=None, col=None):
     """``reduce(elementwise(x, row), axis=-1)`` with the class axis split into ``nb``
     chunks, then the chunks reduced again; ``row`` is a per-example operand broadcast
     along the classes (and along the chunks).
@@ -90,15 +90,20 @@ def _row_reduce(reduce, x, nb, elementwise=None, row=None, layout=None):
     (twice as many if ``nb == 1``, when ``K`` allows) and :func:`_pin`-ned before
     ``elementwise``: reductions with different layouts have different shapes, so they
     share no ``[..., K]``-sized subexpression (XLA would CSE it and materialize it),
-    with each other or with the backward's ``[*batch, K]`` ops."""
+    with each other or with the backward's ``[*batch, K]`` ops. ``col`` (``[K]``, with
+    ``layout``) multiplies the elementwise result per class."""
     lead = x.shape[:-1]
     if layout is not None:
         n = nb * 2 ** (layout + (nb == 1))
         nb = n if x.shape[-1] % n == 0 else nb
-        v = _pin(x.reshape(-1, x.shape[-1] // nb))
+        width = x.shape[-1] // nb
+        v = _pin(x.reshape(-1, width))
         if elementwise is not None:
             r = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
             v = elementwise(v, r)
+        if col is not None:
+            cols = jnp.broadcast_to(col.reshape(nb, width), lead + (nb, width))
+            v = v * cols.reshape(-1, width)
         return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
     if nb == 1:
         v = x if elementwise is None else elementwise(x, row[..., None])
@@ -351,20 +356,17 @@ def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
         # class (a NaN logit makes the example NaN whatever S is).
         ks = jnp.full(m.shape, k, acc)
         ws = ks if cw is None else jnp.broadcast_to(jnp.sum(cw), m.shape)
-        if cw is None:
-            wd = _row_reduce(jnp.sum, zc, nb, lambda v, mr: mapped(v) - mr, m, layout=1)
-        else:
-            wd = jnp.sum(_as_row(cw, zc.ndim) * (mapped(_pin(zc)) - m[..., None]), -1)
+        wd = _row_reduce(
+            jnp.sum, zc, nb, lambda v, mr: mapped(v) - mr, m, layout=1, col=cw
+        )
         return ks, ws, wd
+    ks = _row_reduce(jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=1)
+    wd = _row_reduce(jnp.sum, zc, nb, masked_d, m, layout=2, col=cw)
     if cw is None:
-        ks = _row_reduce(jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=1)
-        wd = _row_reduce(jnp.sum, zc, nb, masked_d, m, layout=2)
         return ks, ks, wd
-    cw_row = _as_row(cw, zc.ndim)
-    support = _support(mapped(_pin(zc)))
-    ks = jnp.sum(support, axis=-1)
-    ws = jnp.sum(cw_row * support, axis=-1)
-    wd = jnp.sum(cw_row * masked_d(_pin(zc), m[..., None]), axis=-1)
+    ws = _row_reduce(
+        jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=3, col=cw
+    )
     return ks, ws, wd
 
 

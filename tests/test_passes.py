@@ -1,0 +1,140 @@
+"""How often the compiled loss-and-gradient reads ``[N, K]`` data, and its scratch memory.
+
+"A chain configures the kernel; it never adds a pass over the logits" is checked on the
+optimized HLO of ``jax.jit(jax.value_and_grad(loss))``: a *read* is an instruction of
+the entry computation (a fusion, a scatter, ...) with an ``[N, K]`` operand, the logits
+or any ``[N, K]`` value computed from them, so materializing an intermediate (written
+once, then read) counts against the chain. The plain loss reads ``[N, K]`` data five
+times on XLA:CPU: the max, the sum of exponentials, the label gather, the gradient and
+the scatter of the label entries. ``temp`` is XLA's compiled scratch memory; no
+configuration may need an ``[N, K]`` buffer there.
+
+Label smoothing is the documented exception: its uniform term needs the support size and
+the sum of the logits over the support, each one cheap reduction on XLA:CPU (whose
+reductions take one operand and cannot share a pass), so it adds at most one read per
+sum. Focal with label smoothing needs ``p_k`` of every class after the log-sum-exp and
+is measured, not bounded, here (see the README).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jcce
+
+N, K = 64, 4096
+ONE_BUFFER = N * K * 4  # bytes of one float32 [N, K] array
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?(%\S+) = (\S+) ([\w-]+)\((.*?)\)")
+_BIG = re.compile(rf"\[{N},{K}\]")
+
+
+def reads_and_temp(loss, dtype=jnp.float32, probability_targets=False):
+    z = jax.ShapeDtypeStruct((N, K), dtype)
+    if probability_targets:
+        y = jax.ShapeDtypeStruct((N, K), jnp.float32)
+    else:
+        y = jax.ShapeDtypeStruct((N,), jnp.int32)
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(z, y).compile()
+    text = compiled.as_text()
+    big, reads = set(), 0
+    for line in text[text.index("ENTRY") :].splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, op, operands = match.groups()
+        if _BIG.search(shape) and op not in ("tuple", "bitcast"):
+            big.add(name)
+        if op in ("parameter", "tuple", "bitcast"):
+            continue
+        if any(o.strip().split(" ")[-1] in big for o in operands.split(",")):
+            reads += 1
+    return reads, compiled.memory_analysis().temp_size_in_bytes
+
+
+CW = jnp.linspace(0.5, 1.5, K)
+PLAIN_READS = 5
+
+NO_EXTRA_READ = {
+    "temperature": jcce.temperature(2.0),
+    "softcap": jcce.softcap(30.0),
+    "z_loss": jcce.z_loss(1e-4),
+    "log_base": jcce.log_base(2.0),
+    "class_weights": jcce.class_weights(CW),
+    "focal": jcce.focal(2.0, 0.25),
+    "poly": jcce.poly(2.0),
+    "generalized": jcce.generalized(0.7),
+    "symmetric": jcce.symmetric(),
+    "every transform but label smoothing": jcce.chain(
+        jcce.softcap(30.0),
+        jcce.temperature(2.0),
+        jcce.z_loss(1e-4),
+        jcce.log_base(2.0),
+        jcce.class_weights(CW),
+        jcce.focal(2.0),
+    ),
+}
+
+# label smoothing's sums: support size, sum over the support (and sum of the class
+# weights over it); the soft-cap makes the support static (every class).
+SMOOTHING = {
+    "label_smoothing": (jcce.label_smoothing(0.1), 2),
+    "with softcap": (jcce.chain(jcce.softcap(30.0), jcce.label_smoothing(0.1)), 1),
+    "with class weights": (
+        jcce.chain(jcce.label_smoothing(0.1), jcce.class_weights(CW)),
+        3,
+    ),
+    "every transform but an objective": (
+        jcce.chain(
+            jcce.softcap(30.0),
+            jcce.temperature(2.0),
+            jcce.label_smoothing(0.1),
+            jcce.z_loss(1e-4),
+            jcce.log_base(2.0),
+            jcce.class_weights(CW),
+        ),
+        1,
+    ),
+}
+
+
+def test_plain_loss_reads_the_logits_five_times_with_no_scratch():
+    reads, temp = reads_and_temp(jcce.cross_entropy)
+    assert reads == PLAIN_READS
+    assert temp < ONE_BUFFER // 100
+
+
+@pytest.mark.parametrize("name", list(NO_EXTRA_READ))
+def test_transforms_add_no_read_and_no_scratch(name):
+    reads, temp = reads_and_temp(NO_EXTRA_READ[name])
+    assert reads <= PLAIN_READS
+    assert temp < ONE_BUFFER // 100
+
+
+@pytest.mark.parametrize("name", list(SMOOTHING))
+def test_label_smoothing_adds_only_its_sums(name):
+    loss, extra = SMOOTHING[name]
+    reads, temp = reads_and_temp(loss)
+    assert reads <= PLAIN_READS + extra
+    assert temp < ONE_BUFFER // 100
+
+
+def test_bfloat16_chain_keeps_no_float32_copy():
+    chain = jcce.chain(jcce.softcap(30.0), jcce.temperature(2.0), jcce.z_loss(1e-4))
+    reads, temp = reads_and_temp(chain, jnp.bfloat16)
+    assert reads <= PLAIN_READS
+    assert temp < ONE_BUFFER // 100
+
+
+def test_the_counter_sees_a_materialized_intermediate():
+    """The measure is not vacuous: an unfused log-softmax pays for its [N, K] copy."""
+
+    def unfused(z, y):
+        logp = jax.nn.log_softmax(z)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+    reads, temp = reads_and_temp(unfused)
+    assert reads > PLAIN_READS or temp >= ONE_BUFFER
