@@ -253,6 +253,21 @@ def _terms(
         if linear:
             ks, ws, wd = _smoothing_sums(static.spec, zc, m, cw, map_values)
             b, wq_b = scaled((log_se * ws - wd) / ks), scaled(ws / ks)
+        elif kind in ("poly", "generalized"):
+            # Separable too: sum_S w p^a = sum_k w exp(a d_k) / se^a needs only m.
+            ks, ws, wd = _smoothing_sums(static.spec, zc, m, cw, map_values)
+            power = 1 if kind == "poly" else ov[0]
+            if kind == "poly" and cw is None:
+                wpa = jnp.ones((), acc)  # the probabilities sum to 1
+            else:
+                wpa = _exp_sum(static.spec, zc, m, cw, map_values, power)
+                wpa = wpa * jnp.exp(-power * log_se)
+            if kind == "poly":
+                f_sum = log_se * ws - wd + ov[0] * (ws - wpa)
+                df_sum = ws + ov[0] * wpa
+            else:
+                f_sum, df_sum = (ws - wpa) / power, wpa
+            b, wq_b = f_sum / ks, df_sum / ks
         else:
             ks = jnp.sum(support.astype(acc), axis=-1)
             f, df = phi(jnp.where(support, l_k, 0))
@@ -368,6 +383,19 @@ def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
         jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=3, col=cw
     )
     return ks, ws, wd
+
+
+def _exp_sum(spec: Spec, zc, m, cw, map_values, power):
+    """``sum_k w_k exp(power d_k)`` (one reduction over the raw logits, own layout)."""
+    return _row_reduce(
+        jnp.sum,
+        zc,
+        _n_chunks(zc.shape[-1]),
+        lambda v, mr: jnp.exp(power * (_apply_maps(spec, v, map_values) - mr)),
+        m,
+        layout=4,
+        col=cw,
+    )
 
 
 def _forward(static: Static, z, target, s, cw, params: Params):

@@ -12,8 +12,8 @@ configuration may need an ``[N, K]`` buffer there.
 Label smoothing is the documented exception: its uniform term needs the support size and
 the sum of the logits over the support, each one cheap reduction on XLA:CPU (whose
 reductions take one operand and cannot share a pass), so it adds at most one read per
-sum. Focal with label smoothing needs ``p_k`` of every class after the log-sum-exp and
-is measured, not bounded, here (see the README).
+sum (generalized adds a sum of ``p_k^q``). Focal with label smoothing needs ``p_k`` of
+every class after the log-sum-exp and is measured, not bounded, here (see the README).
 """
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ SMOOTHING = {
     "with softcap": (jcce.chain(jcce.softcap(30.0), jcce.label_smoothing(0.1)), 1),
     "with class weights": (
         jcce.chain(jcce.label_smoothing(0.1), jcce.class_weights(CW)),
+        3,
+    ),
+    "with poly": (jcce.chain(jcce.poly(2.0), jcce.label_smoothing(0.1)), 2),
+    # ... and one sum of p_k^q
+    "with generalized": (
+        jcce.chain(jcce.generalized(0.7), jcce.label_smoothing(0.1)),
         3,
     ),
     "every transform but an objective": (
