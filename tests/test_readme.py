@@ -1,6 +1,6 @@
 """The README's set-up commands are the contract with users; CI must run the same line.
 
-The README's Python examples run as doctests (``--doctest-glob=README.md``).
+The README's and the docs' Python examples run as doctests (``--doctest-glob=*.md``).
 """
 
 import pathlib
