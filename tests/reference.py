@@ -62,13 +62,18 @@ def numpy_cross_entropy(
         if base is not None:
             loss = loss / np.log(base)
         out[idx] = loss
+    return _reduce_np(out, weights, omega if integer else 1.0, reduction)
+
+
+def _reduce_np(out, weights, omega, reduction):
+    """Weights (0 masks), then SEMANTICS section 2's reductions, in float64."""
     s = np.ones(out.shape) if weights is None else np.asarray(weights, np.float64)
     weighted = np.where(s != 0, s * out, 0.0)
     if reduction == "none":
         return weighted
     if reduction == "sum":
         return weighted.sum()
-    denom = (s * (omega if integer else 1.0)).sum()
+    denom = (s * omega).sum()
     return weighted.sum() / denom if denom != 0 else 0.0
 
 
@@ -195,14 +200,7 @@ def numpy_objective(
         if base is not None:
             loss = loss / np.log(base)
         out[idx] = loss
-    s = np.ones(out.shape) if weights is None else np.asarray(weights, np.float64)
-    weighted = np.where(s != 0, s * out, 0.0)
-    if reduction == "none":
-        return weighted
-    if reduction == "sum":
-        return weighted.sum()
-    denom = (s * (omega if integer else 1.0)).sum()
-    return weighted.sum() / denom if denom != 0 else 0.0
+    return _reduce_np(out, weights, omega if integer else 1.0, reduction)
 
 
 def naive_jax_objective(
