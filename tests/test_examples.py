@@ -51,7 +51,7 @@ def test_digits_example_runs_one_epoch_on_fake_mnist(tmp_path, examples_on_path)
     import digits_data
 
     digits_data.write_fake_mnist(tmp_path, num_train=300, num_test=60)
-    status = digits.main(
+    result = digits.main(
         [
             "--data-dir",
             str(tmp_path),
@@ -62,4 +62,7 @@ def test_digits_example_runs_one_epoch_on_fake_mnist(tmp_path, examples_on_path)
             "0.5",
         ]
     )
-    assert status in (None, 0)
+    # The fake images encode the class in a square's position: a parser that misaligns
+    # images and labels stays near chance (0.1).
+    assert result["test_accuracy"] >= 0.9
+    assert np.isfinite(result["temperature"]) and result["temperature"] > 0
