@@ -249,7 +249,6 @@ def _terms(
     b = wq_b = ks = None
     support = d > -jnp.inf
     if eps is not None:
-        w = jnp.ones((), acc) if cw_row is None else cw_row
         if linear:
             ks, ws, wd = _smoothing_sums(static.spec, zc, m, cw, map_values)
             b, wq_b = scaled((log_se * ws - wd) / ks), scaled(ws / ks)
@@ -268,11 +267,11 @@ def _terms(
             else:
                 f_sum, df_sum = (ws - wpa) / power, wpa
             b, wq_b = f_sum / ks, df_sum / ks
-        else:
-            ks = jnp.sum(support.astype(acc), axis=-1)
-            f, df = phi(jnp.where(support, l_k, 0))
-            b = jnp.sum(jnp.where(support, w * f, 0), axis=-1) / ks
-            wq_b = jnp.sum(jnp.where(support, w * df, 0), axis=-1) / ks
+        else:  # focal
+            ks, f_sum, df_sum = _focal_smoothing_sums(
+                static.spec, zc, m + log_se, cw, map_values, ov[0]
+            )
+            b, wq_b = f_sum / ks, df_sum / ks
 
     r = r_coef = None
     if kind == "symmetric":
@@ -359,12 +358,8 @@ def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
     def mapped(v):
         return _apply_maps(spec, v, map_values)
 
-    def masked_d(v, mr):
-        # d on S and exactly 0 off it: with c = max(d, -F), -inf -> -F + 1 F and a
-        # finite d -> d + 0 F.
-        big = jnp.finfo(acc).max
-        c = jnp.maximum(mapped(v) - mr, -big)
-        return c + jnp.minimum(c - (mapped(v) - mr), 1) * big
+    def masked_d(v, mr):  # d on S and exactly 0 off it
+        return _zero_neg_inf(mapped(v) - mr)
 
     if "softcap" in spec.maps:
         # The soft-cap maps every logit, -inf included, to a finite value: S is every
@@ -383,6 +378,56 @@ def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
         jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=3, col=cw
     )
     return ks, ws, wd
+
+
+def _zero_neg_inf(u):
+    """``u`` with ``-inf`` replaced by exactly 0, by arithmetic (no compare or select):
+    with ``c = max(u, -F)``, ``-inf -> -F + 1 F`` and a finite ``u -> u + 0 F``."""
+    big = jnp.finfo(u.dtype).max
+    c = jnp.maximum(u, -big)
+    return c + jnp.minimum(c - u, 1) * big
+
+
+def _focal_arith(l_, gamma):
+    """Focal's ``phi(l)`` and ``phi'(l)`` for ``l >= 0`` by arithmetic only (fusible
+    into XLA:CPU reductions): ``(1 - p)^gamma = exp(gamma log max(1 - p, tiny))`` keeps
+    every derivative finite at ``p = 1``, where ``phi`` and (for ``gamma > 0``) ``phi'``
+    vanish to within ``tiny^gamma``."""
+    omp = jnp.maximum(-jnp.expm1(-l_), jnp.asarray(1e-30, l_.dtype))
+    mod = jnp.exp(gamma * jnp.log(omp))
+    return mod * l_, mod * (1 + gamma * jnp.exp(-l_) * (l_ / omp))
+
+
+def _focal_smoothing_sums(spec: Spec, zc, lse, cw, map_values, gamma):
+    """``K_S``, ``sum_S w_k phi(l_k)`` and ``sum_S w_k phi'(l_k)`` for focal's ``phi``,
+    each one reduction over the raw logits in its own layout (no temp).
+
+    Written without compare or select so XLA:CPU fuses them: off the support the
+    surprisal is set to 0 (where ``phi(0) = 0``), and ``(1 - p)^gamma`` is
+    ``exp(gamma log max(1 - p, tiny))``, whose derivatives stay finite at ``p = 1``."""
+    acc = lse.dtype
+    k = zc.shape[-1]
+    nb = _n_chunks(k)
+
+    def mapped(v):
+        return _apply_maps(spec, v, map_values)
+
+    def f(v, lse_row):
+        return _focal_arith(-_zero_neg_inf(mapped(v) - lse_row), gamma)[0]
+
+    def df(v, lse_row):
+        on = 1.0 if "softcap" in spec.maps else _support(mapped(v))
+        return on * _focal_arith(-_zero_neg_inf(mapped(v) - lse_row), gamma)[1]
+
+    if "softcap" in spec.maps:  # every class is on the support
+        ks = jnp.full(lse.shape, k, acc)
+    else:
+        ks = _row_reduce(
+            jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), lse, layout=1
+        )
+    f_sum = _row_reduce(jnp.sum, zc, nb, f, lse, layout=2, col=cw)
+    df_sum = _row_reduce(jnp.sum, zc, nb, df, lse, layout=3, col=cw)
+    return ks, f_sum, df_sum
 
 
 def _exp_sum(spec: Spec, zc, m, cw, map_values, power):
@@ -552,7 +597,11 @@ def _bwd(static, saved, ct):
         if linear:
             target_b = jnp.where(support, w if scale is None else scale * w, 0)
         else:
-            target_b = jnp.where(support, w * phi(jnp.where(support, l_k, 0))[1], 0)
+            l_s = jnp.where(support, l_k, 0)
+            if kind == "focal":  # as the forward sums it (one fusion with the maps)
+                target_b = jnp.where(support, w * _focal_arith(l_s, ov[0])[1], 0)
+            else:
+                target_b = jnp.where(support, w * phi(l_s)[1], 0)
         parts.append((eps, _col(t.wq_b), target_b / _col(t.ks)))
     if kind == "symmetric":
         if static.integer_labels:

@@ -12,8 +12,8 @@ configuration may need an ``[N, K]`` buffer there.
 Label smoothing is the documented exception: its uniform term needs the support size and
 the sum of the logits over the support, each one cheap reduction on XLA:CPU (whose
 reductions take one operand and cannot share a pass), so it adds at most one read per
-sum (generalized adds a sum of ``p_k^q``). Focal with label smoothing needs ``p_k`` of
-every class after the log-sum-exp and is measured, not bounded, here (see the README).
+sum (generalized adds a sum of ``p_k^q``, focal two sums of ``(1 - p_k)^gamma`` terms,
+which need the log-sum-exp first).
 """
 
 from __future__ import annotations
@@ -92,6 +92,20 @@ SMOOTHING = {
     "with generalized": (
         jcce.chain(jcce.generalized(0.7), jcce.label_smoothing(0.1)),
         3,
+    ),
+    # ... and focal's two sums of (1 - p_k)^gamma terms
+    "with focal": (jcce.chain(jcce.focal(0.5), jcce.label_smoothing(0.1)), 4),
+    "every transform": (
+        jcce.chain(
+            jcce.softcap(30.0),
+            jcce.temperature(2.0),
+            jcce.label_smoothing(0.1),
+            jcce.z_loss(1e-4),
+            jcce.log_base(2.0),
+            jcce.focal(2.0),
+            jcce.class_weights(CW),
+        ),
+        2,
     ),
     "every transform but an objective": (
         jcce.chain(
