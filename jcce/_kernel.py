@@ -50,8 +50,45 @@ def acc_dtype(dtype) -> jnp.dtype:
 def _apply_maps(spec: Spec, z, map_values):
     x = z.astype(acc_dtype(z.dtype))
     for kind, v in zip(spec.maps, map_values, strict=True):
-        x = v * jnp.tanh(x / v) if kind == "softcap" else x / v
+        x = _softcap(x, v) if kind == "softcap" else _temperature(x, v)
     return x
+
+
+# The maps' derivatives are written out so that an infinite logit (a -inf mask) has the
+# derivative of its limit, 0 in the hyper-parameter, where autodiff of the formula gives
+# 0 * inf = NaN (and that NaN reaches every second derivative).
+
+
+@jax.custom_jvp
+def _temperature(x, t):
+    return x / t
+
+
+@_temperature.defjvp
+def _temperature_jvp(primals, tangents):
+    (x, t), (dx, dt) = primals, tangents
+    finite = jnp.isfinite(x)
+    safe = jnp.where(finite, x, 0)  # so no inf reaches the next derivative either
+    d_t = jnp.where(finite, -_temperature(safe, t) / t, 0)
+    return _temperature(x, t), dx / t + d_t * dt
+
+
+@jax.custom_jvp
+def _softcap(x, c):
+    return c * jnp.tanh(x / c)
+
+
+@_softcap.defjvp
+def _softcap_jvp(primals, tangents):
+    (x, c), (dx, dc) = primals, tangents
+    # At x = +-inf the soft-cap is the constant +-c: slope 0, d/dc = +-1. Everything is
+    # computed from a finite stand-in so no inf reaches a higher derivative either.
+    finite = jnp.isfinite(x)
+    u = jnp.where(finite, x, 0) / c
+    th = jnp.tanh(u)
+    slope = jnp.where(finite, 1 - th * th, 0)
+    d_c = jnp.where(finite, th - u * (1 - th * th), jnp.sign(x))
+    return _softcap(x, c), slope * dx + d_c * dc
 
 
 def _as_row(cw, ndim):
@@ -380,12 +417,22 @@ def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
     return ks, ws, wd
 
 
+@jax.custom_jvp
 def _zero_neg_inf(u):
     """``u`` with ``-inf`` replaced by exactly 0, by arithmetic (no compare or select):
-    with ``c = max(u, -F)``, ``-inf -> -F + 1 F`` and a finite ``u -> u + 0 F``."""
+    with ``c = max(u, -F)``, ``-inf -> -F + 1 F`` and a finite ``u -> u + 0 F``.
+
+    Its derivative is given directly: autodiff of the formula would add and subtract
+    ``F`` times the tangent and lose it to rounding."""
     big = jnp.finfo(u.dtype).max
     c = jnp.maximum(u, -big)
     return c + jnp.minimum(c - u, 1) * big
+
+
+@_zero_neg_inf.defjvp
+def _zero_neg_inf_jvp(primals, tangents):
+    (u,), (du,) = primals, tangents
+    return _zero_neg_inf(u), jnp.where(u > -jnp.inf, du, jnp.zeros((), du.dtype))
 
 
 def _focal_arith(l_, gamma):

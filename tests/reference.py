@@ -104,7 +104,12 @@ def naive_jax_cross_entropy(
     loss = loss + z_loss * jax.nn.logsumexp(x, axis=-1) ** 2
     if base is not None:
         loss = loss / jnp.log(base)
-    s = jnp.ones(loss.shape, x.dtype) if weights is None else weights
+    return _reduce_jax(loss, weights, class_weights, labels, integer, reduction)
+
+
+def _reduce_jax(loss, weights, class_weights, labels, integer, reduction):
+    """The naive formulas' weights and reductions (SEMANTICS section 2), in JAX."""
+    s = jnp.ones(loss.shape, loss.dtype) if weights is None else weights
     if reduction == "none":
         return s * loss
     if reduction == "sum":
@@ -255,14 +260,4 @@ def naive_jax_objective(
     loss = loss + z_loss * jax.nn.logsumexp(x, axis=-1) ** 2
     if base is not None:
         loss = loss / jnp.log(base)
-    s = jnp.ones(loss.shape, x.dtype) if weights is None else weights
-    if reduction == "none":
-        return s * loss
-    if reduction == "sum":
-        return jnp.sum(s * loss)
-    omega = (
-        class_weights[labels]
-        if (integer and class_weights is not None)
-        else jnp.ones_like(loss)
-    )
-    return jnp.sum(s * loss) / jnp.sum(s * omega)
+    return _reduce_jax(loss, weights, class_weights, labels, integer, reduction)

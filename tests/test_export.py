@@ -24,6 +24,12 @@ def _value_and_grads(z, y, t, cw, s):
             CHAIN(z, y, class_weights=cw, weights=s)
             + jcce.cross_entropy(z, t, reduction="sum")
             + jcce.softmax_cross_entropy_with_integer_labels(z, y).sum()
+            # the loss family: per-class objectives, their smoothing sums, entropy
+            + jcce.chain(jcce.focal(0.5), jcce.label_smoothing(0.1))(z, y)
+            + jcce.generalized_cross_entropy(z, t)
+            + jcce.symmetric_cross_entropy(z, y)
+            + jcce.poly_loss_cross_entropy(z, t).sum()
+            + jcce.entropy(z)
         )
 
     return jax.value_and_grad(total, argnums=(0, 1))(z, t)

@@ -142,3 +142,80 @@ def test_gradient_with_respect_to_temperature_is_exact():
         np.testing.assert_allclose(
             jax.grad(jax.grad(f))(t), jax.grad(jax.grad(naive))(t), rtol=1e-10
         )
+
+
+@pytest.mark.parametrize("map_kind", ["temperature", "softcap"])
+@pytest.mark.parametrize("masked_class", [False, True])
+@pytest.mark.parametrize("class_weights", [False, True])
+def test_mixed_second_derivatives_through_the_smoothing_sums(
+    masked_class, class_weights, map_kind
+):
+    """d/d(hyper-parameter) of <grad_z loss, v> for label smoothing with a logit map:
+    the support sums are written in arithmetic for XLA:CPU and must still differentiate
+    exactly, and a -inf logit's map derivative is its limit (not 0 * inf = NaN)."""
+    from tests.reference import naive_jax_cross_entropy
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        z = jnp.asarray(3 * rng.standard_normal((4, 5)))
+        if masked_class:
+            z = z.at[:, 4].set(-jnp.inf)
+        y = jnp.array([0, 3, 2, 1])
+        cw = jnp.asarray(rng.uniform(0.5, 2, 5)) if class_weights else None
+        v = jnp.asarray(rng.standard_normal((4, 5)))
+
+        def ours(z, eps, temp):
+            logit_map = getattr(jcce, map_kind)(temp)
+            chain = jcce.chain(logit_map, jcce.label_smoothing(eps))
+            return chain(z, y, class_weights=cw, reduction="sum")
+
+        def naive(z, eps, temp):
+            return naive_jax_cross_entropy(
+                z,
+                y,
+                maps=((map_kind, temp),),
+                eps=eps,
+                class_weights=cw,
+                reduction="sum",
+            )
+
+        def mixed(loss):
+            def inner(eps, temp):
+                g = jax.grad(loss)(z, eps, temp)
+                return jnp.vdot(jnp.where(jnp.isfinite(z), g, 0), v)
+
+            return jax.grad(inner, argnums=(0, 1))(0.2, 1.5)
+
+        if masked_class and map_kind == "softcap":
+            # The soft-cap maps -inf to -cap, inside the support: the naive formula
+            # takes a logit so negative that tanh is exactly -1 (autodiff of the
+            # formula itself is NaN at -inf).
+            z_naive = jnp.where(jnp.isfinite(z), z, -1e4)
+
+            def naive(z_, eps, temp):
+                return naive_jax_cross_entropy(
+                    jnp.where(jnp.isfinite(z_), z_, z_naive),
+                    y,
+                    maps=((map_kind, temp),),
+                    eps=eps,
+                    class_weights=cw,
+                    reduction="sum",
+                )
+
+        elif masked_class:  # the naive formula cannot take -inf: drop the class
+            zs, vs = z[:, :4], v[:, :4]
+            cws = None if cw is None else cw[:4]
+
+            def naive(z_, eps, temp, cws=cws):
+                return naive_jax_cross_entropy(
+                    z_[:, :4],
+                    y,
+                    maps=((map_kind, temp),),
+                    eps=eps,
+                    class_weights=cws,
+                    reduction="sum",
+                )
+
+            del zs, vs
+        got, want = mixed(ours), mixed(naive)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
