@@ -385,12 +385,28 @@ def _support(x):
     return 0.5 * jnp.sign(jnp.maximum(x * 0.5, -big) + 0.75 * big) + 0.5
 
 
+def _support_size(spec: Spec, zc, row, map_values):
+    """``K_S``, the number of classes whose mapped logit is finite (layout 1; ``row``
+    is any per-example array of the accumulation dtype, for its shape)."""
+    k = zc.shape[-1]
+    if "softcap" in spec.maps:
+        # The soft-cap maps every logit, -inf included, to a finite value: S is every
+        # class (a NaN logit makes the example NaN whatever S is).
+        return jnp.full(row.shape, k, row.dtype)
+    return _row_reduce(
+        jnp.sum,
+        zc,
+        _n_chunks(k),
+        lambda v, _: _support(_apply_maps(spec, v, map_values)),
+        row,
+        layout=1,
+    )
+
+
 def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
     """``K_S``, ``sum_S w_k`` and ``sum_S w_k d_k`` over the support ``S`` of the mapped
     logits, each one reduction over the raw logits in its own layout (no temp)."""
-    acc = m.dtype
-    k = zc.shape[-1]
-    nb = _n_chunks(k)
+    nb = _n_chunks(zc.shape[-1])
 
     def mapped(v):
         return _apply_maps(spec, v, map_values)
@@ -398,16 +414,13 @@ def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
     def masked_d(v, mr):  # d on S and exactly 0 off it
         return _zero_neg_inf(mapped(v) - mr)
 
+    ks = _support_size(spec, zc, m, map_values)
     if "softcap" in spec.maps:
-        # The soft-cap maps every logit, -inf included, to a finite value: S is every
-        # class (a NaN logit makes the example NaN whatever S is).
-        ks = jnp.full(m.shape, k, acc)
         ws = ks if cw is None else jnp.broadcast_to(jnp.sum(cw), m.shape)
         wd = _row_reduce(
             jnp.sum, zc, nb, lambda v, mr: mapped(v) - mr, m, layout=1, col=cw
         )
         return ks, ws, wd
-    ks = _row_reduce(jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=1)
     wd = _row_reduce(jnp.sum, zc, nb, masked_d, m, layout=2, col=cw)
     if cw is None:
         return ks, ks, wd
@@ -452,9 +465,7 @@ def _focal_smoothing_sums(spec: Spec, zc, lse, cw, map_values, gamma):
     Written without compare or select so XLA:CPU fuses them: off the support the
     surprisal is set to 0 (where ``phi(0) = 0``), and ``(1 - p)^gamma`` is
     ``exp(gamma log max(1 - p, tiny))``, whose derivatives stay finite at ``p = 1``."""
-    acc = lse.dtype
-    k = zc.shape[-1]
-    nb = _n_chunks(k)
+    nb = _n_chunks(zc.shape[-1])
 
     def mapped(v):
         return _apply_maps(spec, v, map_values)
@@ -466,12 +477,7 @@ def _focal_smoothing_sums(spec: Spec, zc, lse, cw, map_values, gamma):
         on = 1.0 if "softcap" in spec.maps else _support(mapped(v))
         return on * _focal_arith(-_zero_neg_inf(mapped(v) - lse_row), gamma)[1]
 
-    if "softcap" in spec.maps:  # every class is on the support
-        ks = jnp.full(lse.shape, k, acc)
-    else:
-        ks = _row_reduce(
-            jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), lse, layout=1
-        )
+    ks = _support_size(spec, zc, lse, map_values)
     f_sum = _row_reduce(jnp.sum, zc, nb, f, lse, layout=2, col=cw)
     df_sum = _row_reduce(jnp.sum, zc, nb, df, lse, layout=3, col=cw)
     return ks, f_sum, df_sum

@@ -99,6 +99,17 @@ def _reduce(out, s, cw, target, integer_labels, reduction):
     return total / jnp.where(denom == 0, jnp.ones((), out.dtype), denom)
 
 
+def _example_scale(fn, weights, where, batch_shape, acc):
+    """Per-example weights ``s`` (``weights`` times the ``where`` mask), or None."""
+    s = None
+    if weights is not None:
+        s = v.example_weights(fn, weights, batch_shape).astype(acc)
+    if where is not None:
+        live = v.mask(fn, "where", where, batch_shape)
+        s = live.astype(acc) if s is None else jnp.where(live, s, 0)
+    return s
+
+
 def _native(
     fn: str,
     chain: Chain,
@@ -125,12 +136,7 @@ def _native(
     target = labels if integer_labels else _class_last(labels, axes)
 
     acc = acc_dtype(logits.dtype)
-    s = None
-    if weights is not None:
-        s = v.example_weights(fn, weights, batch_shape).astype(acc)
-    if where is not None:
-        live = v.mask(fn, "where", where, batch_shape)
-        s = live.astype(acc) if s is None else jnp.where(live, s, 0)
+    s = _example_scale(fn, weights, where, batch_shape, acc)
     if ignore_index is not None:
         kept = labels != ignore_index
         s = kept.astype(acc) if s is None else jnp.where(kept, s, 0)
@@ -640,12 +646,7 @@ def _entropy(logits, *, axis, where, weights, reduction):
     reduction = v.reduction(fn, reduction)
     batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
     acc = acc_dtype(logits.dtype)
-    s = None
-    if weights is not None:
-        s = v.example_weights(fn, weights, batch_shape).astype(acc)
-    if where is not None:
-        live = v.mask(fn, "where", where, batch_shape)
-        s = live.astype(acc) if s is None else jnp.where(live, s, 0)
+    s = _example_scale(fn, weights, where, batch_shape, acc)
     out = fused_entropy(_class_last(logits, axes), s)
     return _reduce(out, s, None, None, False, reduction)
 
