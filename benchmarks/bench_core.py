@@ -21,6 +21,13 @@ A last table compares each transform alone, the chain of issue 3
 every transform with plain ``jcce.cross_entropy`` at (4096, 32768) float32 (ratio
 chain/plain; ``--chains-only`` prints just this table).
 
+A final table prices the per-logit work each kind of transform must add, whatever the
+implementation: one fused, chunked reduction pass over the logits that evaluates only
+that work (``tanh`` for the soft-cap; ``(1 - p)^gamma`` and ``log p`` for focal with
+label smoothing, whose uniform term needs ``phi(l_k)`` of every class; a plain read for
+label smoothing's ``sum_k x_k``), as a ratio to plain ``value_and_grad``. ``1 + floor`` is
+a lower bound on chain/plain for any chain containing that transform on this machine.
+
 Run it from the repository root (takes a few minutes on 2 CPU cores):
 
     python benchmarks/bench_core.py            # full shapes
@@ -213,6 +220,40 @@ def bench_chain(shape, dtype, repeats, warmup):
     return rows
 
 
+def _pass(elementwise):
+    """One fused reduction pass over the logits evaluating ``elementwise`` per logit
+    (chunked and pinned as the kernel's own passes are, so it runs at their speed)."""
+
+    def f(logits, labels):
+        del labels
+        v = jax.lax.optimization_barrier(logits.reshape(-1, 8192))
+        return jnp.sum(elementwise(v), axis=-1)
+
+    return jax.jit(f)
+
+
+FLOORS = {
+    "read (label smoothing's sum_k x_k)": lambda v: v,
+    "tanh (softcap)": lambda v: jnp.tanh(v / 30.0),
+    "(1-p)^gamma, log p (focal + smoothing)": lambda v: jnp.exp(
+        2.0 * jnp.log(-jnp.expm1(-jnp.abs(v)))
+    )
+    * jnp.abs(v),
+}
+
+
+def bench_floor(shape, dtype, repeats, warmup):
+    args = make_inputs(shape, dtype)
+    fns = {"plain": value_and_grad(chain_fns(shape[-1])["plain"])}
+    fns.update({name: _pass(e) for name, e in FLOORS.items()})
+    times = time_interleaved(fns, args, repeats, warmup)
+    label = f"{shape[0]}x{shape[1]} {jnp.dtype(dtype).name}"
+    return [
+        [label, name, fmt_ms(times[name]), fmt_ratio(times[name] / times["plain"])]
+        for name in fns
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -255,6 +296,11 @@ def main(argv=None):
     print_table(
         ["shape", "function", "time", "time/plain", "temp", "temp/plain"],
         bench_chain(*chain_case, opts.repeats, opts.warmup),
+    )
+    print()
+    print_table(
+        ["shape", "unavoidable per-logit work (one pass)", "time", "floor/plain"],
+        bench_floor(*chain_case, opts.repeats, opts.warmup),
     )
 
 

@@ -37,6 +37,26 @@ def _params(params: Params, dtype) -> Params:
     )
 
 
+def _kernel_args(chain: Chain, like, s, cw, alpha, num_classes: int):
+    """The kernel's ``(spec, s, cw, params)`` for ``chain``, in the accumulation dtype
+    of ``like`` (the logits' abstract value) and varying as it does in ``shard_map``.
+
+    ``alpha`` (focal's class balance, a scalar or ``[K]``) joins the class weights in
+    the kernel, but not in the ``"mean"``'s denominator."""
+    spec, params = chain.config()
+    acc = acc_dtype(like.dtype)
+    if alpha is not None:
+        alpha = jnp.broadcast_to(jnp.asarray(alpha, acc), (num_classes,))
+        cw = alpha if cw is None else cw.astype(acc) * alpha
+    vary = partial(_vary_like, like)
+    return (
+        spec,
+        None if s is None else vary(s.astype(acc)),
+        None if cw is None else vary(cw.astype(acc)),
+        jax.tree.map(vary, _params(params, acc)),
+    )
+
+
 def _kernel_call(
     chain: Chain,
     z: jax.Array,
@@ -46,24 +66,9 @@ def _kernel_call(
     cw: jax.Array | None,
     alpha: jax.Array | None = None,
 ) -> jax.Array:
-    """Runs the kernel on class-last ``z``; returns weighted per-example losses.
-
-    ``alpha`` (focal's class balance, a scalar or ``[K]``) joins the class weights in
-    the kernel, but not in the ``"mean"``'s denominator."""
-    spec, params = chain.config()
-    acc = acc_dtype(z.dtype)
-    if alpha is not None:
-        alpha = jnp.broadcast_to(jnp.asarray(alpha, acc), z.shape[-1:])
-        cw = alpha if cw is None else cw.astype(acc) * alpha
-    vary = partial(_vary_like, jax.typeof(z))
-    return fused_cross_entropy(
-        Static(spec, integer_labels),
-        z,
-        target,
-        None if s is None else vary(s.astype(acc)),
-        None if cw is None else vary(cw.astype(acc)),
-        jax.tree.map(vary, _params(params, acc)),
-    )
+    """Runs the kernel on class-last ``z``; returns weighted per-example losses."""
+    spec, s, cw, params = _kernel_args(chain, jax.typeof(z), s, cw, alpha, z.shape[-1])
+    return fused_cross_entropy(Static(spec, integer_labels), z, target, s, cw, params)
 
 
 def _vary_like(logits_type, x):
@@ -88,15 +93,20 @@ def _reduce(out, s, cw, target, integer_labels, reduction):
     total = jnp.sum(out)
     if reduction == "sum":
         return total
-    # Weighted mean: sum_i s_i l_i / sum_i s_i omega_i, and 0 when nothing counts.
+    return total / _mean_denominator(s, cw, target, integer_labels, out.size, out.dtype)
+
+
+def _mean_denominator(s, cw, target, integer_labels, count, dtype):
+    """The weighted mean's ``sum_i s_i omega_i`` (1 when nothing counts, so the mean
+    of an all-masked batch is 0), or ``count`` without weights."""
     if cw is not None and integer_labels:
-        omega = cw.astype(out.dtype)[jnp.clip(target, 0, cw.shape[0] - 1)]
-        denom = jnp.sum(omega if s is None else s.astype(out.dtype) * omega)
+        omega = cw.astype(dtype)[jnp.clip(target, 0, cw.shape[0] - 1)]
+        denom = jnp.sum(omega if s is None else s.astype(dtype) * omega)
     elif s is not None:
-        denom = jnp.sum(s.astype(out.dtype))
+        denom = jnp.sum(s.astype(dtype))
     else:
-        return total / max(out.size, 1)
-    return total / jnp.where(denom == 0, jnp.ones((), out.dtype), denom)
+        return jnp.asarray(max(count, 1), dtype)
+    return jnp.where(denom == 0, jnp.ones((), dtype), denom)
 
 
 def _example_scale(fn, weights, where, batch_shape, acc):
@@ -108,6 +118,49 @@ def _example_scale(fn, weights, where, batch_shape, acc):
         live = v.mask(fn, "where", where, batch_shape)
         s = live.astype(acc) if s is None else jnp.where(live, s, 0)
     return s
+
+
+def _weights(
+    fn,
+    chain,
+    labels,
+    batch_shape,
+    num_classes,
+    acc,
+    *,
+    where,
+    weights,
+    class_weights,
+    ignore_index,
+):
+    """Example scale ``s``, class weights ``cw`` and focal's ``alpha`` from the
+    arguments and the chain, with every conflict between them rejected."""
+    s = _example_scale(fn, weights, where, batch_shape, acc)
+    if ignore_index is not None:
+        kept = labels != ignore_index
+        s = kept.astype(acc) if s is None else jnp.where(kept, s, 0)
+    chain_weights, alpha = chain.class_factors()
+    if chain_weights is not None:
+        if class_weights is not None:
+            raise ValueError(
+                f"{fn}: class weights given twice, as jcce.class_weights(...) in the "
+                "chain and as the class_weights argument; give one"
+            )
+        class_weights = chain_weights
+    if class_weights is not None and chain.config()[0].objective == "symmetric":
+        raise ValueError(
+            f"{fn}: the symmetric cross-entropy does not define class weights; "
+            "remove class_weights or weight examples with `weights`"
+        )
+    cw = None
+    if class_weights is not None:
+        cw = v.class_weights(fn, class_weights, num_classes).astype(acc)
+    if alpha is not None and jnp.ndim(alpha) == 1 and alpha.shape[0] != num_classes:
+        raise ValueError(
+            f"{fn}: focal alpha has shape {alpha.shape} but the logits have "
+            f"{num_classes} classes"
+        )
+    return s, cw, alpha
 
 
 def _native(
@@ -136,32 +189,18 @@ def _native(
     target = labels if integer_labels else _class_last(labels, axes)
 
     acc = acc_dtype(logits.dtype)
-    s = _example_scale(fn, weights, where, batch_shape, acc)
-    if ignore_index is not None:
-        kept = labels != ignore_index
-        s = kept.astype(acc) if s is None else jnp.where(kept, s, 0)
-    chain_weights, alpha = chain.class_factors()
-    if chain_weights is not None:
-        if class_weights is not None:
-            raise ValueError(
-                f"{fn}: class weights given twice, as jcce.class_weights(...) in the "
-                "chain and as the class_weights argument; give one"
-            )
-        class_weights = chain_weights
-    if class_weights is not None and chain.config()[0].objective == "symmetric":
-        raise ValueError(
-            f"{fn}: the symmetric cross-entropy does not define class weights; "
-            "remove class_weights or weight examples with `weights`"
-        )
-    cw = None
-    if class_weights is not None:
-        cw = v.class_weights(fn, class_weights, num_classes).astype(acc)
-    if alpha is not None and jnp.ndim(alpha) == 1 and alpha.shape[0] != num_classes:
-        raise ValueError(
-            f"{fn}: focal alpha has shape {alpha.shape} but the logits have "
-            f"{num_classes} classes"
-        )
-
+    s, cw, alpha = _weights(
+        fn,
+        chain,
+        labels,
+        batch_shape,
+        num_classes,
+        acc,
+        where=where,
+        weights=weights,
+        class_weights=class_weights,
+        ignore_index=ignore_index,
+    )
     out = _kernel_call(chain, z, target, integer_labels, s, cw, alpha)
     return _reduce(out, s, cw, target, integer_labels, reduction)
 
