@@ -12,6 +12,7 @@ from jcce._divergence import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
 )
 from jcce._divergence import smooth_labels as smooth_labels
+from jcce._linear import linear_cross_entropy as linear_cross_entropy
 from jcce._losses import cross_entropy as cross_entropy
 from jcce._losses import entropy as entropy
 from jcce._losses import generalized_cross_entropy as generalized_cross_entropy
@@ -57,6 +58,7 @@ __all__ = [
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "label_smoothing",
+    "linear_cross_entropy",
     "log_base",
     "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",

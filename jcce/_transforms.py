@@ -263,6 +263,52 @@ class Chain:
             reduction=reduction,
         )
 
+    def linear(
+        self,
+        embeddings,
+        classifier,
+        labels,
+        *,
+        bias=None,
+        where=None,
+        weights=None,
+        class_weights=None,
+        ignore_index=None,
+        reduction="mean",
+        classifier_layout="DV",
+        block_size=None,
+    ) -> jax.Array:
+        """This chain's loss of ``embeddings @ classifier (+ bias)``, without the logits.
+
+        The fused linear cross-entropy of :func:`jcce.linear_cross_entropy` (same
+        arguments) with every transform of the chain applied to each block of logits.
+
+        Example:
+          >>> import jax.numpy as jnp, jcce
+          >>> e, w = jnp.eye(2), jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+          >>> y = jnp.array([0, 2])
+          >>> smooth = jcce.chain(jcce.label_smoothing(0.1))
+          >>> bool(jnp.isclose(smooth.linear(e, w, y), smooth(e @ w, y)))
+          True
+        """
+        from jcce import _linear
+
+        return _linear.configured_linear_cross_entropy(
+            "chain.linear",
+            self,
+            embeddings,
+            classifier,
+            labels,
+            bias=bias,
+            where=where,
+            weights=weights,
+            class_weights=class_weights,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            classifier_layout=classifier_layout,
+            block_size=block_size,
+        )
+
     def _call(self, fn: str, logits, labels, **options) -> jax.Array:
         from jcce import _losses
 

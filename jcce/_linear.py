@@ -1,0 +1,427 @@
+"""Fused linear + cross-entropy: the loss of ``embeddings @ classifier`` without the logits.
+
+For ``N`` tokens, hidden size ``D`` and vocabulary ``V`` the logits and their gradient
+are ``[N, V]`` each. Here the tokens are split into blocks of ``B``; for each block the
+``[B, V]`` logits are computed, passed through the one cross-entropy kernel
+(:func:`jcce._kernel.fused_cross_entropy`, every transform included), and dropped. Nothing
+of shape ``[N, V]`` exists at any time.
+
+Gradients, by measurement on XLA:CPU (see ``benchmarks/bench_linear.py`` and the docs):
+
+* For a ``"mean"`` or ``"sum"`` reduction the cotangent of every example is known in the
+  forward pass up to one scalar, so the forward sweep also computes the gradients of the
+  summed loss (as Liger-Kernel does): each block's logit gradient ``G`` gives
+  ``dE = G W^T`` and ``dW += E^T G`` at once, and the backward rule only scales them.
+  That is three matmuls per block, as the unfused op does, where recomputing the logits
+  in the backward pass (Cut Cross-Entropy's way) would do four.
+* For ``reduction="none"`` the per-example cotangents arrive only in the backward pass,
+  which recomputes each block's logits and applies them.
+
+Both sweeps are the same function of a per-example cotangent ``g``; every derivative
+(including the hyper-parameters', class weights' and example weights') comes from the
+kernel's own closed-form VJP, so the rules here hold no loss math of their own.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jcce import _validate as v
+from jcce._kernel import Static, _forward, acc_dtype, fused_cross_entropy
+from jcce._losses import _arrays, _kernel_args, _mean_denominator, _weights
+from jcce._transforms import Chain
+
+LAYOUTS = ("DV", "VD")
+_PLAIN = Chain(())
+
+
+def default_block_size(num_tokens: int, vocab: int, hidden: int, dtype) -> int:
+    """Tokens per block: ``B V`` float32 logits near 32 MiB, and at least 128 tokens
+    (smaller blocks starve the matmuls), never more than the tokens rounded up to 8."""
+    del hidden, dtype  # the logits block is float32 whatever the inputs' dtype
+    target = (32 * 2**20) // (4 * max(vocab, 1))
+    block = 128
+    while block * 2 <= target:
+        block *= 2
+    return max(8, min(block, -(-num_tokens // 8) * 8))
+
+
+def _logits(e, w, b, layout, acc):
+    contract = 0 if layout == "DV" else 1
+    z = lax.dot_general(
+        e, w, (((1,), (contract,)), ((), ())), preferred_element_type=acc
+    )
+    return z if b is None else z + b.astype(acc)[None, :]
+
+
+def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
+    """Per-example losses over token blocks; with per-example cotangents ``g``, also
+    the cotangents of ``(e, w, b, s, cw, params)`` for ``sum_i g_i loss_i``.
+
+    ``e`` is ``[N, D]`` with ``N`` a multiple of ``block``; ``s`` is None or ``[N]``."""
+    acc = acc_dtype(e.dtype)
+    n = e.shape[0]
+    steps = n // block
+
+    def blocks(x):
+        return None if x is None else x.reshape((steps, block) + x.shape[1:])
+
+    def loss_of(z, s_b, cw_, params_, y_b):
+        return fused_cross_entropy(static, z, y_b, s_b, cw_, params_)
+
+    if g is None:
+
+        def step(_, xs):
+            e_b, y_b, s_b = xs
+            z = _logits(e_b, w, b, layout, acc)
+            # The kernel's forward function, not its custom_vjp: this sweep is also the
+            # primal of the "none" rule, which forward-over-reverse (jax.hessian)
+            # differentiates in forward mode.
+            return None, _forward(static, z, y_b, s_b, cw, params)[0]
+
+        _, losses = lax.scan(step, None, (blocks(e), blocks(y), blocks(s)))
+        return losses.reshape(n), None
+
+    zeros = partial(jax.tree.map, jnp.zeros_like)
+    vocab = w.shape[1] if layout == "DV" else w.shape[0]
+    carry0 = (
+        jnp.zeros((vocab, e.shape[1]), acc),  # dW as [V, D] whatever the layout
+        None if b is None else jnp.zeros(b.shape, acc),
+        zeros(cw),
+        zeros(params),
+    )
+
+    def step(carry, xs):
+        dw, db, dcw, dparams = carry
+        e_b, y_b, s_b, g_b = xs
+        z = _logits(e_b, w, b, layout, acc)
+        loss, pull = jax.vjp(partial(loss_of, y_b=y_b), z, s_b, cw, params)
+        dz, ds_b, dcw_b, dparams_b = pull(g_b.astype(loss.dtype))
+        dz = dz.astype(jnp.result_type(e.dtype, w.dtype))
+        # dE = G W^T, and dW^T = G^T E: accumulated as [V, D] in float32, which
+        # XLA:CPU runs about 1.4x faster than accumulating E^T G as [D, V].
+        de_b = lax.dot_general(
+            dz,
+            w,
+            (((1,), (1 if layout == "DV" else 0,)), ((), ())),
+            preferred_element_type=acc,
+        ).astype(e.dtype)
+        dw_b = lax.dot_general(
+            dz, e_b, (((0,), (0,)), ((), ())), preferred_element_type=acc
+        )
+        add = partial(jax.tree.map, jnp.add)
+        carry = (
+            dw + dw_b,
+            None if db is None else db + jnp.sum(dz, axis=0, dtype=acc),
+            add(dcw, dcw_b),
+            add(dparams, dparams_b),
+        )
+        return carry, (loss, de_b, ds_b)
+
+    (dw, db, dcw, dparams), (losses, de, ds) = lax.scan(
+        step, carry0, (blocks(e), blocks(y), blocks(s), blocks(g))
+    )
+    grads = (
+        de.reshape(e.shape),
+        (dw.T if layout == "DV" else dw).astype(w.dtype),
+        None if b is None else db.astype(b.dtype),
+        None if s is None else ds.reshape(s.shape),
+        dcw,
+        dparams,
+    )
+    return losses.reshape(n), grads
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def linear_sum(static, layout, block, e, w, b, y, s, cw, params):
+    """``sum_i s_i loss_i`` over token blocks; its gradients are computed in the forward
+    sweep and scaled by the cotangent (a scalar) in the backward rule."""
+    return jnp.sum(_sweep(static, layout, block, e, w, b, y, s, cw, params, None)[0])
+
+
+def _sum_fwd(static, layout, block, e, w, b, y, s, cw, params):
+    g = jnp.ones(e.shape[:1], acc_dtype(e.dtype))
+    losses, grads = _sweep(static, layout, block, e, w, b, y, s, cw, params, g)
+    return jnp.sum(losses), grads
+
+
+def _sum_bwd(static, layout, block, grads, ct):
+    de, dw, db, ds, dcw, dparams = jax.tree.map(
+        lambda x: (ct * x).astype(x.dtype), grads
+    )
+    return de, dw, db, None, ds, dcw, dparams
+
+
+linear_sum.defvjp(_sum_fwd, _sum_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def linear_each(static, layout, block, e, w, b, y, s, cw, params):
+    """Per-example ``s_i loss_i``; the backward rule recomputes the logits block by
+    block and applies the per-example cotangents."""
+    return _sweep(static, layout, block, e, w, b, y, s, cw, params, None)[0]
+
+
+def _each_fwd(static, layout, block, e, w, b, y, s, cw, params):
+    out = _sweep(static, layout, block, e, w, b, y, s, cw, params, None)[0]
+    return out, (e, w, b, y, s, cw, params)
+
+
+def _each_bwd(static, layout, block, saved, ct):
+    e, w, b, y, s, cw, params = saved
+    _, grads = _sweep(static, layout, block, e, w, b, y, s, cw, params, ct)
+    de, dw, db, ds, dcw, dparams = grads
+    return de, dw, db, None, ds, dcw, dparams
+
+
+linear_each.defvjp(_each_fwd, _each_bwd)
+
+
+def _floating(fn, name, x, rank=None):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}"
+        )
+    if rank is not None and x.ndim != rank:
+        raise ValueError(f"{fn}: {name} has shape {x.shape} but must have rank {rank}")
+
+
+def _check_shapes(fn, embeddings, classifier, bias, layout):
+    """The vocabulary size ``V``, after checking the three arrays against each other."""
+    _floating(fn, "embeddings", embeddings)
+    if embeddings.ndim == 0:
+        raise ValueError(
+            f"{fn}: embeddings has shape () but needs a last axis of hidden size D"
+        )
+    _floating(fn, "classifier", classifier, rank=2)
+    hidden = embeddings.shape[-1]
+    d_axis = 0 if layout == "DV" else 1
+    named = "[D, V]" if layout == "DV" else "[V, D]"
+    if classifier.shape[d_axis] != hidden:
+        raise ValueError(
+            f"{fn}: classifier has shape {classifier.shape} ({named}, "
+            f"classifier_layout={layout!r}) but embeddings {embeddings.shape} have "
+            f"hidden size D = {hidden}"
+        )
+    vocab = classifier.shape[1 - d_axis]
+    if bias is not None:
+        _floating(fn, "bias", bias)
+        if bias.shape != (vocab,):
+            raise ValueError(
+                f"{fn}: bias has shape {bias.shape} but the classifier "
+                f"{classifier.shape} has V = {vocab} classes; bias must have shape "
+                f"({vocab},)"
+            )
+    return vocab
+
+
+def _native_linear(
+    fn,
+    chain,
+    embeddings,
+    classifier,
+    labels,
+    *,
+    bias,
+    where,
+    weights,
+    class_weights,
+    ignore_index,
+    reduction,
+    layout,
+    block_size,
+):
+    vocab = _check_shapes(fn, embeddings, classifier, bias, layout)
+    batch_shape = embeddings.shape[:-1]
+    _, labels = v.labels_kind(
+        fn, labels, batch_shape, batch_shape + (vocab,), allow=("int",)
+    )
+    ignore_index = v.ignore_index(fn, ignore_index, "int", labels.dtype)
+    dtype = jnp.result_type(embeddings.dtype, classifier.dtype)
+    acc = acc_dtype(dtype)
+    n, hidden = math.prod(batch_shape), embeddings.shape[-1]
+    e = embeddings.astype(dtype).reshape(n, hidden)
+    w = classifier.astype(dtype)
+    y = labels.reshape(n)
+
+    s, cw, alpha = _weights(
+        fn,
+        chain,
+        labels,
+        batch_shape,
+        vocab,
+        acc,
+        where=where,
+        weights=weights,
+        class_weights=class_weights,
+        ignore_index=ignore_index,
+    )
+    spec, s_k, cw_k, params = _kernel_args(chain, jax.typeof(e), s, cw, alpha, vocab)
+    if s_k is not None:
+        s_k = s_k.reshape(n)
+        # Masked tokens' embeddings are replaced by zeros, so NaN or inf in them cannot
+        # reach the classifier's gradient (0 * NaN) or any derivative.
+        e = jnp.where((s_k != 0)[:, None], e, jnp.zeros((), e.dtype))
+
+    block = block_size or default_block_size(n, vocab, hidden, dtype)
+    pad = -n % block
+    if pad:  # padded tokens are masked examples: zero loss, zero gradient
+        e = jnp.pad(e, ((0, pad), (0, 0)))
+        y = jnp.pad(y, (0, pad))
+        live = jnp.ones((n,), acc) if s_k is None else s_k
+        s_k = jnp.pad(live, (0, pad))
+    args = (Static(spec, True), layout, block, e, w, bias, y, s_k, cw_k, params)
+    if reduction == "none":
+        return linear_each(*args)[:n].reshape(batch_shape)
+    total = linear_sum(*args)
+    if reduction == "sum":
+        return total
+    return total / _mean_denominator(s, cw, labels, True, n, acc)
+
+
+_native_linear_jit = jax.jit(
+    _native_linear,
+    static_argnames=("fn", "ignore_index", "reduction", "layout", "block_size"),
+)
+
+
+def configured_linear_cross_entropy(
+    fn,
+    chain,
+    embeddings,
+    classifier,
+    labels,
+    *,
+    bias=None,
+    where=None,
+    weights=None,
+    class_weights=None,
+    ignore_index=None,
+    reduction="mean",
+    classifier_layout="DV",
+    block_size=None,
+):
+    """The entry point shared by :func:`linear_cross_entropy` and ``Chain.linear``."""
+    arrays = _arrays(
+        fn,
+        embeddings=embeddings,
+        classifier=classifier,
+        labels=labels,
+        bias=bias,
+        where=where,
+        weights=weights,
+        class_weights=class_weights,
+    )
+    v.no_forward_mode(fn, arrays, chain)
+    _, ignore_index = v.static_options(fn, -1, reduction, ignore_index)
+    if classifier_layout not in LAYOUTS:
+        raise ValueError(
+            f"{fn}: classifier_layout must be 'DV' (classifier [D, V], as "
+            f"embeddings @ classifier) or 'VD' ([V, D], a tied embedding table), got "
+            f"{classifier_layout!r}"
+        )
+    if block_size is not None and (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, numbers.Integral)
+        or block_size < 1
+    ):
+        raise ValueError(
+            f"{fn}: block_size must be a positive int (tokens per block) or None, "
+            f"got {block_size!r}"
+        )
+    return _native_linear_jit(
+        fn,
+        chain,
+        **arrays,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        layout=classifier_layout,
+        block_size=None if block_size is None else int(block_size),
+    )
+
+
+def linear_cross_entropy(
+    embeddings: jax.typing.ArrayLike,
+    classifier: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+    classifier_layout: str = "DV",
+    block_size: int | None = None,
+) -> jax.Array:
+    r"""Cross-entropy of ``embeddings @ classifier (+ bias)`` without the logits.
+
+    Equal to ``jcce.cross_entropy(embeddings @ classifier + bias, labels, ...)``, but the
+    ``[N, V]`` logits and their gradient are never materialised: tokens go through the
+    kernel ``block_size`` at a time, and the gradients with respect to ``embeddings``,
+    ``classifier`` and ``bias`` come from one custom VJP (computed during the forward
+    sweep for ``"mean"`` and ``"sum"``, by recomputing each block for ``"none"``).
+    Logits are accumulated in float32 (float64 for float64 inputs). Configure label
+    smoothing, z-loss, soft-capping and the rest with ``jcce.chain(...).linear``.
+
+    Args:
+      embeddings: float ``[*batch, D]`` hidden states.
+      classifier: float ``[D, V]`` (``classifier_layout="DV"``, the default: a Flax
+        ``nnx.Linear`` kernel) or ``[V, D]`` (``"VD"``: a tied embedding table such as
+        ``nnx.Embed.embedding``).
+      labels: int ``[*batch]`` class indices in ``[0, V)``.
+      bias: optional float ``[V]``.
+      where: bool ``[*batch]``; ``False`` excludes the token.
+      weights: float ``[*batch]`` per-token weights.
+      class_weights: float ``[V]`` per-class weights (PyTorch ``weight``).
+      ignore_index: tokens whose label equals this value are masked.
+      reduction: ``"mean"`` (weighted mean, as :func:`cross_entropy`), ``"sum"`` or
+        ``"none"``.
+      classifier_layout: ``"DV"`` or ``"VD"``, see ``classifier``.
+      block_size: tokens per block; by default chosen from ``V`` so that a block's
+        float32 logits take about 32 MiB (at least 128 tokens).
+
+    Returns:
+      float32 (float64 for float64 inputs) loss: a scalar, or ``[*batch]`` for
+      ``reduction="none"``.
+
+    Raises:
+      TypeError: for non-floating arrays, non-integer labels or a wrong argument type.
+      ValueError: when ``D`` or ``V`` disagree between the arrays, for a labels shape
+        other than ``embeddings.shape[:-1]``, or a bad option.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> e = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> w = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5]]))
+      >>> print(jcce.linear_cross_entropy(e, w, jnp.array([0, 2]), reduction="none"))
+      [0.6931472 0.6931472]
+
+    Note:
+      optax and PyTorch have no fused linear cross-entropy. Liger-Kernel's
+      ``LigerFusedLinearCrossEntropyLoss`` takes the weight as ``[V, D]``
+      (``classifier_layout="VD"`` here); Cut Cross-Entropy's ``linear_cross_entropy``
+      takes ``(embeddings, classifier [V, D], targets)``.
+    """
+    return configured_linear_cross_entropy(
+        "linear_cross_entropy",
+        _PLAIN,
+        embeddings,
+        classifier,
+        labels,
+        bias=bias,
+        where=where,
+        weights=weights,
+        class_weights=class_weights,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        classifier_layout=classifier_layout,
+        block_size=block_size,
+    )

@@ -1,0 +1,400 @@
+"""The fused linear cross-entropy equals ``embeddings @ classifier`` then the kernel.
+
+References: the unfused jcce loss on the materialised logits (which the core tests tie to
+float64 NumPy and to autodiff of the naive formula), float64 NumPy directly, and
+``jax.grad`` of ``jax.nn.log_softmax`` for second order. Block sizes are chosen so that
+neither the tokens nor the vocabulary are a multiple of the block.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jcce
+from jcce._linear import default_block_size
+from tests.reference import numpy_cross_entropy
+
+N, D, V = 37, 12, 50
+CW = np.linspace(0.5, 1.5, V).astype(np.float32)
+
+CHAINS = {
+    "plain": jcce.chain(),
+    "label_smoothing": jcce.chain(jcce.label_smoothing(0.1)),
+    "temperature": jcce.chain(jcce.temperature(2.0)),
+    "z_loss": jcce.chain(jcce.z_loss(1e-2)),
+    "softcap": jcce.chain(jcce.softcap(3.0)),
+    "log_base": jcce.chain(jcce.log_base(2.0)),
+    "class_weights": jcce.chain(jcce.class_weights(CW)),
+    "focal": jcce.chain(jcce.focal(2.0, alpha=0.25)),
+    "poly": jcce.chain(jcce.poly(1.0)),
+    "generalized": jcce.chain(jcce.generalized(0.7)),
+    "symmetric": jcce.chain(jcce.symmetric(0.5, 1.0)),
+    "everything": jcce.chain(
+        jcce.softcap(3.0),
+        jcce.temperature(2.0),
+        jcce.label_smoothing(0.1),
+        jcce.z_loss(1e-2),
+        jcce.log_base(2.0),
+        jcce.focal(2.0),
+        jcce.class_weights(CW),
+    ),
+}
+
+
+def biased(z, b):
+    return z + jnp.reshape(jnp.asarray(b), (1,) * (z.ndim - 1) + (-1,))
+
+
+def make(seed=0, n=N, d=D, v=V, dtype=np.float32, batch=None):
+    rng = np.random.default_rng(seed)
+    shape = (n,) if batch is None else batch
+    e = rng.standard_normal(shape + (d,)).astype(dtype)
+    w = (rng.standard_normal((d, v)) / np.sqrt(d) * 3).astype(dtype)
+    b = rng.standard_normal(v).astype(dtype)
+    y = rng.integers(0, v, shape).astype(np.int32)
+    return e, w, b, y
+
+
+def fused_and_unfused(chain, reduction="mean", layout="DV", block=8, **options):
+    def fused(e, w, b, y):
+        return chain.linear(
+            e,
+            w if layout == "DV" else w.T,
+            y,
+            bias=b,
+            reduction=reduction,
+            classifier_layout=layout,
+            block_size=block,
+            **options,
+        )
+
+    def unfused(e, w, b, y):
+        logits = biased(jnp.matmul(e, w), b)
+        return chain(logits, y, reduction=reduction, **options)
+
+    return fused, unfused
+
+
+def value_and_grads(f, e, w, b, y):
+    def scalar(e, w, b):
+        out = f(e, w, b, y)
+        # A non-uniform cotangent for per-example losses.
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size)).reshape(out.shape))
+
+    return jax.value_and_grad(scalar, argnums=(0, 1, 2))(e, w, b)
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-6):
+    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", CHAINS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_transform_matches_the_unfused_loss(name, reduction):
+    e, w, b, y = make()
+    fused, unfused = fused_and_unfused(CHAINS[name], reduction)
+    assert_close(
+        value_and_grads(fused, e, w, b, y), value_and_grads(unfused, e, w, b, y)
+    )
+
+
+@pytest.mark.parametrize("layout", ["DV", "VD"])
+@pytest.mark.parametrize("block", [1, 8, 37, 64, None])
+def test_layouts_and_block_sizes(layout, block):
+    e, w, b, y = make(1)
+    fused, unfused = fused_and_unfused(CHAINS["everything"], "mean", layout, block)
+    got = value_and_grads(fused, e, w, b, y)
+    assert_close(got, value_and_grads(unfused, e, w, b, y))
+
+
+def test_without_bias_and_with_batch_axes():
+    e, w, _, y = make(2, batch=(3, 5))
+    got = jcce.linear_cross_entropy(e, w, y, reduction="none", block_size=4)
+    assert got.shape == (3, 5)
+    np.testing.assert_allclose(
+        got, jcce.cross_entropy(e @ w, y, reduction="none"), rtol=1e-5
+    )
+
+    def fused(e, w):
+        return jcce.linear_cross_entropy(e, w, y, block_size=4)
+
+    def unfused(e, w):
+        return jcce.cross_entropy(e @ w, y)
+
+    assert_close(
+        jax.grad(fused, argnums=(0, 1))(e, w), jax.grad(unfused, argnums=(0, 1))(e, w)
+    )
+
+
+def test_matches_float64_numpy():
+    with jax.enable_x64(True):
+        e, w, b, y = make(3, dtype=np.float64)
+        got = jcce.chain(jcce.label_smoothing(0.2), jcce.z_loss(1e-3)).linear(
+            e, w, y, bias=b, reduction="none", block_size=16
+        )
+        assert got.dtype == jnp.float64
+        want = numpy_cross_entropy(e @ w + b[None, :], y, eps=0.2, z_loss=1e-3)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weights_masks_and_ignore_index(reduction):
+    e, w, b, y = make(4)
+    rng = np.random.default_rng(4)
+    weights = rng.uniform(0, 2, N).astype(np.float32)
+    where = rng.uniform(size=N) > 0.3
+    y = np.where(rng.uniform(size=N) > 0.8, -100, y).astype(np.int32)
+    e[~where] = np.nan  # NaN in masked rows must not reach anything
+    opts = dict(weights=weights, where=where, ignore_index=-100, class_weights=CW)
+    fused, unfused = fused_and_unfused(CHAINS["label_smoothing"], reduction, **opts)
+    got = value_and_grads(fused, e, w, b, y)
+    e_clean = np.where(where[:, None], e, 0)
+    want = value_and_grads(unfused, e_clean, w, b, y)
+    assert_close(got, want)
+    assert np.all(np.asarray(got[1][0])[~where] == 0)
+
+
+def test_all_masked_batch_is_zero_with_zero_gradients():
+    e, w, b, y = make(5)
+    where = np.zeros(N, bool)
+    loss, grads = jax.value_and_grad(
+        lambda e, w, b: jcce.linear_cross_entropy(e, w, y, bias=b, where=where),
+        argnums=(0, 1, 2),
+    )(e, w, b)
+    assert float(loss) == 0.0
+    for g in grads:
+        assert np.all(np.asarray(g) == 0)
+
+
+def test_gradients_of_weights_class_weights_and_hyper_parameters():
+    e, w, b, y = make(6)
+    weights = np.random.default_rng(6).uniform(0.5, 2, N).astype(np.float32)
+
+    def make_loss(fused):
+        def loss(weights, cw, t, eps):
+            chain = jcce.chain(jcce.temperature(t), jcce.label_smoothing(eps))
+            if fused:
+                return chain.linear(
+                    e, w, y, bias=b, weights=weights, class_weights=cw, block_size=8
+                )
+            return chain(biased(e @ w, b), y, weights=weights, class_weights=cw)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3))
+
+    args = (weights, CW, 1.5, 0.1)
+    assert_close(make_loss(True)(*args), make_loss(False)(*args))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_order_matches_autodiff_of_the_naive_formula(reduction):
+    with jax.enable_x64(True):
+        e, w, b, y = make(7, n=9, d=4, v=11, dtype=np.float64)
+
+        def naive(e, w, b):
+            logp = jax.nn.log_softmax(biased(e @ w, b))
+            per = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+            return per.mean() if reduction == "mean" else jnp.sum(per * jnp.arange(9))
+
+        def fused(e, w, b):
+            out = jcce.linear_cross_entropy(
+                e, w, y, bias=b, reduction=reduction, block_size=4
+            )
+            return out if reduction == "mean" else jnp.sum(out * jnp.arange(9))
+
+        for argnum in (0, 2):  # the classifier's is the mixed one below
+            assert_close(
+                jax.hessian(fused, argnums=argnum)(e, w, b),
+                jax.hessian(naive, argnums=argnum)(e, w, b),
+                rtol=1e-10,
+                atol=1e-12,
+            )
+        # A mixed second derivative: d/dW of the gradient in the embeddings.
+        mixed = jax.jacrev(jax.grad(fused), argnums=1)
+        assert_close(
+            mixed(e, w, b),
+            jax.jacrev(jax.grad(naive), argnums=1)(e, w, b),
+            1e-10,
+            1e-12,
+        )
+
+
+def test_jit_and_vmap():
+    e, w, b, y = make(8, batch=(4, 9))
+    f = jax.jit(
+        jax.vmap(lambda e, y: jcce.linear_cross_entropy(e, w, y, bias=b, block_size=4))
+    )
+    want = jnp.stack([jcce.cross_entropy(biased(e[i] @ w, b), y[i]) for i in range(4)])
+    np.testing.assert_allclose(f(e, y), want, rtol=1e-5)
+    g = jax.vmap(
+        jax.grad(lambda e, y: jcce.linear_cross_entropy(e, w, y, block_size=4)),
+    )(e, y)
+    want_g = jax.vmap(jax.grad(lambda e, y: jcce.cross_entropy(e @ w, y)))(e, y)
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+def test_half_precision_inputs_accumulate_in_float32(dtype, rtol):
+    e, w, b, y = make(9)
+    e, w, b = (jnp.asarray(x, dtype) for x in (e, w, b))
+    loss, grads = jax.value_and_grad(
+        lambda e, w, b: jcce.linear_cross_entropy(e, w, y, bias=b, block_size=8),
+        argnums=(0, 1, 2),
+    )(e, w, b)
+    assert loss.dtype == jnp.float32
+    assert all(g.dtype == dtype for g in grads)
+    # Reference: float32 arithmetic on the same (rounded) inputs.
+    e32, w32, b32 = (x.astype(jnp.float32) for x in (e, w, b))
+    want_loss, want = jax.value_and_grad(
+        lambda e, w, b: jcce.cross_entropy(biased(e @ w, b), y), argnums=(0, 1, 2)
+    )(e32, w32, b32)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for g, g_ref in zip(grads, want, strict=True):
+        scale = float(jnp.max(jnp.abs(g_ref)))
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), g_ref, rtol=rtol, atol=rtol * scale
+        )
+
+
+def test_extreme_logits_and_negative_infinity_bias():
+    e, w, b, y = make(10, n=6, d=3, v=7)
+    e = e * np.float32(1e15)
+    w = w * np.float32(1e15)  # logits of order 1e30
+    b = np.zeros(7, np.float32)
+    b[[1, 4]] = -np.inf  # classes masked out by the bias
+    y = np.array([0, 2, 3, 5, 6, 0], np.int32)
+    got = value_and_grads(
+        lambda e, w, b, y: jcce.linear_cross_entropy(
+            e, w, y, bias=b, reduction="none", block_size=4
+        ),
+        e,
+        w,
+        b,
+        y,
+    )
+    want = value_and_grads(
+        lambda e, w, b, y: jcce.cross_entropy(biased(e @ w, b), y, reduction="none"),
+        e,
+        w,
+        b,
+        y,
+    )
+    assert np.isfinite(float(got[0]))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in got[1][:2])
+    assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_range_label_gives_nan_for_that_example_only():
+    e, w, b, y = make(11)
+    y = y.copy()
+    y[3] = V
+    out = jcce.linear_cross_entropy(e, w, y, reduction="none", block_size=8)
+    assert np.isnan(out[3]) and np.all(np.isfinite(np.delete(np.asarray(out), 3)))
+    assert np.isnan(float(jcce.linear_cross_entropy(e, w, y)))
+
+
+def test_default_block_size():
+    assert default_block_size(4096, 32768, 512, jnp.float32) == 256
+    assert default_block_size(2048, 262144, 256, jnp.float32) == 128
+    assert default_block_size(10, 50, 8, jnp.float32) == 16
+    assert default_block_size(100000, 256, 64, jnp.bfloat16) == 32768
+
+
+def test_memory_stays_block_sized():
+    # Compiled scratch of loss and all gradients: the unfused op holds [N, V] logits
+    # and their gradient; the fused op holds one block and the classifier's gradient.
+    n, d, v = 2048, 64, 8192
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+    )
+    y = jnp.zeros(n, jnp.int32)
+
+    def temp(f):
+        g = jax.value_and_grad(f, argnums=(0, 1))
+        return jax.jit(g).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    fused = temp(lambda e, w: jcce.linear_cross_entropy(e, w, y, block_size=128))
+    unfused = temp(lambda e, w: jcce.cross_entropy(e @ w, y))
+    logits_bytes = n * v * 4
+    assert unfused >= logits_bytes
+    assert fused < logits_bytes / 4, (fused, unfused)
+
+
+@settings(max_examples=10)  # each example compiles anew
+@given(
+    st.integers(1, 20),
+    st.integers(1, 6),
+    st.integers(2, 30),
+    st.integers(1, 25),
+    st.sampled_from(["mean", "sum", "none"]),
+    st.integers(0, 2**16),
+)
+def test_property_equals_unfused_for_any_shape_and_block(n, d, v, block, red, seed):
+    e, w, b, y = make(seed, n=n, d=d, v=v)
+    fused, unfused = fused_and_unfused(CHAINS["label_smoothing"], red, block=block)
+    assert_close(
+        value_and_grads(fused, e, w, b, y),
+        value_and_grads(unfused, e, w, b, y),
+        rtol=2e-5,
+        atol=2e-6,
+    )
+
+
+ERRORS = [
+    (
+        dict(classifier=np.zeros((5, V), np.float32)),
+        ValueError,
+        r"classifier has shape \(5, 50\) \(\[D, V\].*hidden size D = 12",
+    ),
+    (
+        dict(classifier=np.zeros((D, V), np.float32), classifier_layout="VD"),
+        ValueError,
+        r"classifier has shape \(12, 50\) \(\[V, D\], classifier_layout='VD'\)",
+    ),
+    (dict(classifier=np.zeros((D,), np.float32)), ValueError, "must have rank 2"),
+    (
+        dict(labels=np.zeros((N, 1), np.int32)),
+        ValueError,
+        r"labels has shape \(37, 1\)",
+    ),
+    (dict(labels=np.zeros(N, np.float32)), TypeError, "labels has floating dtype"),
+    (dict(bias=np.zeros(V + 1, np.float32)), ValueError, r"bias has shape \(51,\)"),
+    (dict(embeddings=np.zeros((N, D), np.int32)), TypeError, "embeddings must have a"),
+    (dict(embeddings=np.float32(1)), ValueError, r"embeddings has shape \(\)"),
+    (dict(classifier_layout="dv"), ValueError, "classifier_layout must be 'DV'"),
+    (dict(block_size=0), ValueError, "block_size must be a positive int"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (
+        dict(weights=np.ones(N + 1, np.float32)),
+        ValueError,
+        r"weights has shape \(38,\)",
+    ),
+    (dict(class_weights=np.ones(3, np.float32)), ValueError, "class_weights has shape"),
+    (dict(classifier="w"), TypeError, "classifier must be an array, got str"),
+]
+
+
+@pytest.mark.parametrize(("override", "error", "match"), ERRORS)
+def test_errors_name_the_argument_and_shapes(override, error, match):
+    e, w, b, y = make()
+    args = dict(embeddings=e, classifier=w, labels=y, bias=b)
+    args.update(override)
+    with pytest.raises(error, match=match) as info:
+        jcce.linear_cross_entropy(**args)
+    assert "linear_cross_entropy:" in str(info.value)
+
+
+def test_chain_errors_name_the_chain_method():
+    e, w, b, y = make()
+    with pytest.raises(ValueError, match=r"chain.linear: class weights given twice"):
+        jcce.chain(jcce.class_weights(CW)).linear(e, w, y, class_weights=CW)
+
+
+def test_forward_mode_is_rejected_with_a_pointer_to_reverse_mode():
+    e, w, _, y = make()
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(lambda e: jcce.linear_cross_entropy(e, w, y), (e,), (e,))
