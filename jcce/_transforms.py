@@ -250,6 +250,7 @@ class Chain:
         class_weights=None,
         ignore_index=None,
         reduction="mean",
+        vocab_axis=None,
     ) -> jax.Array:
         return self._call(
             "cross_entropy" if not self.transforms else "chain",
@@ -261,6 +262,7 @@ class Chain:
             class_weights=class_weights,
             ignore_index=ignore_index,
             reduction=reduction,
+            vocab_axis=vocab_axis,
         )
 
     def linear(

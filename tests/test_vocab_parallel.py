@@ -1,0 +1,245 @@
+"""Vocabulary-parallel cross-entropy: logits sharded over the class axis in shard_map.
+
+Every case compares the sharded loss and its gradients with the same loss on one device,
+on meshes (data, model) of 8x1, 4x2, 2x4 and 1x8 host CPU devices (the root
+``conftest.py`` asks XLA for eight). The compiled programs are also checked for what
+crosses the network: a handful of ``[tokens]``-sized all-reduces, never the logits.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jcce
+
+N, V = 16, 24  # tokens and classes: 24 = 8 * 3, so every mesh divides them
+MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _mesh(shape):
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((N, V)) * 3).astype(np.float32)
+    z[2, [1, 5, 17]] = -np.inf  # masked classes on several shards
+    y = rng.integers(0, V, N).astype(np.int32)
+    y[2] = 4
+    y[5] = -100  # ignored
+    where = rng.uniform(size=N) > 0.2
+    weights = rng.uniform(0.5, 2.0, N).astype(np.float32)
+    cw = np.linspace(0.5, 1.5, V).astype(np.float32)
+    probs = rng.dirichlet(np.ones(V), N).astype(np.float32)
+    return z, y, where, weights, cw, probs
+
+
+Z, Y, WHERE, WEIGHTS, CW, PROBS = _data()
+
+CHAINS = {
+    "plain": lambda t: jcce.chain(),
+    "smoothing+maps+z_loss+units": lambda t: jcce.chain(
+        jcce.softcap(4.0),
+        jcce.temperature(t),
+        jcce.label_smoothing(0.1),
+        jcce.z_loss(1e-2),
+        jcce.log_base(2.0),
+    ),
+    "temperature+smoothing": lambda t: jcce.chain(
+        jcce.temperature(t), jcce.label_smoothing(0.2)
+    ),
+    "focal+smoothing": lambda t: jcce.chain(jcce.focal(t), jcce.label_smoothing(0.1)),
+    "poly": lambda t: jcce.chain(jcce.poly(t)),
+    "symmetric": lambda t: jcce.chain(jcce.symmetric(0.5, t)),
+}
+
+
+def _options(name, cw):
+    opts = dict(where=WHERE, weights=WEIGHTS, ignore_index=-100)
+    if name != "symmetric":
+        opts["class_weights"] = cw
+    return opts
+
+
+def _weighted(out):
+    """A non-uniform cotangent for the per-token losses."""
+    return jnp.sum(out * (1 + jnp.cos(jnp.arange(out.shape[0]))))
+
+
+def _single_device(name, z, cw, t):
+    loss = CHAINS[name](t)
+    out = loss(z, jnp.asarray(Y), reduction="none", **_options(name, cw))
+    return _weighted(out)
+
+
+def _sharded(name, mesh, cw_spec):
+    def body(z, y, where, weights, cw, t):
+        opts = dict(where=where, weights=weights, ignore_index=-100)
+        if name != "symmetric":
+            opts["class_weights"] = cw
+        out = CHAINS[name](t)(z, y, reduction="none", vocab_axis="model", **opts)
+        return out
+
+    f = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P("data", "model"), P("data"), P("data"), P("data"), cw_spec, P()),
+        out_specs=P("data"),
+    )
+    return lambda z, cw, t: _weighted(
+        f(z, jnp.asarray(Y), jnp.asarray(WHERE), jnp.asarray(WEIGHTS), cw, t)
+    )
+
+
+def _assert_close(got, want):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", CHAINS)
+def test_sharded_vocabulary_equals_one_device(mesh_shape, name):
+    mesh = _mesh(mesh_shape)
+    args = (jnp.asarray(Z), jnp.asarray(CW), jnp.float32(1.5))
+    want = jax.value_and_grad(lambda *a: _single_device(name, *a), argnums=(0, 1, 2))(
+        *args
+    )
+    for cw_spec in (P("model"), P()):  # this shard's class weights, or all of them
+        f = _sharded(name, mesh, cw_spec)
+        got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*args)
+        _assert_close(got, want)
+    # The gradient of the logits keeps their sharding.
+    dz = got[1][0]
+    assert dz.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "model")), 2)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)], ids=["2x4", "1x8"])
+def test_probability_targets(mesh_shape):
+    mesh = _mesh(mesh_shape)
+    loss = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-2))
+
+    def body(z, q):
+        return loss(z, q, reduction="none", vocab_axis="model")
+
+    spec = P("data", "model")
+    f = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=P("data"))
+    z = jnp.asarray(np.where(np.isfinite(Z), Z, 0))
+    q = jnp.asarray(PROBS)
+    got = jax.jit(jax.value_and_grad(lambda z, q: _weighted(f(z, q)), (0, 1)))(z, q)
+    want = jax.value_and_grad(
+        lambda z, q: _weighted(loss(z, q, reduction="none")), (0, 1)
+    )(z, q)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reductions_over_a_model_only_mesh(reduction):
+    """With the batch unsharded, each device's reduction is the global one."""
+    mesh = _mesh((1, 8))
+    loss = jcce.chain(jcce.label_smoothing(0.1))
+
+    def body(z, cw):
+        return loss(
+            z, jnp.asarray(Y), reduction=reduction, vocab_axis="model",
+            **{**_options("x", cw)},
+        )  # fmt: skip
+
+    f = jax.shard_map(
+        body, mesh=mesh, in_specs=(P(None, "model"), P("model")), out_specs=P()
+    )
+    z, cw = jnp.asarray(Z), jnp.asarray(CW)
+    got = jax.jit(jax.value_and_grad(f, (0, 1)))(z, cw)
+    want = jax.value_and_grad(
+        lambda z, cw: loss(z, jnp.asarray(Y), reduction=reduction, **_options("x", cw)),
+        (0, 1),
+    )(z, cw)
+    _assert_close(got, want)
+
+
+def test_out_of_range_label_is_nan_on_every_shard():
+    mesh = _mesh((1, 8))
+    y = jnp.asarray(Y).at[3].set(V)  # one past the last class of the last shard
+
+    def body(z):
+        return jcce.cross_entropy(z, y, reduction="none", vocab_axis="model")
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=P(None, "model"), out_specs=P())
+    out = np.asarray(jax.jit(f)(jnp.asarray(Z)))
+    assert np.isnan(out[3]) and np.isnan(out[5])  # 5 has label -100
+    assert np.all(np.isfinite(np.delete(out, [3, 5])))
+
+
+def _collectives(hlo: str):
+    """(op, element count) of every collective in an optimized HLO module."""
+    found = []
+    for m in re.finditer(
+        r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute)\(", hlo
+    ):
+        shapes = re.findall(r"\[([\d,]*)\]", m.group(1))
+        count = sum(
+            int(np.prod([int(d) for d in s.split(",") if d] or [1])) for s in shapes
+        )
+        found.append((m.group(2), count))
+    return found
+
+
+def test_only_per_token_numbers_cross_the_network():
+    mesh = _mesh((2, 4))
+    f = _sharded("smoothing+maps+z_loss+units", mesh, P("model"))
+    args = (jnp.asarray(Z), jnp.asarray(CW), jnp.float32(1.5))
+    hlo = (
+        jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+        .lower(*args)
+        .compile()
+        .as_text()
+    )
+    ops = _collectives(hlo)
+    assert ops, "expected all-reduces over the model axis"
+    assert not [op for op, _ in ops if op != "all-reduce"], ops
+    local_tokens, local_classes = N // 2, V // 4
+    # Each all-reduce carries a few numbers per local token (tuples of them at most),
+    # or the replicated class weights' and hyper-parameters' cotangents.
+    for _, count in ops:
+        assert count <= 8 * local_tokens or count <= V, ops
+    assert all(count < local_tokens * local_classes for _, count in ops if count > V)
+
+
+def test_vocab_axis_outside_shard_map_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"vocab_axis='model' is not a mesh axis"):
+        jcce.cross_entropy(Z, Y, vocab_axis="model")
+
+
+def test_vocab_axis_type_and_axis_errors():
+    with pytest.raises(TypeError, match="vocab_axis must be a mesh axis name"):
+        jcce.cross_entropy(Z, Y, vocab_axis=3)
+    mesh = _mesh((1, 8))
+
+    def body(z):
+        return jcce.cross_entropy(
+            z.reshape(N, 3, 1), jnp.asarray(Y), axis=(1, 2), vocab_axis="model"
+        )
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=P(None, "model"), out_specs=P())
+    with pytest.raises(ValueError, match="vocab_axis needs a single class axis"):
+        f(jnp.asarray(Z))
+
+
+def test_class_weights_of_neither_size_name_both():
+    mesh = _mesh((1, 8))
+
+    def body(z):
+        return jcce.cross_entropy(
+            z, jnp.asarray(Y), class_weights=jnp.ones(5), vocab_axis="model"
+        )
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=P(None, "model"), out_specs=P())
+    with pytest.raises(ValueError, match=r"class_weights has shape \(5,\)"):
+        f(jnp.asarray(Z))
