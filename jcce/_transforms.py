@@ -279,6 +279,7 @@ class Chain:
         reduction="mean",
         classifier_layout="DV",
         block_size=None,
+        vocab_axis=None,
     ) -> jax.Array:
         """This chain's loss of ``embeddings @ classifier (+ bias)``, without the logits.
 
@@ -309,6 +310,7 @@ class Chain:
             reduction=reduction,
             classifier_layout=classifier_layout,
             block_size=block_size,
+            vocab_axis=vocab_axis,
         )
 
     def _call(self, fn: str, logits, labels, **options) -> jax.Array:

@@ -243,3 +243,64 @@ def test_class_weights_of_neither_size_name_both():
     f = jax.shard_map(body, mesh=mesh, in_specs=P(None, "model"), out_specs=P())
     with pytest.raises(ValueError, match=r"class_weights has shape \(5,\)"):
         f(jnp.asarray(Z))
+
+
+# ------------------------------------------------------------ linear_cross_entropy
+
+D = 6
+
+
+def _linear_data():
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((N, D)).astype(np.float32)
+    w = rng.standard_normal((D, V)).astype(np.float32)
+    b = rng.standard_normal(V).astype(np.float32)
+    return jnp.asarray(e), jnp.asarray(w), jnp.asarray(b)
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "reduction", "layout"),
+    [((8, 1), "sum", "DV"), ((4, 2), "none", "VD"), ((2, 4), "sum", "VD"),
+     ((1, 8), "none", "DV"), ((2, 4), "none", "DV")],
+)  # fmt: skip
+def test_linear_with_a_sharded_classifier(mesh_shape, reduction, layout):
+    """Tokens over "data", the classifier's vocabulary over "model" (2-D mesh)."""
+    mesh = _mesh(mesh_shape)
+    e, w, b = _linear_data()
+    w = w if layout == "DV" else w.T
+    loss = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-3), jcce.softcap(5.0))
+    y = jnp.asarray(np.where(Y < 0, 0, Y))
+
+    def body(e, w, b, cw):
+        out = loss.linear(
+            e, w, y_local(), bias=b, class_weights=cw, reduction=reduction,
+            vocab_axis="model", block_size=3, classifier_layout=layout,
+        )  # fmt: skip
+        return jax.lax.psum(out, "data") if reduction == "sum" else out
+
+    def y_local():  # this data shard's labels
+        i = jax.lax.axis_index("data")
+        return jax.lax.dynamic_slice_in_dim(
+            y, i * (N // mesh_shape[0]), N // mesh_shape[0]
+        )
+
+    w_spec = P(None, "model") if layout == "DV" else P("model", None)
+    f = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P("data"), w_spec, P("model"), P("model")),
+        out_specs=P() if reduction == "sum" else P("data"),
+    )
+
+    def unfused(e, w, b, cw):
+        logits = e @ (w if layout == "DV" else w.T) + b[None, :]
+        return loss(logits, y, class_weights=cw, reduction=reduction)
+
+    def scalar(fn):
+        return lambda *a: jnp.sum(fn(*a) * (1 + jnp.cos(jnp.arange(N))))
+
+    args = (e, w, b, jnp.asarray(CW))
+    got = jax.jit(jax.value_and_grad(scalar(f), argnums=(0, 1, 2, 3)))(*args)
+    want = jax.value_and_grad(scalar(unfused), argnums=(0, 1, 2, 3))(*args)
+    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=2e-5, atol=2e-5)
