@@ -41,6 +41,8 @@ from jcce._losses import (
     _mean_denominator,
     _vary_like,
     _weights,
+    auto_vocab_parallel,
+    vocab_route,
 )
 from jcce._transforms import Chain
 
@@ -254,6 +256,21 @@ def _native_linear(
     vocab_axis,
 ):
     vocab = _check_shapes(fn, embeddings, classifier, bias, layout)
+    v_axis = 1 if layout == "DV" else 0
+    route, vocab_axis = vocab_route(fn, vocab_axis, classifier, (v_axis,))
+    if route == "auto":  # under jit with a mesh: jcce runs itself in shard_map
+        body = partial(
+            _native_linear, fn, ignore_index=ignore_index, reduction=reduction,
+            layout=layout, block_size=block_size, vocab_axis=vocab_axis,
+        )  # fmt: skip
+        return auto_vocab_parallel(
+            lambda chain, e, w, y, b, **kw: body(chain, e, w, y, bias=b, **kw),
+            fn, vocab_axis, classifier, v_axis,
+            args=(chain, embeddings, classifier, labels, bias),
+            specs=("replicated", "replicated", "classes", "replicated",
+                   "bias"),
+            kwargs=dict(where=where, weights=weights, class_weights=class_weights),
+        )  # fmt: skip
     batch_shape = embeddings.shape[:-1]
     _, labels = v.labels_kind(
         fn, labels, batch_shape, batch_shape + (vocab,), allow=("int",)

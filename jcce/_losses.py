@@ -7,6 +7,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jcce import _validate as v
 from jcce._kernel import (
@@ -104,6 +105,82 @@ def vocab_shards(fn: str, vocab_axis) -> int:
             "loss inside jax.shard_map over a mesh with that axis, on logits whose "
             "class axis is sharded over it"
         ) from None
+
+
+def vocab_route(fn: str, vocab_axis, logits, axes):
+    """How the class axis is sharded: ``(None, None)`` without ``vocab_axis``;
+    ``("manual", axis)`` inside ``jax.shard_map`` over ``vocab_axis``; ``("auto",
+    axis)`` under ``jax.jit`` with a mesh (``jax.set_mesh``) whose automatic axes
+    include ``vocab_axis``."""
+    del logits
+    mesh = jax.sharding.get_abstract_mesh()
+    if vocab_axis is None:
+        return None, None
+    if len(axes) != 1:
+        raise ValueError(f"{fn}: vocab_axis needs a single class axis, got {axes}")
+    names = set(_axis_names(vocab_axis))
+    if mesh.empty or not names <= set(mesh.axis_names):
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} is not a mesh axis in scope; call the "
+            "loss inside jax.shard_map over a mesh with that axis, or under jax.jit "
+            "with jax.set_mesh(mesh), on logits whose class axis is sharded over it"
+        )
+    manual = names & set(mesh.manual_axes)
+    if manual == names:
+        return "manual", vocab_axis
+    if manual:
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} mixes mesh axes that shard_map made "
+            f"manual ({sorted(manual)}) with automatic ones"
+        )
+    explicit = [
+        a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if a in names and t == jax.sharding.AxisType.Explicit
+    ]  # fmt: skip
+    if explicit:
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} under jax.jit needs mesh axes of type "
+            f"AxisType.Auto, but {explicit} are Explicit; call the loss inside "
+            "jax.shard_map over the mesh instead"
+        )
+    return "auto", vocab_axis
+
+
+def auto_vocab_parallel(body, fn, vocab_axis, logits, class_axis, args, specs, kwargs):
+    """``body(*args, **kwargs)`` in a ``jax.shard_map`` that is manual over the
+    vocabulary's mesh axes only (the batch stays under the compiler's sharding). Each
+    of ``specs`` is "classes" (split along the class axis of ``logits``, which stands
+    for any array of its rank and class axis), "bias" (a ``[V]`` vector, split) or
+    "replicated"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = _axis_names(vocab_axis)
+    shards = math.prod(mesh.shape[a] for a in names)
+    num_classes = logits.shape[class_axis]
+    if num_classes % shards:
+        padded = -(-num_classes // shards) * shards
+        raise ValueError(
+            f"{fn}: logits have {num_classes} classes on axis {class_axis}, which the "
+            f"{shards} devices of mesh axis {vocab_axis!r} cannot split evenly; pad the "
+            f"class axis to {padded} with -inf logits (a -inf bias entry): the padded "
+            "classes change no loss or gradient (except under softcap, which maps "
+            "-inf to -cap)"
+        )
+    entry = names[0] if len(names) == 1 else names
+    by_classes = P(*[entry if a == class_axis else None for a in range(logits.ndim)])
+    named = {"classes": by_classes, "bias": P(entry), "replicated": P()}
+    in_specs = tuple(named[sp] for sp in specs)
+    kw_specs = {k: P() for k in kwargs}
+
+    def run(args, kwargs):
+        return body(*args, **kwargs)
+
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(in_specs, kw_specs),
+        out_specs=P(),
+        axis_names=set(names),
+    )(args, kwargs)
 
 
 def _local_classes(x, vocab_axis, num_classes):
@@ -241,10 +318,17 @@ def _native(
 ) -> jax.Array:
     logits = v.floating_logits(fn, logits)
     axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
-    if vocab_axis is not None and len(axes) != 1:
-        raise ValueError(
-            f"{fn}: vocab_axis needs a single class axis, got axis={axis!r}"
-        )
+    route, vocab_axis = vocab_route(fn, vocab_axis, logits, axes)
+    if route == "auto":  # under jit with a mesh: jcce runs itself in shard_map
+        return auto_vocab_parallel(
+            partial(_native, fn, axis=axes[0], ignore_index=ignore_index,
+                    reduction=reduction, vocab_axis=vocab_axis),
+            fn, vocab_axis, logits, axes[0],
+            args=(chain, logits, labels),
+            specs=("replicated", "classes", "classes" if labels.ndim == logits.ndim
+                   else "replicated"),
+            kwargs=dict(where=where, weights=weights, class_weights=class_weights),
+        )  # fmt: skip
     reduction = v.reduction(fn, reduction)
     batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
     kind, labels = v.labels_kind(fn, labels, batch_shape, logits.shape)

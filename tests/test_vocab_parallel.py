@@ -304,3 +304,105 @@ def test_linear_with_a_sharded_classifier(mesh_shape, reduction, layout):
     want = jax.value_and_grad(scalar(unfused), argnums=(0, 1, 2, 3))(*args)
     for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=2e-5, atol=2e-5)
+
+
+# ------------------------------------------------ jax.jit with NamedSharding, no shard_map
+
+
+JN, JD, JV = 64, 16, 1024  # large enough that logits dwarf every per-token vector
+
+
+def _jit_data():
+    rng = np.random.default_rng(2)
+    z = (rng.standard_normal((JN, JV)) * 3).astype(np.float32)
+    y = rng.integers(0, JV, JN).astype(np.int32)
+    e = rng.standard_normal((JN, JD)).astype(np.float32)
+    w = (rng.standard_normal((JD, JV)) / 4).astype(np.float32)
+    b = rng.standard_normal(JV).astype(np.float32)
+    cw = np.linspace(0.5, 1.5, JV).astype(np.float32)
+    return map(jnp.asarray, (z, y, e, w, b, cw))
+
+
+JZ, JY, JE, JW, JB, JCW = _jit_data()
+LOCAL_LOGITS = (JN // 2) * (JV // 4)  # per device on the 2x4 mesh
+
+
+@pytest.mark.parametrize(
+    "name", ["plain", "smoothing+maps+z_loss+units", "focal+smoothing"]
+)
+def test_jit_named_sharding_partitions_without_gathering_logits(name):
+    mesh = _mesh((2, 4))
+    loss = CHAINS[name](jnp.float32(1.5))
+
+    def f(z, y, cw):
+        return loss(z, y, class_weights=cw, vocab_axis="model")
+
+    with jax.set_mesh(mesh):
+        zs = jax.device_put(JZ, NamedSharding(mesh, P("data", "model")))
+        ys = jax.device_put(JY, NamedSharding(mesh, P("data")))
+        step = jax.jit(jax.value_and_grad(f, argnums=(0, 2)))
+        compiled = step.lower(zs, ys, JCW).compile()
+        got = compiled(zs, ys, JCW)
+    want = jax.value_and_grad(
+        lambda z, cw: loss(z, JY, class_weights=cw), argnums=(0, 1)
+    )(JZ, JCW)
+    _assert_close(got, want)
+    assert got[1][0].sharding.is_equivalent_to(
+        NamedSharding(mesh, P("data", "model")), 2
+    )
+    for op, count in _collectives(compiled.as_text()):
+        assert count <= JV, (op, count)  # per-token vectors and the [V] cotangent
+    # Per device: scratch well below the whole [N, V] logits (256 KiB in float32; the
+    # device's own slice is 32 KiB, and the kernel's fixed buffers are a few KiB).
+    assert compiled.memory_analysis().temp_size_in_bytes < JN * JV * 4 / 4
+
+
+def test_jit_linear_with_a_sharded_classifier():
+    mesh = _mesh((2, 4))
+    loss = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-3))
+
+    def f(e, w, b):
+        return loss.linear(e, w, JY, bias=b, vocab_axis="model", block_size=16)
+
+    with jax.set_mesh(mesh):
+        es = jax.device_put(JE, NamedSharding(mesh, P("data")))
+        ws = jax.device_put(JW, NamedSharding(mesh, P(None, "model")))
+        bs = jax.device_put(JB, NamedSharding(mesh, P("model")))
+        compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+        compiled = compiled.lower(es, ws, bs).compile()
+        got = compiled(es, ws, bs)
+    want = jax.value_and_grad(
+        lambda e, w, b: loss(e @ w + b[None, :], JY), argnums=(0, 1, 2)
+    )(JE, JW, JB)
+    _assert_close(got, want)
+    assert got[1][1].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+    for op, count in _collectives(compiled.as_text()):
+        assert count <= JN * JD, (op, count)  # at most the embeddings' gradient
+
+
+def test_jit_errors_name_the_mesh_problem():
+    z = jnp.asarray(np.where(np.isfinite(Z), Z, 0))
+    with jax.set_mesh(_mesh((2, 4))):
+        with pytest.raises(ValueError, match="vocab_axis='vocab' is not a mesh axis"):
+            jcce.cross_entropy(z, Y, vocab_axis="vocab")
+        with pytest.raises(ValueError, match=r"22 classes on axis 1, which the 4 dev"):
+            jcce.cross_entropy(z[:, :22], np.minimum(Y, 21), vocab_axis="model")
+    explicit = jax.make_mesh(
+        (2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2
+    )
+    with jax.set_mesh(explicit):
+        with pytest.raises(ValueError, match=r"needs mesh axes of type AxisType.Auto"):
+            jcce.cross_entropy(z, Y, vocab_axis="model")
+
+
+def test_padding_the_vocabulary_with_negative_infinity_changes_nothing():
+    """The documented remedy for a vocabulary the devices cannot split evenly."""
+    z = jnp.asarray(np.where(np.isfinite(Z), Z, 0))[:, :22]
+    y = jnp.asarray(np.clip(Y, 0, 21))
+    loss = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-2))
+    padded = jnp.pad(z, ((0, 0), (0, 2)), constant_values=-jnp.inf)
+    got = jax.value_and_grad(lambda z: loss(z, y))(padded)
+    want = jax.value_and_grad(lambda z: loss(z, y))(z)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1][:, :22], want[1], rtol=1e-6, atol=1e-7)
+    assert np.all(np.asarray(got[1][:, 22:]) == 0)
