@@ -235,10 +235,9 @@ def _pass(elementwise):
 FLOORS = {
     "read (label smoothing's sum_k x_k)": lambda v: v,
     "tanh (softcap)": lambda v: jnp.tanh(v / 30.0),
-    "(1-p)^gamma, log p (focal + smoothing)": lambda v: jnp.exp(
-        2.0 * jnp.log(-jnp.expm1(-jnp.abs(v)))
-    )
-    * jnp.abs(v),
+    "(1-p)^gamma, log p (focal + smoothing)": lambda v: (
+        jnp.exp(2.0 * jnp.log(-jnp.expm1(-jnp.abs(v)))) * jnp.abs(v)
+    ),
 }
 
 

@@ -181,7 +181,8 @@ def _collectives(hlo: str):
     """(op, element count) of every collective in an optimized HLO module."""
     found = []
     for m in re.finditer(
-        r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute)\(", hlo
+        r"= (.+?) (all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(",
+        hlo,
     ):
         shapes = re.findall(r"\[([\d,]*)\]", m.group(1))
         count = sum(
@@ -406,3 +407,17 @@ def test_padding_the_vocabulary_with_negative_infinity_changes_nothing():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     np.testing.assert_allclose(got[1][:, :22], want[1], rtol=1e-6, atol=1e-7)
     assert np.all(np.asarray(got[1][:, 22:]) == 0)
+
+
+def test_three_numbers_per_token_in_the_forward_pass():
+    """max, sum of exponentials and the label's logit: 3 N floats cross the axis."""
+    mesh = _mesh((1, 8))
+
+    def body(z, y):
+        return jcce.cross_entropy(z, y, reduction="none", vocab_axis="model")
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P())
+    hlo = jax.jit(f).lower(jnp.asarray(Z), jnp.asarray(Y)).compile().as_text()
+    ops = _collectives(hlo)
+    assert {op for op, _ in ops} == {"all-reduce"}
+    assert sum(count for _, count in ops) == 3 * N
