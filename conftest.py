@@ -18,3 +18,7 @@ settings.register_profile(
 )
 settings.register_profile("thorough", database=None, deadline=None, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# A script run by tests/test_multiprocess.py in processes of its own (it initialises
+# jax.distributed on import), not a module for --doctest-modules to import.
+collect_ignore = ["tests/multiprocess_worker.py"]

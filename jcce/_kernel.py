@@ -36,10 +36,43 @@ from jcce._transforms import Params, Spec
 
 
 class Static(NamedTuple):
-    """The kernel's static configuration: a transform spec plus the target kind."""
+    """The kernel's static configuration: a transform spec, the target kind and, for
+    logits whose class axis is sharded inside ``jax.shard_map``, the mesh axis (or
+    axes) it is sharded over."""
 
     spec: Spec
     integer_labels: bool
+    vocab_axis: str | tuple[str, ...] | None = None
+
+
+def vocab_sum(vocab_axis, x):
+    """``x`` summed over the vocabulary shards (``x`` itself when unsharded)."""
+    return x if vocab_axis is None else lax.psum(x, vocab_axis)
+
+
+def label_slot(vocab_axis, y, num_classes):
+    """``(local index, owned)`` of global class ``y`` in this shard's ``num_classes``
+    logits: the clipped local column, and whether this shard holds the label."""
+    if vocab_axis is not None:
+        y = y - lax.axis_index(vocab_axis) * num_classes
+    owned = (y >= 0) & (y < num_classes)
+    return jnp.clip(y, 0, num_classes - 1), owned
+
+
+def label_weight(vocab_axis, cw, yc, owned):
+    """The class weight ``w_y`` of each example's label, from the shard that holds it."""
+    w_y = take_classes(cw, yc)
+    return w_y if vocab_axis is None else lax.psum(jnp.where(owned, w_y, 0), vocab_axis)
+
+
+def take_classes(x, idx):
+    """``x[idx]`` for a per-class ``x``, sharded as ``idx`` is when ``idx`` carries an
+    explicit sharding (``jax.sharding.AxisType.Explicit``)."""
+    sharding = getattr(jax.typeof(idx), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and any(a is not None for a in spec):
+        return x.at[idx].get(out_sharding=sharding)
+    return x[idx]
 
 
 def acc_dtype(dtype) -> jnp.dtype:
@@ -267,6 +300,7 @@ def _terms(
     def scaled(v):
         return v if scale is None else scale * v
 
+    vsum = partial(vocab_sum, static.vocab_axis)
     l_k = None if linear else log_se[..., None] - d
     if static.integer_labels:
         f_y, df_y = phi(ce_y)
@@ -274,29 +308,30 @@ def _terms(
     else:
         wt = target.astype(acc) if cw_row is None else target.astype(acc) * cw_row
         if linear:
-            wq_a = scaled(jnp.sum(wt, axis=-1))
-            a = scaled(log_se * jnp.sum(wt, axis=-1)) - scaled(
-                jnp.sum(jnp.where(wt == 0, 0, wt * d), axis=-1)
+            wsum = vsum(jnp.sum(wt, axis=-1))
+            wq_a = scaled(wsum)
+            a = scaled(log_se * wsum) - scaled(
+                vsum(jnp.sum(jnp.where(wt == 0, 0, wt * d), axis=-1))
             )
         else:
             f, df = phi(jnp.where(wt == 0, 0, l_k))
-            a = jnp.sum(jnp.where(wt == 0, 0, wt * f), axis=-1)
-            wq_a = jnp.sum(jnp.where(wt == 0, 0, wt * df), axis=-1)
+            a = vsum(jnp.sum(jnp.where(wt == 0, 0, wt * f), axis=-1))
+            wq_a = vsum(jnp.sum(jnp.where(wt == 0, 0, wt * df), axis=-1))
 
     b = wq_b = ks = None
     support = d > -jnp.inf
     if eps is not None:
         if linear:
-            ks, ws, wd = _smoothing_sums(static.spec, zc, m, cw, map_values)
+            ks, ws, wd = map(vsum, _smoothing_sums(static.spec, zc, m, cw, map_values))
             b, wq_b = scaled((log_se * ws - wd) / ks), scaled(ws / ks)
         elif kind in ("poly", "generalized"):
             # Separable too: sum_S w p^a = sum_k w exp(a d_k) / se^a needs only m.
-            ks, ws, wd = _smoothing_sums(static.spec, zc, m, cw, map_values)
+            ks, ws, wd = map(vsum, _smoothing_sums(static.spec, zc, m, cw, map_values))
             power = 1 if kind == "poly" else ov[0]
             if kind == "poly" and cw is None:
                 wpa = jnp.ones((), acc)  # the probabilities sum to 1
             else:
-                wpa = _exp_sum(static.spec, zc, m, cw, map_values, power)
+                wpa = vsum(_exp_sum(static.spec, zc, m, cw, map_values, power))
                 wpa = wpa * jnp.exp(-power * log_se)
             if kind == "poly":
                 f_sum = log_se * ws - wd + ov[0] * (ws - wpa)
@@ -305,8 +340,11 @@ def _terms(
                 f_sum, df_sum = (ws - wpa) / power, wpa
             b, wq_b = f_sum / ks, df_sum / ks
         else:  # focal
-            ks, f_sum, df_sum = _focal_smoothing_sums(
-                static.spec, zc, m + log_se, cw, map_values, ov[0]
+            ks, f_sum, df_sum = map(
+                vsum,
+                _focal_smoothing_sums(
+                    static.spec, zc, m + log_se, cw, map_values, ov[0]
+                ),
             )
             b, wq_b = f_sum / ks, df_sum / ks
 
@@ -324,7 +362,7 @@ def _terms(
         else:
             q = _smoothed(target.astype(acc), eps, support, ks)
             p = jnp.exp(d - log_se[..., None])
-            r = -jnp.sum(jnp.where(p > 0, p * _rce_logs(ov, q), 0), axis=-1)
+            r = -vsum(jnp.sum(jnp.where(p > 0, p * _rce_logs(ov, q), 0), axis=-1))
     return _Terms(a, wq_a, b, wq_b, ks, r, r_coef)
 
 
@@ -351,15 +389,18 @@ class _Res(NamedTuple):
     loss: jax.Array  # per-example loss before the example weight
 
 
-def _log_sum_exp(spec: Spec, zc, map_values):
+def _log_sum_exp(spec: Spec, zc, map_values, vocab_axis=None):
     """Mapped logits shifted by their max, ``d = x - m``, with ``m`` and
-    ``log_se = log sum exp d`` (so ``lse = m + log_se``), per example."""
+    ``log_se = log sum exp d`` (so ``lse = m + log_se``), per example; over every
+    vocabulary shard with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token)."""
     acc = acc_dtype(zc.dtype)
     x = _apply_maps(spec, zc, map_values)
     # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
     # (no converted or mapped [..., K] copy is needed for the max).
-    m = _apply_maps(spec, _row_reduce(jnp.max, zc, _n_chunks(zc.shape[-1])), map_values)
-    m = lax.stop_gradient(m)
+    m_raw = lax.stop_gradient(_row_reduce(jnp.max, zc, _n_chunks(zc.shape[-1])))
+    if vocab_axis is not None:
+        m_raw = lax.pmax(m_raw, vocab_axis)
+    m = lax.stop_gradient(_apply_maps(spec, m_raw, map_values))
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
     if spec.maps:
         # The mapped logits are recomputed from the raw ones inside the reduction (pinned,
@@ -374,6 +415,8 @@ def _log_sum_exp(spec: Spec, zc, map_values):
         )
     else:
         se = _sum_exp(x, m)
+    if vocab_axis is not None:
+        se = lax.psum(se, vocab_axis)
     return x - m[..., None], m, jnp.log(se)
 
 
@@ -501,23 +544,29 @@ def _forward(static: Static, z, target, s, cw, params: Params):
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
-    d, m, log_se = _log_sum_exp(spec, zc, params.maps)
+    d, m, log_se = _log_sum_exp(spec, zc, params.maps, static.vocab_axis)
     lse = m + log_se
 
     ce_y = w_y = None
     if static.integer_labels:
         num_classes = z.shape[-1]
         y = target
-        valid = (y >= 0) & (y < num_classes)
+        valid = (y >= 0) & (y < vocab_sum(static.vocab_axis, num_classes))
         if live is not None:
             valid = valid | ~live
-        yc = jnp.clip(y, 0, num_classes - 1)
+        yc, owned = label_slot(static.vocab_axis, y, num_classes)
         z_y = _take_label(z, yc)
         if live is not None:
             z_y = jnp.where(live[..., None], z_y, jnp.zeros((), z.dtype))
         d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
+        if static.vocab_axis is not None:  # the label's shard sends it to the others
+            d_y = lax.psum(jnp.where(owned, d_y, 0), static.vocab_axis)
         ce_y = jnp.where(valid, log_se - d_y, jnp.nan)
-        w_y = jnp.ones((), acc) if cw is None else cw[yc]
+        w_y = (
+            jnp.ones((), acc)
+            if cw is None
+            else label_weight(static.vocab_axis, cw, yc, owned)
+        )
 
     eps = params.label_smoothing if spec.label_smoothing else None
     ov = params.objective
@@ -619,20 +668,27 @@ def _bwd(static, saved, ct):
     l_k = None if linear else r.log_se[..., None] - d
     support = d > -jnp.inf
 
-    yc = jnp.clip(target, 0, num_classes - 1) if static.integer_labels else None
-    w_y = None
+    yc = owned = w_y = None
     # An explicitly sharded batch (jax.sharding.AxisType.Explicit) takes the one-hot
-    # path: a scatter's row indices would not carry the batch's sharding.
+    # path: a scatter's row indices would not carry the batch's sharding; so does a
+    # sharded vocabulary, where only one shard holds each label.
     scatter = (
         static.integer_labels
         and jnp.dtype(z.dtype).itemsize >= 4
         and not _explicitly_sharded(z)
+        and static.vocab_axis is None
     )
     if static.integer_labels:
-        w_y = jnp.ones((), acc) if cw is None else cw[yc]
+        yc, owned = label_slot(static.vocab_axis, target, num_classes)
+        w_y = (
+            jnp.ones((), acc)
+            if cw is None
+            else label_weight(static.vocab_axis, cw, yc, owned)
+        )
         # An out-of-range label poisons its example's gradient as it does its loss.
         c_row = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c)
-        onehot = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == yc[..., None]
+        iota = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+        onehot = (iota == yc[..., None]) & owned[..., None]
 
         def at_label(v):  # the target entries, or None when set by scatter below
             return None if scatter else jnp.where(onehot, _col(v), 0)
@@ -672,7 +728,7 @@ def _bwd(static, saved, ct):
         )
 
     dtarget, ds, dcw, dparams = _input_cotangents(
-        static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, w_y, live
+        static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, owned, w_y, live
     )
     return dz, dtarget, ds, dcw, dparams._replace(maps=dmaps)
 
@@ -726,11 +782,13 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
 
 
 def _input_cotangents(
-    static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, w_y, live
+    static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, owned, w_y, live
 ):
     """Cotangents of targets, weights, class weights and hyper-parameters.
 
-    Under jit, XLA removes the ones nobody differentiates."""
+    Under jit, XLA removes the ones nobody differentiates. With a sharded vocabulary,
+    per-class cotangents stay on their shard and per-example ones (example weights,
+    scalar hyper-parameters) are what every shard agrees on, invariant over it."""
     spec = static.spec
     kind, ov, t = spec.objective, params.objective, r.terms
     acc = r.lse.dtype
@@ -758,6 +816,7 @@ def _input_cotangents(
         if static.integer_labels:
             f_y = r.ce_y if kind is None else _phi(kind, ov, r.ce_y)[0]
             hit_c = c * f_y if eps is None else c * (1 - eps) * f_y
+            hit_c = jnp.where(owned, hit_c, 0)
             dcw = jnp.zeros(cw.shape[0], acc).at[yc.ravel()].add(hit_c.ravel())
         else:
             tq = target.astype(acc)

@@ -33,8 +33,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from jcce import _validate as v
-from jcce._kernel import Static, _forward, acc_dtype, fused_cross_entropy
-from jcce._losses import _arrays, _kernel_args, _mean_denominator, _weights
+from jcce._kernel import Static, _forward, acc_dtype, fused_cross_entropy, vocab_sum
+from jcce._losses import (
+    _arrays,
+    _axis_names,
+    _kernel_args,
+    _mean_denominator,
+    _vary_like,
+    _weights,
+    auto_vocab_parallel,
+    vocab_route,
+)
 from jcce._transforms import Chain
 
 LAYOUTS = ("DV", "VD")
@@ -88,13 +97,16 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         _, losses = lax.scan(step, None, (blocks(e), blocks(y), blocks(s)))
         return losses.reshape(n), None
 
-    zeros = partial(jax.tree.map, jnp.zeros_like)
+    def zeros(x, shape=None, dtype=None):  # typed as x (varying as it does)
+        z = jnp.zeros(x.shape if shape is None else shape, dtype or x.dtype)
+        return _vary_like(jax.typeof(x), z)
+
     vocab = w.shape[1] if layout == "DV" else w.shape[0]
     carry0 = (
-        jnp.zeros((vocab, e.shape[1]), acc),  # dW as [V, D] whatever the layout
-        None if b is None else jnp.zeros(b.shape, acc),
-        zeros(cw),
-        zeros(params),
+        zeros(w, (vocab, e.shape[1]), acc),  # dW as [V, D] whatever the layout
+        None if b is None else zeros(b, dtype=acc),
+        jax.tree.map(zeros, cw),
+        jax.tree.map(zeros, params),
     )
 
     def step(carry, xs):
@@ -102,7 +114,9 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         e_b, y_b, s_b, g_b = xs
         z = _logits(e_b, w, b, layout, acc)
         loss, pull = jax.vjp(partial(loss_of, y_b=y_b), z, s_b, cw, params)
-        dz, ds_b, dcw_b, dparams_b = pull(g_b.astype(loss.dtype))
+        dz, ds_b, dcw_b, dparams_b = pull(
+            _vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
+        )
         dz = dz.astype(jnp.result_type(e.dtype, w.dtype))
         # dE = G W^T, and dW^T = G^T E: accumulated as [V, D] in float32, which
         # XLA:CPU runs about 1.4x faster than accumulating E^T G as [D, V].
@@ -111,7 +125,9 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
             w,
             (((1,), (1 if layout == "DV" else 0,)), ((), ())),
             preferred_element_type=acc,
-        ).astype(e.dtype)
+        )
+        # With a sharded vocabulary each shard holds part of the sum over classes.
+        de_b = vocab_sum(static.vocab_axis, de_b).astype(e.dtype)
         dw_b = lax.dot_general(
             dz, e_b, (((0,), (0,)), ((), ())), preferred_element_type=acc
         )
@@ -237,8 +253,24 @@ def _native_linear(
     reduction,
     layout,
     block_size,
+    vocab_axis,
 ):
     vocab = _check_shapes(fn, embeddings, classifier, bias, layout)
+    v_axis = 1 if layout == "DV" else 0
+    route, vocab_axis = vocab_route(fn, vocab_axis, classifier, (v_axis,))
+    if route == "auto":  # under jit with a mesh: jcce runs itself in shard_map
+        body = partial(
+            _native_linear, fn, ignore_index=ignore_index, reduction=reduction,
+            layout=layout, block_size=block_size, vocab_axis=vocab_axis,
+        )  # fmt: skip
+        return auto_vocab_parallel(
+            lambda chain, e, w, y, b, **kw: body(chain, e, w, y, bias=b, **kw),
+            fn, vocab_axis, classifier, v_axis,
+            args=(chain, embeddings, classifier, labels, bias),
+            specs=("replicated", "replicated", "classes", "replicated",
+                   "bias"),
+            kwargs=dict(where=where, weights=weights, class_weights=class_weights),
+        )  # fmt: skip
     batch_shape = embeddings.shape[:-1]
     _, labels = v.labels_kind(
         fn, labels, batch_shape, batch_shape + (vocab,), allow=("int",)
@@ -262,33 +294,51 @@ def _native_linear(
         weights=weights,
         class_weights=class_weights,
         ignore_index=ignore_index,
+        vocab_axis=vocab_axis,
     )
-    spec, s_k, cw_k, params = _kernel_args(chain, jax.typeof(e), s, cw, alpha, vocab)
+    block = block_size or default_block_size(n, vocab, hidden, dtype)
+    pad = -n % block
+    s_kernel = s
+    if pad and s is None:  # padded tokens are masked examples
+        s_kernel = jnp.ones(batch_shape, acc)
+    logits_type = jax.typeof(_logits(e[:0], w, bias, layout, acc))
+    spec, s_k, cw_k, params = _kernel_args(
+        chain, logits_type, s_kernel, cw, alpha, vocab, vocab_axis
+    )
     if s_k is not None:
         s_k = s_k.reshape(n)
         # Masked tokens' embeddings are replaced by zeros, so NaN or inf in them cannot
         # reach the classifier's gradient (0 * NaN) or any derivative.
         e = jnp.where((s_k != 0)[:, None], e, jnp.zeros((), e.dtype))
-
-    block = block_size or default_block_size(n, vocab, hidden, dtype)
-    pad = -n % block
-    if pad:  # padded tokens are masked examples: zero loss, zero gradient
+    if pad:  # zero loss, zero gradient
         e = jnp.pad(e, ((0, pad), (0, 0)))
         y = jnp.pad(y, (0, pad))
-        live = jnp.ones((n,), acc) if s_k is None else s_k
-        s_k = jnp.pad(live, (0, pad))
-    args = (Static(spec, True), layout, block, e, w, bias, y, s_k, cw_k, params)
+        s_k = jnp.pad(s_k, (0, pad))
+    # Inside shard_map the classifier varies as the logits do (its cotangent is a sum
+    # over this device's tokens); the embeddings are replicated over the vocabulary.
+    w = _vary_like(logits_type, w)
+    bias = None if bias is None else _vary_like(logits_type, bias)
+    e = _vary_like(logits_type, e, exclude=_axis_names(vocab_axis))
+    static = Static(spec, True, vocab_axis)
+    args = (static, layout, block, e, w, bias, y, s_k, cw_k, params)
     if reduction == "none":
         return linear_each(*args)[:n].reshape(batch_shape)
     total = linear_sum(*args)
     if reduction == "sum":
         return total
-    return total / _mean_denominator(s, cw, labels, True, n, acc)
+    return total / _mean_denominator(s, cw, labels, True, n, acc, vocab_axis)
 
 
 _native_linear_jit = jax.jit(
     _native_linear,
-    static_argnames=("fn", "ignore_index", "reduction", "layout", "block_size"),
+    static_argnames=(
+        "fn",
+        "ignore_index",
+        "reduction",
+        "layout",
+        "block_size",
+        "vocab_axis",
+    ),
 )
 
 
@@ -307,6 +357,7 @@ def configured_linear_cross_entropy(
     reduction="mean",
     classifier_layout="DV",
     block_size=None,
+    vocab_axis=None,
 ):
     """The entry point shared by :func:`linear_cross_entropy` and ``Chain.linear``."""
     arrays = _arrays(
@@ -344,6 +395,7 @@ def configured_linear_cross_entropy(
         reduction=reduction,
         layout=classifier_layout,
         block_size=None if block_size is None else int(block_size),
+        vocab_axis=v.vocab_axis(fn, vocab_axis),
     )
 
 
@@ -360,6 +412,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     classifier_layout: str = "DV",
     block_size: int | None = None,
+    vocab_axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``embeddings @ classifier (+ bias)`` without the logits.
 
@@ -387,6 +440,11 @@ def linear_cross_entropy(
       classifier_layout: ``"DV"`` or ``"VD"``, see ``classifier``.
       block_size: tokens per block; by default chosen from ``V`` so that a block's
         float32 logits take about 32 MiB (at least 128 tokens).
+      vocab_axis: inside ``jax.shard_map``, the mesh axis (or axes) over which the
+        vocabulary is sharded: ``classifier`` (and ``bias``, ``class_weights``) hold
+        this device's ``V / P`` classes, labels are global. Per token, three numbers
+        cross the axis in the forward pass and the ``[D]`` gradient of the embedding
+        is summed over it; the classifier's gradient stays sharded.
 
     Returns:
       float32 (float64 for float64 inputs) loss: a scalar, or ``[*batch]`` for
@@ -424,4 +482,5 @@ def linear_cross_entropy(
         reduction=reduction,
         classifier_layout=classifier_layout,
         block_size=block_size,
+        vocab_axis=vocab_axis,
     )

@@ -7,9 +7,17 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jcce import _validate as v
-from jcce._kernel import Static, acc_dtype, fused_cross_entropy, fused_entropy
+from jcce._kernel import (
+    Static,
+    acc_dtype,
+    fused_cross_entropy,
+    fused_entropy,
+    label_slot,
+    label_weight,
+)
 from jcce._transforms import Chain, Params
 
 _PLAIN = Chain(())
@@ -37,9 +45,10 @@ def _params(params: Params, dtype) -> Params:
     )
 
 
-def _kernel_args(chain: Chain, like, s, cw, alpha, num_classes: int):
+def _kernel_args(chain: Chain, like, s, cw, alpha, num_classes: int, vocab_axis=None):
     """The kernel's ``(spec, s, cw, params)`` for ``chain``, in the accumulation dtype
-    of ``like`` (the logits' abstract value) and varying as it does in ``shard_map``.
+    of ``like`` (the logits' abstract value) and varying as it does in ``shard_map``
+    (except over the vocabulary's mesh axes, over which they are replicated).
 
     ``alpha`` (focal's class balance, a scalar or ``[K]``) joins the class weights in
     the kernel, but not in the ``"mean"``'s denominator."""
@@ -48,11 +57,13 @@ def _kernel_args(chain: Chain, like, s, cw, alpha, num_classes: int):
     if alpha is not None:
         alpha = jnp.broadcast_to(jnp.asarray(alpha, acc), (num_classes,))
         cw = alpha if cw is None else cw.astype(acc) * alpha
-    vary = partial(_vary_like, like)
+    # Per-class values vary as the logits do; per-example and scalar ones are
+    # replicated over the vocabulary's axes.
+    vary = partial(_vary_like, like, exclude=_axis_names(vocab_axis))
     return (
         spec,
         None if s is None else vary(s.astype(acc)),
-        None if cw is None else vary(cw.astype(acc)),
+        None if cw is None else _vary_like(like, cw.astype(acc)),
         jax.tree.map(vary, _params(params, acc)),
     )
 
@@ -65,17 +76,126 @@ def _kernel_call(
     s: jax.Array | None,
     cw: jax.Array | None,
     alpha: jax.Array | None = None,
+    vocab_axis=None,
 ) -> jax.Array:
     """Runs the kernel on class-last ``z``; returns weighted per-example losses."""
-    spec, s, cw, params = _kernel_args(chain, jax.typeof(z), s, cw, alpha, z.shape[-1])
-    return fused_cross_entropy(Static(spec, integer_labels), z, target, s, cw, params)
+    spec, s, cw, params = _kernel_args(
+        chain, jax.typeof(z), s, cw, alpha, z.shape[-1], vocab_axis
+    )
+    static = Static(spec, integer_labels, vocab_axis)
+    return fused_cross_entropy(static, z, target, s, cw, params)
 
 
-def _vary_like(logits_type, x):
+def _axis_names(vocab_axis) -> tuple:
+    if vocab_axis is None:
+        return ()
+    return tuple(vocab_axis) if isinstance(vocab_axis, tuple) else (vocab_axis,)
+
+
+def vocab_shards(fn: str, vocab_axis) -> int:
+    """The number of vocabulary shards (1 without ``vocab_axis``); a clear error when
+    the axis is not bound, i.e. outside ``jax.shard_map``."""
+    if vocab_axis is None:
+        return 1
+    try:
+        return math.prod(jax.lax.axis_size(a) for a in _axis_names(vocab_axis))
+    except NameError:
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} is not a mesh axis in scope; call the "
+            "loss inside jax.shard_map over a mesh with that axis, on logits whose "
+            "class axis is sharded over it"
+        ) from None
+
+
+def vocab_route(fn: str, vocab_axis, logits, axes):
+    """How the class axis is sharded: ``(None, None)`` without ``vocab_axis``;
+    ``("manual", axis)`` inside ``jax.shard_map`` over ``vocab_axis``; ``("auto",
+    axis)`` under ``jax.jit`` with a mesh (``jax.set_mesh``) whose automatic axes
+    include ``vocab_axis``."""
+    del logits
+    mesh = jax.sharding.get_abstract_mesh()
+    if vocab_axis is None:
+        return None, None
+    if len(axes) != 1:
+        raise ValueError(f"{fn}: vocab_axis needs a single class axis, got {axes}")
+    names = set(_axis_names(vocab_axis))
+    if mesh.empty or not names <= set(mesh.axis_names):
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} is not a mesh axis in scope; call the "
+            "loss inside jax.shard_map over a mesh with that axis, or under jax.jit "
+            "with jax.set_mesh(mesh), on logits whose class axis is sharded over it"
+        )
+    manual = names & set(mesh.manual_axes)
+    if manual == names:
+        return "manual", vocab_axis
+    if manual:
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} mixes mesh axes that shard_map made "
+            f"manual ({sorted(manual)}) with automatic ones"
+        )
+    explicit = [
+        a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if a in names and t == jax.sharding.AxisType.Explicit
+    ]  # fmt: skip
+    if explicit:
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} under jax.jit needs mesh axes of type "
+            f"AxisType.Auto, but {explicit} are Explicit; call the loss inside "
+            "jax.shard_map over the mesh instead"
+        )
+    return "auto", vocab_axis
+
+
+def auto_vocab_parallel(body, fn, vocab_axis, logits, class_axis, args, specs, kwargs):
+    """``body(*args, **kwargs)`` in a ``jax.shard_map`` that is manual over the
+    vocabulary's mesh axes only (the batch stays under the compiler's sharding). Each
+    of ``specs`` is "classes" (split along the class axis of ``logits``, which stands
+    for any array of its rank and class axis), "bias" (a ``[V]`` vector, split) or
+    "replicated"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = _axis_names(vocab_axis)
+    shards = math.prod(mesh.shape[a] for a in names)
+    num_classes = logits.shape[class_axis]
+    if num_classes % shards:
+        padded = -(-num_classes // shards) * shards
+        raise ValueError(
+            f"{fn}: logits have {num_classes} classes on axis {class_axis}, which the "
+            f"{shards} devices of mesh axis {vocab_axis!r} cannot split evenly; pad the "
+            f"class axis to {padded} with -inf logits (a -inf bias entry): the padded "
+            "classes change no loss or gradient (except under softcap, which maps "
+            "-inf to -cap)"
+        )
+    entry = names[0] if len(names) == 1 else names
+    by_classes = P(*[entry if a == class_axis else None for a in range(logits.ndim)])
+    named = {"classes": by_classes, "bias": P(entry), "replicated": P()}
+    in_specs = tuple(named[sp] for sp in specs)
+    kw_specs = {k: P() for k in kwargs}
+
+    def run(args, kwargs):
+        return body(*args, **kwargs)
+
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(in_specs, kw_specs),
+        out_specs=P(),
+        axis_names=set(names),
+    )(args, kwargs)
+
+
+def _local_classes(x, vocab_axis, num_classes):
+    """This shard's ``[num_classes]`` slice of a global per-class vector."""
+    start = jax.lax.axis_index(vocab_axis) * num_classes
+    return jax.lax.dynamic_slice_in_dim(x, start, num_classes)
+
+
+def _vary_like(logits_type, x, exclude=()):
     """``x`` marked as varying over the mesh axes the logits vary over (inside
     ``jax.shard_map``), so the kernel's per-shard cotangent of a replicated class weight
-    or hyper-parameter has its type; JAX sums it over the shards (psum) on the way out."""
-    missing = tuple(sorted(_varying(logits_type) - _varying(jax.typeof(x))))
+    or hyper-parameter has its type; JAX sums it over the shards (psum) on the way out.
+    Axes in ``exclude`` (the vocabulary's) are left alone."""
+    varying = _varying(logits_type) - set(exclude)
+    missing = tuple(sorted(varying - _varying(jax.typeof(x))))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
@@ -87,20 +207,25 @@ def _varying(aval) -> set:
     return set(getattr(aval, "vma", ()))
 
 
-def _reduce(out, s, cw, target, integer_labels, reduction):
+def _reduce(out, s, cw, target, integer_labels, reduction, vocab_axis=None):
     if reduction == "none":
         return out
     total = jnp.sum(out)
     if reduction == "sum":
         return total
-    return total / _mean_denominator(s, cw, target, integer_labels, out.size, out.dtype)
+    denom = _mean_denominator(
+        s, cw, target, integer_labels, out.size, out.dtype, vocab_axis
+    )
+    return total / denom
 
 
-def _mean_denominator(s, cw, target, integer_labels, count, dtype):
+def _mean_denominator(s, cw, target, integer_labels, count, dtype, vocab_axis=None):
     """The weighted mean's ``sum_i s_i omega_i`` (1 when nothing counts, so the mean
-    of an all-masked batch is 0), or ``count`` without weights."""
+    of an all-masked batch is 0), or ``count`` without weights. ``cw`` is this
+    vocabulary shard's slice with ``vocab_axis``."""
     if cw is not None and integer_labels:
-        omega = cw.astype(dtype)[jnp.clip(target, 0, cw.shape[0] - 1)]
+        yc, owned = label_slot(vocab_axis, target, cw.shape[0])
+        omega = label_weight(vocab_axis, cw.astype(dtype), yc, owned)
         denom = jnp.sum(omega if s is None else s.astype(dtype) * omega)
     elif s is not None:
         denom = jnp.sum(s.astype(dtype))
@@ -132,9 +257,13 @@ def _weights(
     weights,
     class_weights,
     ignore_index,
+    vocab_axis=None,
 ):
     """Example scale ``s``, class weights ``cw`` and focal's ``alpha`` from the
-    arguments and the chain, with every conflict between them rejected."""
+    arguments and the chain, with every conflict between them rejected.
+
+    With ``vocab_axis`` (``num_classes`` is then this shard's), per-class vectors may
+    be this shard's slice or the whole vocabulary's, which is sliced here."""
     s = _example_scale(fn, weights, where, batch_shape, acc)
     if ignore_index is not None:
         kept = labels != ignore_index
@@ -152,14 +281,24 @@ def _weights(
             f"{fn}: the symmetric cross-entropy does not define class weights; "
             "remove class_weights or weight examples with `weights`"
         )
+    shards = vocab_shards(fn, vocab_axis)
+    whole = num_classes * shards
+
+    def local(x):
+        sliced = shards > 1 and x.shape == (whole,)
+        return _local_classes(x, vocab_axis, num_classes) if sliced else x
+
     cw = None
     if class_weights is not None:
-        cw = v.class_weights(fn, class_weights, num_classes).astype(acc)
-    if alpha is not None and jnp.ndim(alpha) == 1 and alpha.shape[0] != num_classes:
-        raise ValueError(
-            f"{fn}: focal alpha has shape {alpha.shape} but the logits have "
-            f"{num_classes} classes"
-        )
+        class_weights = v.as_array(fn, "class_weights", class_weights)
+        cw = v.class_weights(fn, local(class_weights), num_classes).astype(acc)
+    if alpha is not None and jnp.ndim(alpha) == 1:
+        alpha = local(jnp.asarray(alpha))
+        if alpha.shape[0] != num_classes:
+            raise ValueError(
+                f"{fn}: focal alpha has shape {alpha.shape} but the logits have "
+                f"{num_classes} classes"
+            )
     return s, cw, alpha
 
 
@@ -175,9 +314,21 @@ def _native(
     class_weights=None,
     ignore_index=None,
     reduction="mean",
+    vocab_axis=None,
 ) -> jax.Array:
     logits = v.floating_logits(fn, logits)
     axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
+    route, vocab_axis = vocab_route(fn, vocab_axis, logits, axes)
+    if route == "auto":  # under jit with a mesh: jcce runs itself in shard_map
+        return auto_vocab_parallel(
+            partial(_native, fn, axis=axes[0], ignore_index=ignore_index,
+                    reduction=reduction, vocab_axis=vocab_axis),
+            fn, vocab_axis, logits, axes[0],
+            args=(chain, logits, labels),
+            specs=("replicated", "classes", "classes" if labels.ndim == logits.ndim
+                   else "replicated"),
+            kwargs=dict(where=where, weights=weights, class_weights=class_weights),
+        )  # fmt: skip
     reduction = v.reduction(fn, reduction)
     batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
     kind, labels = v.labels_kind(fn, labels, batch_shape, logits.shape)
@@ -200,13 +351,15 @@ def _native(
         weights=weights,
         class_weights=class_weights,
         ignore_index=ignore_index,
+        vocab_axis=vocab_axis,
     )
-    out = _kernel_call(chain, z, target, integer_labels, s, cw, alpha)
-    return _reduce(out, s, cw, target, integer_labels, reduction)
+    out = _kernel_call(chain, z, target, integer_labels, s, cw, alpha, vocab_axis)
+    return _reduce(out, s, cw, target, integer_labels, reduction, vocab_axis)
 
 
 _native_jit = jax.jit(
-    _native, static_argnames=("fn", "axis", "ignore_index", "reduction")
+    _native,
+    static_argnames=("fn", "axis", "ignore_index", "reduction", "vocab_axis"),
 )
 
 
@@ -227,6 +380,7 @@ def configured_cross_entropy(
     class_weights=None,
     ignore_index=None,
     reduction="mean",
+    vocab_axis=None,
 ):
     """The native entry point shared by :func:`cross_entropy` and every chain (jitted)."""
     arrays = _arrays(
@@ -240,7 +394,13 @@ def configured_cross_entropy(
     v.no_forward_mode(fn, arrays, chain)
     axis, ignore_index = v.static_options(fn, axis, reduction, ignore_index)
     return _native_jit(
-        fn, chain, **arrays, axis=axis, ignore_index=ignore_index, reduction=reduction
+        fn,
+        chain,
+        **arrays,
+        axis=axis,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        vocab_axis=v.vocab_axis(fn, vocab_axis),
     )
 
 
@@ -254,6 +414,7 @@ def cross_entropy(
     class_weights: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = None,
     reduction: str = "mean",
+    vocab_axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy from logits, with PyTorch's options and a fused gradient.
 
@@ -281,6 +442,13 @@ def cross_entropy(
       reduction: ``"mean"``, ``"sum"`` or ``"none"``. ``"mean"`` is the weighted mean
         ``sum_i s_i l_i / sum_i s_i w_{y_i}`` of PyTorch (``w_{y_i} = 1`` without class
         weights or with probability targets), and 0 when every example is masked.
+      vocab_axis: inside ``jax.shard_map``, the mesh axis (or tuple of axes) over
+        which the class axis is sharded: ``logits`` is then this device's
+        ``[*batch, K / P]`` slice, labels are global class indices, and
+        ``class_weights`` may be the ``[K / P]`` slice or the whole ``[K]``. Each token
+        exchanges three numbers over the axis (max, sum of exponentials, label logit);
+        the loss equals the unsharded loss and the gradient stays sharded. The
+        reduction is over this device's examples (psum over data axes yourself).
 
     Returns:
       float32 (float64 for float64 logits) loss: a scalar, or ``[*batch]`` for
@@ -321,6 +489,7 @@ def cross_entropy(
         class_weights=class_weights,
         ignore_index=ignore_index,
         reduction=reduction,
+        vocab_axis=vocab_axis,
     )
 
 

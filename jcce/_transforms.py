@@ -250,6 +250,7 @@ class Chain:
         class_weights=None,
         ignore_index=None,
         reduction="mean",
+        vocab_axis=None,
     ) -> jax.Array:
         return self._call(
             "cross_entropy" if not self.transforms else "chain",
@@ -261,6 +262,7 @@ class Chain:
             class_weights=class_weights,
             ignore_index=ignore_index,
             reduction=reduction,
+            vocab_axis=vocab_axis,
         )
 
     def linear(
@@ -277,6 +279,7 @@ class Chain:
         reduction="mean",
         classifier_layout="DV",
         block_size=None,
+        vocab_axis=None,
     ) -> jax.Array:
         """This chain's loss of ``embeddings @ classifier (+ bias)``, without the logits.
 
@@ -307,6 +310,7 @@ class Chain:
             reduction=reduction,
             classifier_layout=classifier_layout,
             block_size=block_size,
+            vocab_axis=vocab_axis,
         )
 
     def _call(self, fn: str, logits, labels, **options) -> jax.Array:

@@ -282,3 +282,21 @@ def ignore_index(fn: str, ignore_index, kind: str, labels_dtype):
             f"dtype {jnp.dtype(labels_dtype).name} [{info.min}, {info.max}]"
         )
     return int(ignore_index)
+
+
+def vocab_axis(fn: str, vocab_axis):
+    """A mesh axis name, a tuple of them, or None (checked before jit sees it)."""
+    if isinstance(vocab_axis, list):
+        vocab_axis = tuple(vocab_axis)
+    if vocab_axis is None or isinstance(vocab_axis, str):
+        return vocab_axis
+    if (
+        isinstance(vocab_axis, tuple)
+        and vocab_axis
+        and all(isinstance(a, str) for a in vocab_axis)
+    ):
+        return vocab_axis
+    raise TypeError(
+        f"{fn}: vocab_axis must be a mesh axis name (str), a tuple of names, or None, "
+        f"got {vocab_axis!r}"
+    )
