@@ -102,12 +102,13 @@ def main(argv=None):
             comm = collective_bytes(compiled.as_text())
             timed = "not run"
             if name.startswith("jcce"):
-                if z is None:
-                    key = jax.random.key(0)
-                    z = jax.device_put(
-                        jax.random.normal(key, (n, v), jnp.float32), logits_sharding
+                if z is None:  # generated on the devices, shard by shard
+                    make = jax.jit(
+                        lambda key: jax.random.normal(key, (n, v), jnp.float32),
+                        out_shardings=logits_sharding,
                     )
-                    y = jax.random.randint(key, (n,), 0, v)
+                    z = make(jax.random.key(0))
+                    y = jax.random.randint(jax.random.key(1), (n,), 0, v)
                 timed = fmt_ms(time_fn(compiled, z, y, repeats=opts.repeats))
             rows.append([name, fmt_bytes(temp), f"{comm / n:.1f}", timed])
     print_table(["loss", "temp per device", "collective bytes per token", "time"], rows)
