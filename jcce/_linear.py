@@ -362,6 +362,7 @@ def configured_linear_cross_entropy(
     """The entry point shared by :func:`linear_cross_entropy` and ``Chain.linear``."""
     arrays = _arrays(
         fn,
+        chain,
         embeddings=embeddings,
         classifier=classifier,
         labels=labels,
@@ -370,7 +371,6 @@ def configured_linear_cross_entropy(
         weights=weights,
         class_weights=class_weights,
     )
-    v.no_forward_mode(fn, arrays, chain)
     _, ignore_index = v.static_options(fn, -1, reduction, ignore_index)
     if classifier_layout not in LAYOUTS:
         raise ValueError(

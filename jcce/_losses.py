@@ -363,9 +363,14 @@ _native_jit = jax.jit(
 )
 
 
-def _arrays(fn, **named):
-    """Converts array arguments before jit sees them, so bad ones get a named error."""
-    return {k: None if x is None else v.as_array(fn, k, x) for k, x in named.items()}
+def _arrays(fn, chain=None, **named):
+    """Converts array arguments before jit sees them, so bad ones get a named error;
+    with a ``chain`` (the kernel's callers), also rejects forward-mode differentiation
+    of the arrays and of the chain's values."""
+    arrays = {k: None if x is None else v.as_array(fn, k, x) for k, x in named.items()}
+    if chain is not None:
+        v.no_forward_mode(fn, arrays, chain)
+    return arrays
 
 
 def configured_cross_entropy(
@@ -385,13 +390,13 @@ def configured_cross_entropy(
     """The native entry point shared by :func:`cross_entropy` and every chain (jitted)."""
     arrays = _arrays(
         fn,
+        chain,
         logits=logits,
         labels=labels,
         where=where,
         weights=weights,
         class_weights=class_weights,
     )
-    v.no_forward_mode(fn, arrays, chain)
     axis, ignore_index = v.static_options(fn, axis, reduction, ignore_index)
     return _native_jit(
         fn,
