@@ -65,3 +65,27 @@ def test_exported_program_runs_and_matches():
     want = _value_and_grads(z, y, t, cw, s)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert jnp.allclose(g, w, rtol=1e-6), (g, w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_cross_entropy_exports_for_cpu_cuda_and_tpu(dtype):
+    def value_and_grads(e, w, b, y):
+        def loss(e, w, b):
+            return CHAIN.linear(e, w, y, bias=b, block_size=4) + jnp.sum(
+                jcce.linear_cross_entropy(e, w.T, y, reduction="none", block_size=3,
+                                          classifier_layout="VD")
+            )  # fmt: skip
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(e, w, b)
+
+    n, d, v = 10, 4, 16
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((v,), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    exported = jax.export.export(
+        jax.jit(value_and_grads), platforms=("cpu", "cuda", "tpu")
+    )(*args)
+    assert "custom_call" not in exported.mlir_module().replace("Sharding", "")
