@@ -37,8 +37,6 @@ import numpy as np
 from jcce import _validate as v
 from jcce._kernel import acc_dtype
 
-_FLOATS = "float16, bfloat16, float32 or float64"
-
 # -------------------------------------------------------------------------- checks
 
 
@@ -78,14 +76,6 @@ def _axes(fn: str, axis, shape: tuple, what: str) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"{fn}: axis={axis!r} repeats an axis")
     return tuple(out)
-
-
-def _floating(fn: str, name: str, x: jax.Array) -> jax.Array:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: {name} must have a floating dtype ({_FLOATS}), got {x.dtype}"
-        )
-    return x
 
 
 def _broadcasts(src: tuple, dst: tuple) -> bool:
@@ -181,8 +171,8 @@ def _kl_log_terms(log_p, log_t):
 
 def _kl_impl(fn, log_targets, log_predictions, targets, axis, where):
     tname = "log_targets" if log_targets else "targets"
-    log_p = _floating(fn, "log_predictions", log_predictions)
-    t = _floating(fn, tname, targets)
+    log_p = v.floating(fn, "log_predictions", log_predictions)
+    t = v.floating(fn, tname, targets)
     shape = _common_shape(fn, ("log_predictions", tname), log_p, t)
     what = f"log_predictions and {tname} of (broadcast) shape"
     axes = _axes(fn, axis, shape, what)
@@ -204,7 +194,7 @@ _kl_jit = jax.jit(_kl_impl, static_argnums=(0, 1, 4))
 
 
 def _smooth_impl(fn, labels, alpha, axis, where):
-    labels = _floating(fn, "labels", labels)
+    labels = v.floating(fn, "labels", labels)
     shape = labels.shape
     axes = _axes(fn, axis, shape, "labels of shape")
     acc = acc_dtype(labels.dtype)

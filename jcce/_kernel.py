@@ -61,18 +61,8 @@ def label_slot(vocab_axis, y, num_classes):
 
 def label_weight(vocab_axis, cw, yc, owned):
     """The class weight ``w_y`` of each example's label, from the shard that holds it."""
-    w_y = take_classes(cw, yc)
+    w_y = cw[yc]
     return w_y if vocab_axis is None else lax.psum(jnp.where(owned, w_y, 0), vocab_axis)
-
-
-def take_classes(x, idx):
-    """``x[idx]`` for a per-class ``x``, sharded as ``idx`` is when ``idx`` carries an
-    explicit sharding (``jax.sharding.AxisType.Explicit``)."""
-    sharding = getattr(jax.typeof(idx), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is not None and any(a is not None for a in spec):
-        return x.at[idx].get(out_sharding=sharding)
-    return x[idx]
 
 
 def acc_dtype(dtype) -> jnp.dtype:

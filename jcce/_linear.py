@@ -199,24 +199,18 @@ def _each_bwd(static, layout, block, saved, ct):
 linear_each.defvjp(_each_fwd, _each_bwd)
 
 
-def _floating(fn, name, x, rank=None):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {x.dtype}"
-        )
-    if rank is not None and x.ndim != rank:
-        raise ValueError(f"{fn}: {name} has shape {x.shape} but must have rank {rank}")
-
-
 def _check_shapes(fn, embeddings, classifier, bias, layout):
     """The vocabulary size ``V``, after checking the three arrays against each other."""
-    _floating(fn, "embeddings", embeddings)
+    v.floating(fn, "embeddings", embeddings)
     if embeddings.ndim == 0:
         raise ValueError(
             f"{fn}: embeddings has shape () but needs a last axis of hidden size D"
         )
-    _floating(fn, "classifier", classifier, rank=2)
+    v.floating(fn, "classifier", classifier)
+    if classifier.ndim != 2:
+        raise ValueError(
+            f"{fn}: classifier has shape {classifier.shape} but must have rank 2"
+        )
     hidden = embeddings.shape[-1]
     d_axis = 0 if layout == "DV" else 1
     named = "[D, V]" if layout == "DV" else "[V, D]"
@@ -228,7 +222,7 @@ def _check_shapes(fn, embeddings, classifier, bias, layout):
         )
     vocab = classifier.shape[1 - d_axis]
     if bias is not None:
-        _floating(fn, "bias", bias)
+        v.floating(fn, "bias", bias)
         if bias.shape != (vocab,):
             raise ValueError(
                 f"{fn}: bias has shape {bias.shape} but the classifier "
@@ -257,8 +251,8 @@ def _native_linear(
 ):
     vocab = _check_shapes(fn, embeddings, classifier, bias, layout)
     v_axis = 1 if layout == "DV" else 0
-    route, vocab_axis = vocab_route(fn, vocab_axis, classifier, (v_axis,))
-    if route == "auto":  # under jit with a mesh: jcce runs itself in shard_map
+    # Under jit with a mesh, jcce runs itself in a shard_map over the vocabulary.
+    if vocab_route(fn, vocab_axis, (v_axis,)) == "auto":
         body = partial(
             _native_linear, fn, ignore_index=ignore_index, reduction=reduction,
             layout=layout, block_size=block_size, vocab_axis=vocab_axis,

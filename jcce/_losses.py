@@ -92,30 +92,21 @@ def _axis_names(vocab_axis) -> tuple:
     return tuple(vocab_axis) if isinstance(vocab_axis, tuple) else (vocab_axis,)
 
 
-def vocab_shards(fn: str, vocab_axis) -> int:
-    """The number of vocabulary shards (1 without ``vocab_axis``); a clear error when
-    the axis is not bound, i.e. outside ``jax.shard_map``."""
+def _vocab_shards(vocab_axis) -> int:
+    """The number of vocabulary shards (1 without ``vocab_axis``); only called once
+    :func:`vocab_route` has found the axes bound."""
     if vocab_axis is None:
         return 1
-    try:
-        return math.prod(jax.lax.axis_size(a) for a in _axis_names(vocab_axis))
-    except NameError:
-        raise ValueError(
-            f"{fn}: vocab_axis={vocab_axis!r} is not a mesh axis in scope; call the "
-            "loss inside jax.shard_map over a mesh with that axis, on logits whose "
-            "class axis is sharded over it"
-        ) from None
+    return math.prod(jax.lax.axis_size(a) for a in _axis_names(vocab_axis))
 
 
-def vocab_route(fn: str, vocab_axis, logits, axes):
-    """How the class axis is sharded: ``(None, None)`` without ``vocab_axis``;
-    ``("manual", axis)`` inside ``jax.shard_map`` over ``vocab_axis``; ``("auto",
-    axis)`` under ``jax.jit`` with a mesh (``jax.set_mesh``) whose automatic axes
-    include ``vocab_axis``."""
-    del logits
+def vocab_route(fn: str, vocab_axis, axes):
+    """How the class axis is sharded: None without ``vocab_axis``; "manual" inside
+    ``jax.shard_map`` over ``vocab_axis``; "auto" under ``jax.jit`` with a mesh
+    (``jax.set_mesh``) whose automatic axes include ``vocab_axis``."""
     mesh = jax.sharding.get_abstract_mesh()
     if vocab_axis is None:
-        return None, None
+        return None
     if len(axes) != 1:
         raise ValueError(f"{fn}: vocab_axis needs a single class axis, got {axes}")
     names = set(_axis_names(vocab_axis))
@@ -127,7 +118,7 @@ def vocab_route(fn: str, vocab_axis, logits, axes):
         )
     manual = names & set(mesh.manual_axes)
     if manual == names:
-        return "manual", vocab_axis
+        return "manual"
     if manual:
         raise ValueError(
             f"{fn}: vocab_axis={vocab_axis!r} mixes mesh axes that shard_map made "
@@ -143,7 +134,7 @@ def vocab_route(fn: str, vocab_axis, logits, axes):
             f"AxisType.Auto, but {explicit} are Explicit; call the loss inside "
             "jax.shard_map over the mesh instead"
         )
-    return "auto", vocab_axis
+    return "auto"
 
 
 def auto_vocab_parallel(body, fn, vocab_axis, logits, class_axis, args, specs, kwargs):
@@ -281,7 +272,7 @@ def _weights(
             f"{fn}: the symmetric cross-entropy does not define class weights; "
             "remove class_weights or weight examples with `weights`"
         )
-    shards = vocab_shards(fn, vocab_axis)
+    shards = _vocab_shards(vocab_axis)
     whole = num_classes * shards
 
     def local(x):
@@ -318,8 +309,8 @@ def _native(
 ) -> jax.Array:
     logits = v.floating_logits(fn, logits)
     axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
-    route, vocab_axis = vocab_route(fn, vocab_axis, logits, axes)
-    if route == "auto":  # under jit with a mesh: jcce runs itself in shard_map
+    # Under jit with a mesh, jcce runs itself in a shard_map over the vocabulary.
+    if vocab_route(fn, vocab_axis, axes) == "auto":
         return auto_vocab_parallel(
             partial(_native, fn, axis=axes[0], ignore_index=ignore_index,
                     reduction=reduction, vocab_axis=vocab_axis),

@@ -94,14 +94,19 @@ def static_options(fn: str, axis, reduction_, ignore_index_):
     return axis, None if ignore_index_ is None else int(ignore_index_)
 
 
+def floating(fn: str, name: str, x) -> jax.Array:
+    """Checks that array ``x`` (the argument ``name``) has a floating dtype."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}"
+        )
+    return x
+
+
 def floating_logits(fn: str, logits) -> jax.Array:
     """Checks that ``logits`` is a floating array of rank >= 1."""
-    logits = as_array(fn, "logits", logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: logits must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {logits.dtype}"
-        )
+    logits = floating(fn, "logits", as_array(fn, "logits", logits))
     if logits.ndim == 0:
         raise ValueError(
             f"{fn}: logits has shape () but needs at least one axis of classes"
