@@ -12,9 +12,10 @@ default), it compiles ``jax.value_and_grad`` of the mean loss three ways:
   ``optax.losses.softmax_cross_entropy_with_integer_labels``;
 
 and prints, per device, XLA's compiled scratch memory (``memory_analysis()``) and the
-bytes its collectives carry (the operands of every all-reduce, all-gather, all-to-all
-and collective-permute in the optimized HLO, summed), per token. The baseline is only
-compiled; the jcce rows are also timed (median of ``--repeats``). Labels are replicated.
+bytes its collectives carry per token (the results of every all-reduce, all-gather,
+all-to-all and collective-permute in the optimized HLO, summed), each also as a ratio
+to the gather baseline's in the same run. The baseline is only compiled; the jcce rows
+are also timed (median of ``--repeats``). Labels are replicated.
 
     python benchmarks/bench_vocab_parallel.py                 # N = 8192, V = 131072
     python benchmarks/bench_vocab_parallel.py --quick         # small shapes
@@ -110,8 +111,29 @@ def main(argv=None):
                     z = make(jax.random.key(0))
                     y = jax.random.randint(jax.random.key(1), (n,), 0, v)
                 timed = fmt_ms(time_fn(compiled, z, y, repeats=opts.repeats))
-            rows.append([name, fmt_bytes(temp), f"{comm / n:.1f}", timed])
-    print_table(["loss", "temp per device", "collective bytes per token", "time"], rows)
+            rows.append((name, temp, comm, timed))
+    base_temp, base_comm = rows[-1][1], rows[-1][2]  # the gather baseline, this run
+    print_table(
+        [
+            "loss",
+            "temp per device",
+            "temp/gather",
+            "collective bytes per token",
+            "bytes/gather",
+            "time",
+        ],
+        [
+            [
+                name,
+                fmt_bytes(temp),
+                f"{temp / base_temp:.2e}",
+                f"{comm / n:.1f}",
+                f"{comm / base_comm:.2e}",
+                timed,
+            ]
+            for name, temp, comm, timed in rows
+        ],
+    )
 
 
 if __name__ == "__main__":
