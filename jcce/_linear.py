@@ -69,14 +69,71 @@ def _logits(e, w, b, layout, acc):
     return z if b is None else z + b.astype(acc)[None, :]
 
 
+def vocab_chunk(vocab: int, hidden: int, nbytes: int) -> int:
+    """Classes per chunk such that a float32 ``[chunk, D]`` slice of the classifier (or of
+    its gradient) takes about ``nbytes``: at least 512, at most ``vocab``."""
+    chunk = 512
+    while chunk * 2 * hidden * 4 <= nbytes:
+        chunk *= 2
+    return min(chunk, vocab)
+
+
+def _over_chunks(vocab, chunk, one, carry):
+    """``carry = one(carry, start, size)`` for the chunks ``[start, start + size)`` that
+    tile ``range(vocab)``; the first chunk runs outside the loop, so ``one`` may start
+    from a ``carry`` whose parts are None (the first chunk then gives them their type)."""
+    steps, rest = divmod(vocab, chunk)
+    carry = one(carry, 0, chunk)
+    if steps > 1:
+        carry, _ = lax.scan(
+            lambda c, i: (one(c, i * chunk, chunk), None), carry, jnp.arange(1, steps)
+        )
+    if rest:
+        carry = one(carry, steps * chunk, rest)
+    return carry
+
+
+def _chunked_logits(e_b, take, b, vocab, chunk, layout, acc):
+    """The block's ``[B, V]`` logits, a chunk of classes at a time (see ``_sweep``)."""
+
+    def one(z, start, size):
+        z_c = _logits(e_b, take(start, size), None, layout, acc)
+        if z is None:
+            z = _vary_like(jax.typeof(z_c), jnp.zeros((e_b.shape[0], vocab), acc))
+        return lax.dynamic_update_slice_in_dim(z, z_c, start, 1)
+
+    z = _over_chunks(vocab, chunk, one, None)
+    return z if b is None else z + b.astype(acc)[None, :]
+
+
+def _backprop(dz, e_b, take, dw, chunk, layout):
+    """``dz W^T`` (the block's embedding gradient, ``[B, D]``) and ``dw + dz^T e_b``, a
+    chunk of classes at a time: the block's ``[V, D]`` product is never held whole,
+    and each chunk's share is added to ``dw`` while it is still in cache."""
+    v_axis = 1 if layout == "DV" else 0
+
+    def one(carry, start, size):
+        de, dw = carry
+        dz_c = lax.dynamic_slice_in_dim(dz, start, size, 1)
+        de_c = lax.dot_general(dz_c, take(start, size), (((1,), (v_axis,)), ((), ())))
+        dw_c = lax.dot_general(dz_c, e_b, (((0,), (0,)), ((), ())))
+        dw_c = dw_c + lax.dynamic_slice_in_dim(dw, start, size, 0)
+        de = de_c if de is None else de + de_c
+        return de, lax.dynamic_update_slice_in_dim(dw, dw_c, start, 0)
+
+    return _over_chunks(dz.shape[1], chunk, one, (None, dw))
+
+
 def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
     """Per-example losses over token blocks; with per-example cotangents ``g``, also
     the cotangents of ``(e, w, b, s, cw, params)`` for ``sum_i g_i loss_i``.
 
     ``e`` is ``[N, D]`` with ``N`` a multiple of ``block``; ``s`` is None or ``[N]``."""
     acc = acc_dtype(e.dtype)
-    n = e.shape[0]
+    n, hidden = e.shape
     steps = n // block
+    v_axis = 1 if layout == "DV" else 0
+    vocab = w.shape[v_axis]
 
     def blocks(x):
         return None if x is None else x.reshape((steps, block) + x.shape[1:])
@@ -101,9 +158,24 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         z = jnp.zeros(x.shape if shape is None else shape, dtype or x.dtype)
         return _vary_like(jax.typeof(x), z)
 
-    vocab = w.shape[1] if layout == "DV" else w.shape[0]
+    # All the gradient sweep's matmuls run in float32 (or float64): XLA:CPU runs them
+    # faster than 16-bit ones with float32 results. 16-bit arrays are carried as their
+    # raw bits and widened a block or a chunk at a time: sliced as floats, XLA:CPU would
+    # widen the whole array before the loop, a float32 copy of the classifier.
+    narrow = jnp.dtype(e.dtype).itemsize < jnp.dtype(acc).itemsize
+    e_scan = lax.bitcast_convert_type(e, jnp.uint16) if narrow else e
+    w_scan = lax.bitcast_convert_type(w, jnp.uint16) if narrow else w
+
+    def take(start, size):  # classes [start, start + size) of the classifier
+        w_c = lax.dynamic_slice_in_dim(w_scan, start, size, v_axis)
+        return lax.bitcast_convert_type(w_c, w.dtype).astype(acc) if narrow else w_c
+
+    # A float32 [chunk, D] slice of the gradient near 4 MiB (a core's L2 cache here);
+    # for 16-bit classifiers, logits from widened slices near 16 MiB.
+    chunk = vocab_chunk(vocab, hidden, 4 * 2**20)
+    logits_chunk = vocab_chunk(vocab, hidden, 16 * 2**20)
     carry0 = (
-        zeros(w, (vocab, e.shape[1]), acc),  # dW as [V, D] whatever the layout
+        zeros(w, (vocab, hidden), acc),  # dW as [V, D] whatever the layout
         None if b is None else zeros(b, dtype=acc),
         jax.tree.map(zeros, cw),
         jax.tree.map(zeros, params),
@@ -112,28 +184,21 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
     def step(carry, xs):
         dw, db, dcw, dparams = carry
         e_b, y_b, s_b, g_b = xs
-        z = _logits(e_b, w, b, layout, acc)
+        if narrow:
+            e_b = lax.bitcast_convert_type(e_b, e.dtype).astype(acc)
+            z = _chunked_logits(e_b, take, b, vocab, logits_chunk, layout, acc)
+        else:
+            z = _logits(e_b, w, b, layout, acc)
         loss, pull = jax.vjp(partial(loss_of, y_b=y_b), z, s_b, cw, params)
         dz, ds_b, dcw_b, dparams_b = pull(
             _vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
         )
-        dz = dz.astype(jnp.result_type(e.dtype, w.dtype))
-        # dE = G W^T, and dW^T = G^T E: accumulated as [V, D] in float32, which
-        # XLA:CPU runs about 1.4x faster than accumulating E^T G as [D, V].
-        de_b = lax.dot_general(
-            dz,
-            w,
-            (((1,), (1 if layout == "DV" else 0,)), ((), ())),
-            preferred_element_type=acc,
-        )
+        de_b, dw = _backprop(dz, e_b, take, dw, chunk, layout)
         # With a sharded vocabulary each shard holds part of the sum over classes.
         de_b = vocab_sum(static.vocab_axis, de_b).astype(e.dtype)
-        dw_b = lax.dot_general(
-            dz, e_b, (((0,), (0,)), ((), ())), preferred_element_type=acc
-        )
         add = partial(jax.tree.map, jnp.add)
         carry = (
-            dw + dw_b,
+            dw,
             None if db is None else db + jnp.sum(dz, axis=0, dtype=acc),
             add(dcw, dcw_b),
             add(dparams, dparams_b),
@@ -141,7 +206,7 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         return carry, (loss, de_b, ds_b)
 
     (dw, db, dcw, dparams), (losses, de, ds) = lax.scan(
-        step, carry0, (blocks(e), blocks(y), blocks(s), blocks(g))
+        step, carry0, (blocks(e_scan), blocks(y), blocks(s), blocks(g))
     )
     grads = (
         de.reshape(e.shape),
