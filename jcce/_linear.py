@@ -79,30 +79,39 @@ def vocab_chunk(vocab: int, hidden: int, nbytes: int) -> int:
 
 
 def _over_chunks(vocab, chunk, one, carry):
-    """``carry = one(carry, start, size)`` for the chunks ``[start, start + size)`` that
-    tile ``range(vocab)``; the first chunk runs outside the loop, so ``one`` may start
-    from a ``carry`` whose parts are None (the first chunk then gives them their type)."""
+    """``carry = one(carry, start, size)`` over the chunks ``[start, start + size)``
+    that tile ``range(vocab)``: a loop over the whole chunks, then the shorter rest."""
     steps, rest = divmod(vocab, chunk)
-    carry = one(carry, 0, chunk)
-    if steps > 1:
+    if steps == 1:
+        carry = one(carry, 0, chunk)
+    else:
         carry, _ = lax.scan(
-            lambda c, i: (one(c, i * chunk, chunk), None), carry, jnp.arange(1, steps)
+            lambda c, i: (one(c, i * chunk, chunk), None), carry, jnp.arange(steps)
         )
-    if rest:
-        carry = one(carry, steps * chunk, rest)
-    return carry
+    return one(carry, steps * chunk, rest) if rest else carry
+
+
+def _zeros_like_product(shape, dtype, *factors):
+    """Zeros typed as a product of ``factors`` (varying over every mesh axis any of them
+    varies over inside ``jax.shard_map``), to start a sum of such products."""
+    z = jnp.zeros(shape, dtype)
+    for x in factors:
+        z = _vary_like(jax.typeof(x), z)
+    return z
 
 
 def _chunked_logits(e_b, take, b, vocab, chunk, layout, acc):
     """The block's ``[B, V]`` logits, a chunk of classes at a time (see ``_sweep``)."""
+    if chunk >= vocab:
+        return _logits(e_b, take(0, vocab), b, layout, acc)
 
     def one(z, start, size):
         z_c = _logits(e_b, take(start, size), None, layout, acc)
-        if z is None:
-            z = _vary_like(jax.typeof(z_c), jnp.zeros((e_b.shape[0], vocab), acc))
         return lax.dynamic_update_slice_in_dim(z, z_c, start, 1)
 
-    z = _over_chunks(vocab, chunk, one, None)
+    w_c = take(0, 1)
+    z = _zeros_like_product((e_b.shape[0], vocab), acc, e_b, w_c)
+    z = _over_chunks(vocab, chunk, one, z)
     return z if b is None else z + b.astype(acc)[None, :]
 
 
@@ -115,13 +124,15 @@ def _backprop(dz, e_b, take, dw, chunk, layout):
     def one(carry, start, size):
         de, dw = carry
         dz_c = lax.dynamic_slice_in_dim(dz, start, size, 1)
-        de_c = lax.dot_general(dz_c, take(start, size), (((1,), (v_axis,)), ((), ())))
+        de = de + lax.dot_general(
+            dz_c, take(start, size), (((1,), (v_axis,)), ((), ()))
+        )
         dw_c = lax.dot_general(dz_c, e_b, (((0,), (0,)), ((), ())))
         dw_c = dw_c + lax.dynamic_slice_in_dim(dw, start, size, 0)
-        de = de_c if de is None else de + de_c
         return de, lax.dynamic_update_slice_in_dim(dw, dw_c, start, 0)
 
-    return _over_chunks(dz.shape[1], chunk, one, (None, dw))
+    de = _zeros_like_product((dz.shape[0], e_b.shape[1]), dz.dtype, dz, take(0, 1))
+    return _over_chunks(dz.shape[1], chunk, one, (de, dw))
 
 
 def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):

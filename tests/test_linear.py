@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jcce
-from jcce._linear import default_block_size
+from jcce._linear import default_block_size, vocab_chunk
 from tests.reference import numpy_cross_entropy
 
 N, D, V = 37, 12, 50
@@ -259,6 +259,41 @@ def test_half_precision_inputs_accumulate_in_float32(dtype, rtol):
         )
 
 
+# D and V large enough that the backward matmuls (about 4 MiB float32 slices of the
+# classifier) and, for 16-bit inputs, the logits (about 16 MiB) run over several
+# vocabulary chunks with a shorter last one.
+CD, CV = 1100, 4500
+
+
+def test_chunk_sizes_of_the_large_vocabulary_tests():
+    assert vocab_chunk(CV, CD, 4 * 2**20) == 512  # 8 chunks and 404 classes
+    assert vocab_chunk(CV, CD, 16 * 2**20) == 2048  # 2 chunks and 404 classes
+    assert vocab_chunk(50, 12, 4 * 2**20) == 50
+    assert vocab_chunk(32768, 512, 4 * 2**20) == 2048
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(np.float32, 1e-5), (jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)]
+)
+@pytest.mark.parametrize("layout", ["DV", "VD"])
+def test_vocabulary_chunks_with_a_shorter_last_chunk(dtype, rtol, layout):
+    e, w, b, y = make(14, n=24, d=CD, v=CV)
+    e, w, b = (jnp.asarray(x, dtype) for x in (e, w, b))
+    chain = jcce.chain(jcce.softcap(20.0), jcce.label_smoothing(0.1), jcce.z_loss(1e-3))
+    fused, _ = fused_and_unfused(chain, "mean", layout, 16)
+    got = value_and_grads(fused, e, w, b, y)
+    # Reference: float32 arithmetic on the same (rounded) inputs, unfused.
+    _, unfused = fused_and_unfused(chain, "mean")
+    want = value_and_grads(unfused, *(x.astype(jnp.float32) for x in (e, w, b)), y)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, g_ref in zip(got[1], want[1], strict=True):
+        assert g.dtype == dtype
+        scale = float(jnp.max(jnp.abs(g_ref)))
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), g_ref, rtol=rtol, atol=rtol * scale
+        )
+
+
 def test_extreme_logits_and_negative_infinity_bias():
     e, w, b, y = make(10, n=6, d=3, v=7)
     e = e * np.float32(1e15)
@@ -322,6 +357,27 @@ def test_memory_stays_block_sized():
     logits_bytes = n * v * 4
     assert unfused >= logits_bytes
     assert fused < logits_bytes / 4, (fused, unfused)
+
+
+def test_16_bit_inputs_hold_no_float32_copy_of_the_classifier():
+    # XLA:CPU widens a 16-bit array that a loop slices to float32 whole, before the
+    # loop; the sweep slices raw bits instead. Its scratch is the float32 [V, D]
+    # gradient, a block's float32 logits and their gradient, and a widened 16 MiB
+    # chunk of the classifier: a float32 copy of the classifier (4 D V = 64 MiB
+    # here) would not fit.
+    n, d, v, block = 512, 256, 65536, 128
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+    )
+    y = jnp.zeros(n, jnp.int32)
+    f = jax.value_and_grad(
+        lambda e, w: jcce.linear_cross_entropy(e, w, y, block_size=block),
+        argnums=(0, 1),
+    )
+    temp = jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    mib = 2**20
+    assert temp < 4 * d * v + 2 * 4 * block * v + 16 * mib + 8 * mib, temp / mib
 
 
 @settings(max_examples=10)  # each example compiles anew

@@ -308,6 +308,42 @@ def test_linear_with_a_sharded_classifier(mesh_shape, reduction, layout):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize(("dtype", "rtol"), [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_linear_over_vocabulary_chunks_on_each_shard(dtype, rtol):
+    """2,300 classes per device with D = 1,100: the backward matmuls run over 4 chunks
+    of 512 classes and a shorter rest, and 16-bit logits over 2,048 and a rest."""
+    mesh = _mesh((2, 4))
+    n, d, v = 16, 1100, 4 * 2300
+    rng = np.random.default_rng(7)
+    e = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    w = jnp.asarray(rng.standard_normal((d, v)) / np.sqrt(d) * 3, dtype)
+    y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    loss = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-3))
+
+    def body(e, w, y):
+        out = loss.linear(e, w, y, vocab_axis="model", block_size=8, reduction="sum")
+        return jax.lax.psum(out, "data")
+
+    f = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("data")),
+        out_specs=P(),
+    )
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(e, w, y)
+    e32, w32 = e.astype(jnp.float32), w.astype(jnp.float32)
+    want = jax.value_and_grad(
+        lambda e, w: loss(e @ w, y, reduction="sum"), argnums=(0, 1)
+    )(e32, w32)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
+    for g, g_ref in zip(got[1], want[1], strict=True):
+        assert g.dtype == dtype
+        scale = float(jnp.max(jnp.abs(g_ref)))
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), g_ref, rtol=rtol, atol=rtol * scale
+        )
+
+
 # ------------------------------------------------ jax.jit with NamedSharding, no shard_map
 
 
