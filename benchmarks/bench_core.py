@@ -139,8 +139,11 @@ def value_and_grad(loss):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def time_interleaved(fns: dict, args, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per function, timed round-robin so load drifts hit all alike."""
+def interleaved_samples(
+    fns: dict, args, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of each call, per function, timed round-robin so that load drifts hit all
+    alike: round ``i`` of one function ran right next to round ``i`` of the others."""
     for _ in range(max(warmup, 1)):
         for f in fns.values():
             jax.block_until_ready(f(*args))
@@ -153,6 +156,12 @@ def time_interleaved(fns: dict, args, repeats: int, warmup: int) -> dict[str, fl
             t0 = time.perf_counter()
             jax.block_until_ready(fns[name](*args))
             samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def time_interleaved(fns: dict, args, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per function, timed round-robin (``interleaved_samples``)."""
+    samples = interleaved_samples(fns, args, repeats, warmup)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 

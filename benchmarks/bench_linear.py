@@ -8,7 +8,8 @@ loss for
   ``optax.losses.softmax_cross_entropy_with_integer_labels(...).mean()``;
 
 and prints XLA's compiled scratch memory (``memory_analysis().temp_size_in_bytes``), the
-median time over ``--repeats`` calls timed round-robin, and the ratios fused/unfused. The
+median time over ``--repeats`` calls timed round-robin, and the ratios fused/unfused
+(time: the median of the per-round ratios). The
 work is three ``N x D x V`` matmuls (logits, and the gradients of the embeddings and the
 classifier): ``6 N D V`` FLOPs, printed with the achieved rate and its fraction of one
 plain ``[N, D] @ [D, V]`` matmul's rate measured in the same run (the machine's matmul
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import jax
@@ -41,7 +43,7 @@ from _common import (  # noqa: E402
     print_table,
     temp_bytes,
 )
-from bench_core import time_interleaved  # noqa: E402
+from bench_core import interleaved_samples  # noqa: E402
 
 FULL = [
     (4096, 512, 32768, jnp.float32),
@@ -80,7 +82,17 @@ def bench(n, d, v, dtype, repeats, warmup, block_size):
     temp = {name: temp_bytes(g, e, w, y) for name, g in grads.items()}
     fns = {name: jax.jit(g) for name, g in grads.items()}
     fns["matmul"] = jax.jit(lambda e, w, y: e @ w)
-    times = time_interleaved(fns, (e, w, y), repeats, warmup)
+    samples = interleaved_samples(fns, (e, w, y), repeats, warmup)
+    times = {name: statistics.median(ts) for name, ts in samples.items()}
+    # Each round's fused and unfused calls ran back to back, so the median of the
+    # per-round ratios is steadier than the ratio of the medians when the machine's
+    # speed drifts (by 10 to 20% between runs here).
+    ratio = {
+        name: statistics.median(
+            t / u for t, u in zip(samples[name], samples["unfused"], strict=True)
+        )
+        for name in ("fused", "unfused")
+    }
     dw = {
         name: fns[name](e, w, y)[1][1].astype(jnp.float32)
         for name in ("fused", "unfused")
@@ -99,7 +111,7 @@ def bench(n, d, v, dtype, repeats, warmup, block_size):
                 label,
                 name,
                 fmt_ms(times[name]),
-                fmt_ratio(times[name] / times["unfused"]),
+                fmt_ratio(ratio[name]),
                 fmt_bytes(temp[name]),
                 fmt_ratio(temp[name] / temp["unfused"]),
                 f"{flops / 1e9:.0f}",

@@ -16,6 +16,13 @@ Gradients, by measurement on XLA:CPU (see ``benchmarks/bench_linear.py`` and the
   in the backward pass (Cut Cross-Entropy's way) would do four.
 * For ``reduction="none"`` the per-example cotangents arrive only in the backward pass,
   which recomputes each block's logits and applies them.
+* Inside a block the two backward matmuls run a chunk of classes at a time (a float32
+  ``[chunk, D]`` slice near 4 MiB), so the block's ``[V, D]`` share of the classifier's
+  gradient is never held whole and is added to the accumulator while in cache.
+* The gradient sweep's matmuls run in float32 (XLA:CPU's 16-bit matmuls with float32
+  results are slower). 16-bit inputs are carried as raw bits and widened a token block
+  or a chunk of classes at a time; sliced as floats, XLA:CPU would widen the whole
+  classifier to float32 before the loop.
 
 Both sweeps are the same function of a per-example cotangent ``g``; every derivative
 (including the hyper-parameters', class weights' and example weights') comes from the
