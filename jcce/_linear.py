@@ -20,9 +20,9 @@ Gradients, by measurement on XLA:CPU (see ``benchmarks/bench_linear.py`` and the
   ``[chunk, D]`` slice near 4 MiB), so the block's ``[V, D]`` share of the classifier's
   gradient is never held whole and is added to the accumulator while in cache.
 * The gradient sweep's matmuls run in float32 (XLA:CPU's 16-bit matmuls with float32
-  results are slower). 16-bit inputs are carried as raw bits and widened a token block
-  or a chunk of classes at a time; sliced as floats, XLA:CPU would widen the whole
-  classifier to float32 before the loop.
+  results are slower). A 16-bit classifier is sliced as raw 16-bit words and widened a
+  chunk of classes at a time; sliced as floats, XLA:CPU would widen all of it to
+  float32 before the loop.
 
 Both sweeps are the same function of a per-example cotangent ``g``; every derivative
 (including the hyper-parameters', class weights' and example weights') comes from the
@@ -83,6 +83,26 @@ def vocab_chunk(vocab: int, hidden: int, nbytes: int) -> int:
     while chunk * 2 * hidden * 4 <= nbytes:
         chunk *= 2
     return min(chunk, vocab)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _widened_slice(x, start, size, axis, dtype):
+    """``dynamic_slice_in_dim(x, start, size, axis).astype(dtype)`` for a 16-bit ``x``,
+    sliced as raw 16-bit words: sliced as floats inside a loop, XLA:CPU widens the
+    whole of ``x`` to float32 before the loop (a float32 copy of the classifier)."""
+    bits = lax.bitcast_convert_type(x, jnp.uint16)
+    part = lax.dynamic_slice_in_dim(bits, start, size, axis)
+    return lax.bitcast_convert_type(part, x.dtype).astype(dtype)
+
+
+@_widened_slice.defjvp
+def _widened_slice_jvp(size, axis, dtype, primals, tangents):
+    # The bits carry no tangent; the slice is linear in x, so its tangent is the slice
+    # of x's tangent (forward-over-reverse derivatives of the gradient sweep).
+    x, start = primals
+    x_dot, _ = tangents
+    out = _widened_slice(x, start, size, axis, dtype)
+    return out, lax.dynamic_slice_in_dim(x_dot, start, size, axis).astype(dtype)
 
 
 def _over_chunks(vocab, chunk, one, carry):
@@ -177,16 +197,13 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         return _vary_like(jax.typeof(x), z)
 
     # All the gradient sweep's matmuls run in float32 (or float64): XLA:CPU runs them
-    # faster than 16-bit ones with float32 results. 16-bit arrays are carried as their
-    # raw bits and widened a block or a chunk at a time: sliced as floats, XLA:CPU would
-    # widen the whole array before the loop, a float32 copy of the classifier.
-    narrow = jnp.dtype(e.dtype).itemsize < jnp.dtype(acc).itemsize
-    e_scan = lax.bitcast_convert_type(e, jnp.uint16) if narrow else e
-    w_scan = lax.bitcast_convert_type(w, jnp.uint16) if narrow else w
+    # faster than 16-bit ones with float32 results.
+    narrow = jnp.dtype(w.dtype).itemsize < jnp.dtype(acc).itemsize
 
     def take(start, size):  # classes [start, start + size) of the classifier
-        w_c = lax.dynamic_slice_in_dim(w_scan, start, size, v_axis)
-        return lax.bitcast_convert_type(w_c, w.dtype).astype(acc) if narrow else w_c
+        if narrow:
+            return _widened_slice(w, start, size, v_axis, acc)
+        return lax.dynamic_slice_in_dim(w, start, size, v_axis)
 
     # A float32 [chunk, D] slice of the gradient near 4 MiB (a core's L2 cache here);
     # for 16-bit classifiers, logits from widened slices near 16 MiB.
@@ -202,8 +219,8 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
     def step(carry, xs):
         dw, db, dcw, dparams = carry
         e_b, y_b, s_b, g_b = xs
+        e_b = e_b.astype(acc)
         if narrow:
-            e_b = lax.bitcast_convert_type(e_b, e.dtype).astype(acc)
             z = _chunked_logits(e_b, take, b, vocab, logits_chunk, layout, acc)
         else:
             z = _logits(e_b, w, b, layout, acc)
@@ -224,7 +241,7 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         return carry, (loss, de_b, ds_b)
 
     (dw, db, dcw, dparams), (losses, de, ds) = lax.scan(
-        step, carry0, (blocks(e_scan), blocks(y), blocks(s), blocks(g))
+        step, carry0, (blocks(e), blocks(y), blocks(s), blocks(g))
     )
     grads = (
         de.reshape(e.shape),

@@ -222,6 +222,46 @@ def test_second_order_matches_autodiff_of_the_naive_formula(reduction):
         )
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_order_with_16_bit_inputs(reduction):
+    # The gradient sweep slices a 16-bit classifier as raw bits; its derivatives must
+    # still flow. Forward-over-reverse (the Hessian's order) and reverse-over-reverse,
+    # against float32 arithmetic on the same rounded inputs.
+    e, w, b, y = make(15, n=9, d=4, v=11)
+    e, w = jnp.asarray(e, jnp.float16), jnp.asarray(w, jnp.float16)
+    weights = jnp.arange(9.0)
+
+    def loss(e, w, fused):
+        if fused:
+            out = jcce.linear_cross_entropy(e, w, y, reduction=reduction, block_size=4)
+        else:
+            out = jcce.cross_entropy(e @ w, y, reduction=reduction)
+        return out if reduction == "mean" else jnp.sum(out * weights)
+
+    t = jnp.asarray(np.random.default_rng(0).standard_normal(w.shape), jnp.float16)
+    e32, w32, t32 = e.astype(jnp.float32), w.astype(jnp.float32), t.astype(jnp.float32)
+    for order in ("fwd-rev", "rev-rev"):
+        if order == "fwd-rev":
+
+            def second(e, w, t, fused):
+                g = jax.grad(loss, argnums=(0, 1))
+                return jax.jvp(lambda w: g(e, w, fused), (w,), (t,))[1]
+        else:
+
+            def second(e, w, t, fused):
+                g = jax.grad(loss, argnums=(0, 1))
+                return jax.grad(lambda w: jnp.vdot(g(e, w, fused)[0], e))(w)
+
+        got = second(e, w, t, True)
+        want = second(e32, w32, t32, False)
+        for g, g_ref in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            scale = float(jnp.max(jnp.abs(g_ref)))
+            assert scale > 0
+            np.testing.assert_allclose(
+                np.asarray(g, np.float32), g_ref, rtol=5e-3, atol=5e-3 * scale
+            )
+
+
 def test_jit_and_vmap():
     e, w, b, y = make(8, batch=(4, 9))
     f = jax.jit(
