@@ -261,3 +261,17 @@ def naive_jax_objective(
     if base is not None:
         loss = loss / jnp.log(base)
     return _reduce_jax(loss, weights, class_weights, labels, integer, reduction)
+
+
+def assert_close_to_scale(got, want, rtol, dtype=None):
+    """Each array of ``got`` equals ``want``'s to ``rtol`` of the largest entry of that
+    reference array (16-bit results are rounded once, so each entry's error scales
+    with the array's magnitude, not its own); ``dtype``, if given, is ``got``'s."""
+    for g, ref in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        if dtype is not None:
+            assert g.dtype == dtype, (g.dtype, dtype)
+        scale = float(jnp.max(jnp.abs(ref)))
+        assert scale > 0
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), ref, rtol=rtol, atol=rtol * scale
+        )
