@@ -128,7 +128,8 @@ def _zeros_like_product(shape, dtype, *factors):
 
 
 def _chunked_logits(e_b, take, b, vocab, chunk, layout, acc):
-    """The block's ``[B, V]`` logits, a chunk of classes at a time (see ``_sweep``)."""
+    """The block's ``[B, V]`` logits, a chunk of classes at a time (one chunk: a single
+    matmul)."""
     if chunk >= vocab:
         return _logits(e_b, take(0, vocab), b, layout, acc)
 
@@ -158,7 +159,8 @@ def _backprop(dz, e_b, take, dw, chunk, layout):
         dw_c = dw_c + lax.dynamic_slice_in_dim(dw, start, size, 0)
         return de, lax.dynamic_update_slice_in_dim(dw, dw_c, start, 0)
 
-    de = _zeros_like_product((dz.shape[0], e_b.shape[1]), dz.dtype, dz, take(0, 1))
+    # dz varies as the logits do, so as every product of its chunks does.
+    de = _zeros_like_product((dz.shape[0], e_b.shape[1]), dz.dtype, dz)
     return _over_chunks(dz.shape[1], chunk, one, (de, dw))
 
 
@@ -193,8 +195,8 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         return losses.reshape(n), None
 
     def zeros(x, shape=None, dtype=None):  # typed as x (varying as it does)
-        z = jnp.zeros(x.shape if shape is None else shape, dtype or x.dtype)
-        return _vary_like(jax.typeof(x), z)
+        shape = x.shape if shape is None else shape
+        return _zeros_like_product(shape, dtype or x.dtype, x)
 
     # All the gradient sweep's matmuls run in float32 (or float64): XLA:CPU runs them
     # faster than 16-bit ones with float32 results.
@@ -206,9 +208,9 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         return lax.dynamic_slice_in_dim(w, start, size, v_axis)
 
     # A float32 [chunk, D] slice of the gradient near 4 MiB (a core's L2 cache here);
-    # for 16-bit classifiers, logits from widened slices near 16 MiB.
+    # for 16-bit classifiers, logits from widened slices near 16 MiB (else one matmul).
     chunk = vocab_chunk(vocab, hidden, 4 * 2**20)
-    logits_chunk = vocab_chunk(vocab, hidden, 16 * 2**20)
+    logits_chunk = vocab_chunk(vocab, hidden, 16 * 2**20) if narrow else vocab
     carry0 = (
         zeros(w, (vocab, hidden), acc),  # dW as [V, D] whatever the layout
         None if b is None else zeros(b, dtype=acc),
@@ -220,10 +222,7 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         dw, db, dcw, dparams = carry
         e_b, y_b, s_b, g_b = xs
         e_b = e_b.astype(acc)
-        if narrow:
-            z = _chunked_logits(e_b, take, b, vocab, logits_chunk, layout, acc)
-        else:
-            z = _logits(e_b, w, b, layout, acc)
+        z = _chunked_logits(e_b, take, b, vocab, logits_chunk, layout, acc)
         loss, pull = jax.vjp(partial(loss_of, y_b=y_b), z, s_b, cw, params)
         dz, ds_b, dcw_b, dparams_b = pull(
             _vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
