@@ -36,6 +36,7 @@ from jcce._transforms import softcap as softcap
 from jcce._transforms import symmetric as symmetric
 from jcce._transforms import temperature as temperature
 from jcce._transforms import z_loss as z_loss
+from jcce._validate import checks as checks
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "binary_cross_entropy",
     "calibration",
     "chain",
+    "checks",
     "class_weights",
     "focal",
     "generalized",

@@ -50,6 +50,28 @@ def vocab_sum(vocab_axis, x):
     return x if vocab_axis is None else lax.psum(x, vocab_axis)
 
 
+def vocab_shares(vocab_axis) -> bool:
+    """Whether a cotangent of a value replicated over the vocabulary shards arrives
+    split into shares, one per shard, that sum to it: inside ``jax.shard_map(...,
+    check_vma=False)``, whose transpose divides an output's cotangent among the
+    devices and relies on ``psum`` transposing to ``psum`` to add the shares up again.
+    With ``check_vma=True`` it arrives whole on every shard. Told apart at trace time
+    by the type of ``axis_index``, which varies over its axes only when checked."""
+    if vocab_axis is None:
+        return False
+    axes = vocab_axis if isinstance(vocab_axis, tuple) else (vocab_axis,)
+    aval = jax.typeof(lax.axis_index(axes))
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+    return not set(axes) <= set(varying)
+
+
+def vocab_cotangent(vocab_axis, ct):
+    """The whole cotangent of a value replicated over the vocabulary shards, from what
+    arrived on this shard (see :func:`vocab_shares`)."""
+    return vocab_sum(vocab_axis, ct) if vocab_shares(vocab_axis) else ct
+
+
 def label_slot(vocab_axis, y, num_classes):
     """``(local index, owned)`` of global class ``y`` in this shard's ``num_classes``
     logits: the clipped local column, and whether this shard holds the label."""
@@ -247,7 +269,8 @@ def _phi(kind, ov, l):  # noqa: E741
     gamma = ov[0]  # focal
     pos = omp > 0
     omp_s = jnp.where(pos, omp, 1)
-    mod = jnp.where(pos, omp_s**gamma, (gamma == 0).astype(l.dtype))  # (1-p)^gamma
+    # (1-p)^gamma; at p = 1 it is 0^gamma (NaN stays NaN: a gamma outside its domain)
+    mod = jnp.where(pos, omp_s**gamma, (gamma == 0).astype(l.dtype) + 0 * gamma)
     # p l / (1 - p), which tends to 1 as l -> 0 and to 0 as l -> inf.
     pl = jnp.where(p > 0, p * jnp.where(p > 0, l, 0), 0)
     ratio = jnp.where(pos, pl / omp_s, 1)
@@ -633,6 +656,11 @@ def _bwd(static, saved, ct):
 
     c0 = ct if s is None else jnp.where(live, ct * s, jnp.zeros((), acc))
     c = c0 / jnp.log(params.log_base) if spec.log_base else c0
+    # Each shard's logits (and per-class inputs) get the whole cotangent: under
+    # shard_map(check_vma=False) ``c`` is this shard's share of it (vocab_shares).
+    # Cotangents of the replicated inputs (example weights, hyper-parameters) stay
+    # shares: shard_map's transpose sums them over the shards.
+    c_k = vocab_cotangent(static.vocab_axis, c)
     eps = params.label_smoothing if spec.label_smoothing else None
     zl = 2 * params.z_loss * r.lse if spec.z_loss else None
     cw_row = _as_row(cw, z.ndim)
@@ -676,7 +704,7 @@ def _bwd(static, saved, ct):
             else label_weight(static.vocab_axis, cw, yc, owned)
         )
         # An out-of-range label poisons its example's gradient as it does its loss.
-        c_row = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c)
+        c_row = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c_k)
         iota = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
         onehot = (iota == yc[..., None]) & owned[..., None]
 
@@ -685,7 +713,7 @@ def _bwd(static, saved, ct):
 
         target_a = at_label(t.wq_a)
     else:
-        c_row = c
+        c_row = c_k
         wt = target.astype(acc) * w
         if linear:
             target_a = wt if scale is None else scale * wt
@@ -718,8 +746,9 @@ def _bwd(static, saved, ct):
         )
 
     dtarget, ds, dcw, dparams = _input_cotangents(
-        static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, owned, w_y, live
-    )
+        static, target, s, cw, params, r, ct, c, c0, c_k, eps, zc, d, yc, owned, w_y,
+        live,
+    )  # fmt: skip
     return dz, dtarget, ds, dcw, dparams._replace(maps=dmaps)
 
 
@@ -772,13 +801,15 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
 
 
 def _input_cotangents(
-    static, target, s, cw, params, r, ct, c, c0, eps, zc, d, yc, owned, w_y, live
+    static, target, s, cw, params, r, ct, c, c0, c_k, eps, zc, d, yc, owned, w_y, live
 ):
     """Cotangents of targets, weights, class weights and hyper-parameters.
 
     Under jit, XLA removes the ones nobody differentiates. With a sharded vocabulary,
     per-class cotangents stay on their shard and per-example ones (example weights,
-    scalar hyper-parameters) are what every shard agrees on, invariant over it."""
+    scalar hyper-parameters) are what every shard agrees on, invariant over it. The
+    per-class ones use ``c_k``, the whole scale, where ``c`` may be a share of it
+    (:func:`vocab_shares`)."""
     spec = static.spec
     kind, ov, t = spec.objective, params.objective, r.terms
     acc = r.lse.dtype
@@ -789,8 +820,8 @@ def _input_cotangents(
     dtarget = None
     if not static.integer_labels:
         w = jnp.ones((), acc) if cw is None else _as_row(cw, d.ndim)
-        scale = c if eps is None else c * (1 - eps)
-        dt = jnp.where((c != 0)[..., None], scale[..., None] * w * f_k, 0)
+        scale = c_k if eps is None else c_k * (1 - eps)
+        dt = jnp.where((c_k != 0)[..., None], scale[..., None] * w * f_k, 0)
         if kind == "symmetric":  # d(-sum p log q)/dt = -p / q where log q > log_zero
             q = _smoothed(target.astype(acc), eps, support, t.ks)
             p = jnp.exp(d - r.log_se[..., None])
@@ -805,15 +836,17 @@ def _input_cotangents(
     if cw is not None:
         if static.integer_labels:
             f_y = r.ce_y if kind is None else _phi(kind, ov, r.ce_y)[0]
-            hit_c = c * f_y if eps is None else c * (1 - eps) * f_y
+            hit_c = c_k * f_y if eps is None else c_k * (1 - eps) * f_y
             hit_c = jnp.where(owned, hit_c, 0)
             dcw = jnp.zeros(cw.shape[0], acc).at[yc.ravel()].add(hit_c.ravel())
         else:
             tq = target.astype(acc)
             q = tq if eps is None else (1 - eps) * tq
-            dcw = jnp.sum(jnp.where(q == 0, 0, c[..., None] * q * f_k), axis=batch_axes)
+            dcw = jnp.sum(
+                jnp.where(q == 0, 0, c_k[..., None] * q * f_k), axis=batch_axes
+            )
         if eps is not None:
-            u = jnp.where(support, (c * eps / t.ks)[..., None] * f_k, 0)
+            u = jnp.where(support, (c_k * eps / t.ks)[..., None] * f_k, 0)
             dcw = dcw + jnp.sum(u, axis=batch_axes)
 
     deps = dlam = dbase = None

@@ -40,16 +40,28 @@ import jax.numpy as jnp
 from jax import lax
 
 from jcce import _validate as v
-from jcce._kernel import Static, _forward, acc_dtype, fused_cross_entropy, vocab_sum
+from jcce._kernel import (
+    Static,
+    _forward,
+    acc_dtype,
+    fused_cross_entropy,
+    vocab_cotangent,
+    vocab_shares,
+    vocab_sum,
+)
 from jcce._losses import (
     _arrays,
     _axis_names,
     _kernel_args,
+    _kernel_call,
     _mean_denominator,
+    _reduce,
     _vary_like,
+    _vocab_shards,
     _weights,
     auto_vocab_parallel,
     vocab_route,
+    weighted_mean,
 )
 from jcce._transforms import Chain
 
@@ -228,8 +240,12 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
             _vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
         )
         de_b, dw = _backprop(dz, e_b, take, dw, chunk, layout)
-        # With a sharded vocabulary each shard holds part of the sum over classes.
-        de_b = vocab_sum(static.vocab_axis, de_b).astype(e.dtype)
+        # With a sharded vocabulary each shard holds part of the sum over classes;
+        # under shard_map(check_vma=False) that part is the shard's share of the
+        # replicated embeddings' cotangent, which shard_map's transpose sums.
+        if not vocab_shares(static.vocab_axis):
+            de_b = vocab_sum(static.vocab_axis, de_b)
+        de_b = de_b.astype(e.dtype)
         add = partial(jax.tree.map, jnp.add)
         carry = (
             dw,
@@ -261,12 +277,18 @@ def linear_sum(static, layout, block, e, w, b, y, s, cw, params):
 
 
 def _sum_fwd(static, layout, block, e, w, b, y, s, cw, params):
-    g = jnp.ones(e.shape[:1], acc_dtype(e.dtype))
+    # The gradients for a cotangent of 1: under shard_map(check_vma=False) split into
+    # equal shares over the vocabulary shards, as the kernel expects (vocab_shares).
+    unit = (
+        1 / _vocab_shards(static.vocab_axis) if vocab_shares(static.vocab_axis) else 1
+    )
+    g = jnp.full(e.shape[:1], unit, acc_dtype(e.dtype))
     losses, grads = _sweep(static, layout, block, e, w, b, y, s, cw, params, g)
     return jnp.sum(losses), grads
 
 
 def _sum_bwd(static, layout, block, grads, ct):
+    ct = vocab_cotangent(static.vocab_axis, ct)  # summed if it came in shares
     de, dw, db, ds, dcw, dparams = jax.tree.map(
         lambda x: (ct * x).astype(x.dtype), grads
     )
@@ -374,7 +396,7 @@ def _native_linear(
     n, hidden = math.prod(batch_shape), embeddings.shape[-1]
     e = embeddings.astype(dtype).reshape(n, hidden)
     w = classifier.astype(dtype)
-    y = labels.reshape(n)
+    y = v.class_indices(labels).reshape(n)
 
     s, cw, alpha = _weights(
         fn,
@@ -389,6 +411,13 @@ def _native_linear(
         ignore_index=ignore_index,
         vocab_axis=vocab_axis,
     )
+    v.check_labels(fn, y.reshape(batch_shape), vocab * _vocab_shards(vocab_axis),
+                   None if s is None else s != 0)  # fmt: skip
+    if vocab == 0:  # no classes: the losses of the (empty) logits
+        z = _logits(e, w, bias, layout, acc).reshape(batch_shape + (0,))
+        y = y.reshape(batch_shape)
+        out = _kernel_call(chain, z, y, True, s, cw)
+        return _reduce(out, s, cw, y, True, reduction)
     block = block_size or default_block_size(n, vocab, hidden, dtype)
     pad = -n % block
     s_kernel = s
@@ -419,10 +448,13 @@ def _native_linear(
     total = linear_sum(*args)
     if reduction == "sum":
         return total
-    return total / _mean_denominator(s, cw, labels, True, n, acc, vocab_axis)
+    denom = _mean_denominator(
+        s, cw, y[:n].reshape(batch_shape), True, n, acc, vocab_axis
+    )
+    return weighted_mean(total, denom)
 
 
-_native_linear_jit = jax.jit(
+_native_linear_jit = v.jit_keyed_on_checks(
     _native_linear,
     static_argnames=(
         "fn",
@@ -492,6 +524,7 @@ def configured_linear_cross_entropy(
     )
 
 
+@v.peer_keywords("linear_cross_entropy")
 def linear_cross_entropy(
     embeddings: jax.typing.ArrayLike,
     classifier: jax.typing.ArrayLike,

@@ -18,7 +18,7 @@ from jcce._kernel import (
     label_slot,
     label_weight,
 )
-from jcce._transforms import Chain, Params
+from jcce._transforms import Chain, Params, in_domain
 
 _PLAIN = Chain(())
 
@@ -55,7 +55,8 @@ def _kernel_args(chain: Chain, like, s, cw, alpha, num_classes: int, vocab_axis=
     spec, params = chain.config()
     acc = acc_dtype(like.dtype)
     if alpha is not None:
-        alpha = jnp.broadcast_to(jnp.asarray(alpha, acc), (num_classes,))
+        alpha = _nonnegative("focal", "alpha", jnp.asarray(alpha, acc))
+        alpha = jnp.broadcast_to(alpha, (num_classes,))
         cw = alpha if cw is None else cw.astype(acc) * alpha
     # Per-class values vary as the logits do; per-example and scalar ones are
     # replicated over the vocabulary's axes.
@@ -64,8 +65,16 @@ def _kernel_args(chain: Chain, like, s, cw, alpha, num_classes: int, vocab_axis=
         spec,
         None if s is None else vary(s.astype(acc)),
         None if cw is None else _vary_like(like, cw.astype(acc)),
-        jax.tree.map(vary, _params(params, acc)),
+        jax.tree.map(vary, in_domain(spec, _params(params, acc))),
     )
+
+
+def _nonnegative(fn, name, x):
+    """``x`` with negative entries replaced by NaN (weights must be >= 0: a weighted
+    mean over weights that can cancel has no meaning), and a ``checkify`` check that
+    names the first one."""
+    v.check_nonnegative(fn, name, x)
+    return jnp.where(x >= 0, x, jnp.nan)
 
 
 def _kernel_call(
@@ -79,11 +88,22 @@ def _kernel_call(
     vocab_axis=None,
 ) -> jax.Array:
     """Runs the kernel on class-last ``z``; returns weighted per-example losses."""
+    if z.shape[-1] == 0:
+        return _no_classes(z, integer_labels, s)
     spec, s, cw, params = _kernel_args(
         chain, jax.typeof(z), s, cw, alpha, z.shape[-1], vocab_axis
     )
     static = Static(spec, integer_labels, vocab_axis)
     return fused_cross_entropy(static, z, target, s, cw, params)
+
+
+def _no_classes(z, integer_labels, s):
+    """Per-example losses over an empty class axis (``K = 0``): with probability
+    targets an empty sum, 0 (as optax computes it); every class index is out of range,
+    NaN. Masked examples cost 0, as always."""
+    acc = acc_dtype(z.dtype)
+    out = jnp.full(z.shape[:-1], jnp.nan if integer_labels else 0, acc)
+    return out if s is None else jnp.where(s != 0, s * out, jnp.zeros((), acc))
 
 
 def _axis_names(vocab_axis) -> tuple:
@@ -207,13 +227,20 @@ def _reduce(out, s, cw, target, integer_labels, reduction, vocab_axis=None):
     denom = _mean_denominator(
         s, cw, target, integer_labels, out.size, out.dtype, vocab_axis
     )
-    return total / denom
+    return weighted_mean(total, denom)
+
+
+def weighted_mean(total, denom):
+    """``total / denom``, and 0 with a zero gradient when ``denom`` is 0 (nothing
+    counts: every example masked, or class weight 0 on every label present). The zero
+    is ``0 * total``, so a NaN or infinite total still shows."""
+    empty = denom == 0
+    return jnp.where(empty, 0 * total, total / jnp.where(empty, 1, denom))
 
 
 def _mean_denominator(s, cw, target, integer_labels, count, dtype, vocab_axis=None):
-    """The weighted mean's ``sum_i s_i omega_i`` (1 when nothing counts, so the mean
-    of an all-masked batch is 0), or ``count`` without weights. ``cw`` is this
-    vocabulary shard's slice with ``vocab_axis``."""
+    """The weighted mean's ``sum_i s_i omega_i``, or ``count`` (at least 1) without
+    weights. ``cw`` is this vocabulary shard's slice with ``vocab_axis``."""
     if cw is not None and integer_labels:
         yc, owned = label_slot(vocab_axis, target, cw.shape[0])
         omega = label_weight(vocab_axis, cw.astype(dtype), yc, owned)
@@ -222,7 +249,7 @@ def _mean_denominator(s, cw, target, integer_labels, count, dtype, vocab_axis=No
         denom = jnp.sum(s.astype(dtype))
     else:
         return jnp.asarray(max(count, 1), dtype)
-    return jnp.where(denom == 0, jnp.ones((), dtype), denom)
+    return denom
 
 
 def _example_scale(fn, weights, where, batch_shape, acc):
@@ -230,6 +257,7 @@ def _example_scale(fn, weights, where, batch_shape, acc):
     s = None
     if weights is not None:
         s = v.example_weights(fn, weights, batch_shape).astype(acc)
+        s = _nonnegative(fn, "weights", s)
     if where is not None:
         live = v.mask(fn, "where", where, batch_shape)
         s = live.astype(acc) if s is None else jnp.where(live, s, 0)
@@ -283,6 +311,7 @@ def _weights(
     if class_weights is not None:
         class_weights = v.as_array(fn, "class_weights", class_weights)
         cw = v.class_weights(fn, local(class_weights), num_classes).astype(acc)
+        cw = _nonnegative(fn, "class_weights", cw)
     if alpha is not None and jnp.ndim(alpha) == 1:
         alpha = local(jnp.asarray(alpha))
         if alpha.shape[0] != num_classes:
@@ -328,7 +357,7 @@ def _native(
     num_classes = math.prod(logits.shape[a] for a in axes)
 
     z = _class_last(logits, axes)
-    target = labels if integer_labels else _class_last(labels, axes)
+    target = v.class_indices(labels) if integer_labels else _class_last(labels, axes)
 
     acc = acc_dtype(logits.dtype)
     s, cw, alpha = _weights(
@@ -344,11 +373,14 @@ def _native(
         ignore_index=ignore_index,
         vocab_axis=vocab_axis,
     )
+    if integer_labels:
+        k = num_classes * _vocab_shards(vocab_axis)
+        v.check_labels(fn, target, k, None if s is None else s != 0)
     out = _kernel_call(chain, z, target, integer_labels, s, cw, alpha, vocab_axis)
     return _reduce(out, s, cw, target, integer_labels, reduction, vocab_axis)
 
 
-_native_jit = jax.jit(
+_native_jit = v.jit_keyed_on_checks(
     _native,
     static_argnames=("fn", "axis", "ignore_index", "reduction", "vocab_axis"),
 )
@@ -358,7 +390,15 @@ def _arrays(fn, chain=None, **named):
     """Converts array arguments before jit sees them, so bad ones get a named error;
     with a ``chain`` (the kernel's callers), also rejects forward-mode differentiation
     of the arrays and of the chain's values."""
-    arrays = {k: None if x is None else v.as_array(fn, k, x) for k, x in named.items()}
+    for name in ("weights", "class_weights"):
+        v.nonnegative_host(fn, name, named.get(name))
+
+    def convert(k, x):
+        if x is None:
+            return None
+        return v.as_labels(fn, x) if k == "labels" else v.as_array(fn, k, x)
+
+    arrays = {k: convert(k, x) for k, x in named.items()}
     if chain is not None:
         v.no_forward_mode(fn, arrays, chain)
     return arrays
@@ -400,6 +440,7 @@ def configured_cross_entropy(
     )
 
 
+@v.peer_keywords("cross_entropy")
 def cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -424,20 +465,21 @@ def cross_entropy(
     Args:
       logits: float ``[*batch, K]`` (classes on ``axis``; float16, bfloat16, float32 or
         float64). Half-precision inputs accumulate in float32.
-      labels: int ``[*batch]`` class indices in ``[0, K)``, or float ``[*batch, K]``
-        probability targets (the logits' shape), as ``torch.nn.functional.cross_entropy``
-        decides by dtype and shape.
+      labels: int ``[*batch]`` class indices in ``[0, K)`` (any integer dtype), or
+        float ``[*batch, K]`` probability targets (the logits' shape), as
+        ``torch.nn.functional.cross_entropy`` decides by dtype and shape.
       axis: the class axis, or a tuple of axes flattened (in order) into one class axis.
       where: bool ``[*batch]``; ``False`` excludes the example (loss and gradient 0,
         even if its logits are NaN).
-      weights: float ``[*batch]`` per-example weights (Keras ``sample_weight``); a zero
-        weight masks the example.
-      class_weights: float ``[K]`` per-class weights (PyTorch ``weight``).
+      weights: float ``[*batch]`` per-example weights ``>= 0`` (Keras
+        ``sample_weight``); a zero weight masks the example.
+      class_weights: float ``[K]`` per-class weights ``>= 0`` (PyTorch ``weight``).
       ignore_index: examples whose integer label equals this value are masked
         (PyTorch's ``ignore_index``; PyTorch's default is -100, ours is None).
       reduction: ``"mean"``, ``"sum"`` or ``"none"``. ``"mean"`` is the weighted mean
         ``sum_i s_i l_i / sum_i s_i w_{y_i}`` of PyTorch (``w_{y_i} = 1`` without class
-        weights or with probability targets), and 0 when every example is masked.
+        weights or with probability targets), and 0 (with a zero gradient) when that
+        denominator is 0: every example masked, or class weight 0 on every label.
       vocab_axis: inside ``jax.shard_map``, the mesh axis (or tuple of axes) over
         which the class axis is sharded: ``logits`` is then this device's
         ``[*batch, K / P]`` slice, labels are global class indices, and
@@ -454,11 +496,16 @@ def cross_entropy(
       TypeError: for non-floating logits, labels of the wrong dtype, a non-boolean
         ``where`` or a wrong argument type.
       ValueError: for shape mismatches, an out-of-range ``axis``, an unknown
-        ``reduction``, or ``ignore_index`` with probability targets.
+        ``reduction``, ``ignore_index`` with probability targets, or a negative entry
+        in NumPy or Python ``weights`` or ``class_weights``.
 
-    An integer label outside ``[0, K)`` that is not ``ignore_index`` (negative ones
-    included) makes that example's loss and gradient NaN; see the ``checkify`` recipe in
-    the README to raise instead.
+    What cannot be checked at trace time gives NaN, never a wrong finite number: an
+    integer label outside ``[0, K)`` that is not ``ignore_index`` (negative ones
+    included) makes that example's loss and gradient NaN, and so does a negative entry
+    of ``weights`` or ``class_weights`` given as JAX arrays. With ``K = 0`` the loss is
+    0 for probability targets and NaN for class indices. To raise an error that names
+    the value instead, trace the loss inside :func:`jcce.checks` under
+    ``jax.experimental.checkify`` (see the semantics page).
 
     Example:
       >>> import jax.numpy as jnp, jcce
@@ -529,7 +576,7 @@ def _optax_style(fn, logits, labels, axis, where, chain, *, integer_labels: bool
             labels = labels.astype(acc_dtype(logits.dtype))
 
     z = _class_last(logits, axes)
-    target = labels if integer_labels else _class_last(labels, axes)
+    target = v.class_indices(labels) if integer_labels else _class_last(labels, axes)
     s = None
     if where is not None:
         where = v.as_array(fn, "where", where)
@@ -555,10 +602,12 @@ def _optax_style(fn, logits, labels, axis, where, chain, *, integer_labels: bool
                 f"{batch_shape}"
             )
         s = s.astype(acc_dtype(logits.dtype))
+    if integer_labels:
+        v.check_labels(fn, target, z.shape[-1], None if s is None else s != 0)
     return _kernel_call(chain, z, target, integer_labels, s, None)
 
 
-_optax_jit_impl = jax.jit(
+_optax_jit_impl = v.jit_keyed_on_checks(
     _optax_style, static_argnums=(0, 3), static_argnames=("integer_labels",)
 )
 
@@ -578,6 +627,7 @@ def _optax_jit(fn, logits, labels, axis, where, *, integer_labels, chain=_PLAIN)
     )
 
 
+@v.peer_keywords("softmax_cross_entropy")
 def softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -622,6 +672,7 @@ def softmax_cross_entropy(
     )
 
 
+@v.peer_keywords("softmax_cross_entropy_with_integer_labels")
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -664,6 +715,7 @@ def softmax_cross_entropy_with_integer_labels(
     )
 
 
+@v.peer_keywords("safe_softmax_cross_entropy")
 def safe_softmax_cross_entropy(
     logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
 ) -> jax.Array:
@@ -690,6 +742,7 @@ def safe_softmax_cross_entropy(
     )
 
 
+@v.peer_keywords("poly_loss_cross_entropy")
 def poly_loss_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -740,6 +793,7 @@ def poly_loss_cross_entropy(
     )
 
 
+@v.peer_keywords("generalized_cross_entropy")
 def generalized_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -791,6 +845,7 @@ def generalized_cross_entropy(
     )
 
 
+@v.peer_keywords("symmetric_cross_entropy")
 def symmetric_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -849,15 +904,21 @@ def _entropy(logits, *, axis, where, weights, reduction):
     axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
     reduction = v.reduction(fn, reduction)
     batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
+    if not math.prod(logits.shape[a] for a in axes):
+        raise ValueError(
+            f"{fn}: logits has shape {logits.shape} with no classes on axis "
+            f"{axis!r}; the entropy of a distribution needs at least one class"
+        )
     acc = acc_dtype(logits.dtype)
     s = _example_scale(fn, weights, where, batch_shape, acc)
     out = fused_entropy(_class_last(logits, axes), s)
     return _reduce(out, s, None, None, False, reduction)
 
 
-_entropy_jit = jax.jit(_entropy, static_argnames=("axis", "reduction"))
+_entropy_jit = v.jit_keyed_on_checks(_entropy, static_argnames=("axis", "reduction"))
 
 
+@v.peer_keywords("entropy")
 def entropy(
     logits: jax.typing.ArrayLike,
     *,

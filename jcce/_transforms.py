@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcce import _validate
+
 # Kinds that map the logits elementwise, applied in chain order before the softmax.
 LOGIT_MAPS = ("softcap", "temperature")
 # Kinds that replace the per-class loss -log p_k by another function of p_k; a chain
@@ -47,6 +49,67 @@ class Params(NamedTuple):
     z_loss: Any = None
     log_base: Any = None
     objective: tuple[Any, ...] = ()
+
+
+# Each hyper-parameter's domain: a (test, requirement) per value of the transform. The
+# tests use comparisons and ``&`` only, so they serve Python floats (checked when the
+# transform is built) and traced arrays alike (replaced by NaN by :func:`in_domain`).
+DOMAINS = {
+    "label_smoothing": ((lambda v: (v >= 0) & (v < 1), "eps must be in [0, 1)"),),
+    "temperature": ((lambda v: v > 0, "t must be finite and > 0"),),
+    "softcap": ((lambda v: v > 0, "cap must be finite and > 0"),),
+    "z_loss": ((lambda v: v >= 0, "coef must be finite and >= 0"),),
+    "log_base": ((lambda v: (v > 0) & (v != 1), "base must be > 0, finite and != 1"),),
+    "focal": ((lambda v: v >= 0, "gamma must be finite and >= 0"),),
+    "poly": ((lambda v: v >= -1, "epsilon must be finite and >= -1"),),
+    "generalized": ((lambda v: (v > 0) & (v <= 1), "q must be in (0, 1]"),),
+    "symmetric": (
+        (lambda v: v >= 0, "alpha must be >= 0"),
+        (lambda v: v >= 0, "beta must be >= 0"),
+        (lambda v: v < 0, "log_zero must be finite and < 0"),
+    ),
+}
+
+
+def in_domain(spec: Spec, params: Params) -> Params:
+    """``params`` (scalar arrays) with every value outside its domain replaced by NaN.
+
+    Concrete values were checked when their transform was built; a traced value (a
+    schedule) cannot be. Outside its domain a formula's shortcuts stop holding (a
+    negative temperature reverses the order of the logits, so the max-shift no longer
+    bounds the exponentials), and the loss would be a wrong number, finite or
+    infinite. NaN says instead that the value is wrong, and under
+    ``jax.experimental.checkify`` a check names it.
+    """
+
+    def guard(kind, value, index=0):
+        ok_, requirement = DOMAINS[kind][index]
+        ok = ok_(value) & jnp.isfinite(value)
+        _validate.check_domain(kind, value, ok, requirement)
+        return jnp.where(ok, value, jnp.nan)
+
+    def optional(kind, value):
+        return None if value is None else guard(kind, value)
+
+    objective = params.objective
+    if spec.objective is not None:
+        objective = tuple(
+            guard(spec.objective, o, i) for i, o in enumerate(params.objective)
+        )
+    return Params(
+        maps=tuple(guard(k, m) for k, m in zip(spec.maps, params.maps, strict=True)),
+        label_smoothing=optional("label_smoothing", params.label_smoothing),
+        z_loss=optional("z_loss", params.z_loss),
+        log_base=optional("log_base", params.log_base),
+        objective=objective,
+    )
+
+
+def _domain_value(kind: str, value, index: int = 0):
+    """The ``index``-th value of transform ``kind``, checked against :data:`DOMAINS` if
+    concrete; traced values are checked by the kernel (:func:`in_domain`)."""
+    ok, requirement = DOMAINS[kind][index]
+    return _check_value(kind, value, lambda v: bool(ok(v)), requirement)
 
 
 def _check_value(kind: str, value, ok, requirement: str):
@@ -148,6 +211,8 @@ class Transform:
 
     def __repr__(self):
         values = self.value if isinstance(self.value, tuple) else (self.value,)
+        if self.kind == "focal" and values[1] is None:  # as called: focal(2.0)
+            values = values[:1]
         return f"{self.kind}({', '.join(map(_shown, values))})"
 
     def __eq__(self, other):
@@ -239,6 +304,7 @@ class Chain:
         focal_ = found.get("focal")
         return found.get("class_weights"), None if focal_ is None else focal_[1]
 
+    @_validate.peer_keywords("chain")
     def __call__(
         self,
         logits,
@@ -265,6 +331,7 @@ class Chain:
             vocab_axis=vocab_axis,
         )
 
+    @_validate.peer_keywords("chain.linear")
     def linear(
         self,
         embeddings,
@@ -392,9 +459,7 @@ def label_smoothing(eps) -> Transform:
       >>> round(float(jcce.label_smoothing(0.2)(jnp.zeros((1, 2)), jnp.array([0]))), 4)
       0.6931
     """
-    v = _check_value(
-        "label_smoothing", eps, lambda v: 0.0 <= v < 1.0, "eps must be in [0, 1)"
-    )
+    v = _domain_value("label_smoothing", eps)
     return Transform("label_smoothing", v)
 
 
@@ -413,7 +478,7 @@ def temperature(t) -> Transform:
       >>> round(float(jcce.temperature(2.0)(z, jnp.array([1]))), 4)  # -log(3/4)
       0.2877
     """
-    v = _check_value("temperature", t, lambda v: v > 0.0, "t must be finite and > 0")
+    v = _domain_value("temperature", t)
     return Transform("temperature", v)
 
 
@@ -432,7 +497,7 @@ def softcap(cap) -> Transform:
       >>> round(float(jcce.softcap(1.0)(jnp.array([[1e30, 0.0]]), jnp.array([0]))), 4)
       0.3133
     """
-    v = _check_value("softcap", cap, lambda v: v > 0.0, "cap must be finite and > 0")
+    v = _domain_value("softcap", cap)
     return Transform("softcap", v)
 
 
@@ -451,7 +516,7 @@ def z_loss(coef) -> Transform:
       >>> round(float(jcce.z_loss(0.5)(jnp.zeros((1, 2)), jnp.array([0]))), 4)
       0.9334
     """
-    v = _check_value("z_loss", coef, lambda v: v >= 0.0, "coef must be finite and >= 0")
+    v = _domain_value("z_loss", coef)
     return Transform("z_loss", v)
 
 
@@ -470,12 +535,7 @@ def log_base(base) -> Transform:
       >>> round(float(jcce.log_base(2)(logp, jnp.array([1]))), 3)  # -log2(0.7)
       0.515
     """
-    v = _check_value(
-        "log_base",
-        base,
-        lambda v: v > 0.0 and v != 1.0,
-        "base must be > 0, finite and != 1",
-    )
+    v = _domain_value("log_base", base)
     return Transform("log_base", v)
 
 
@@ -553,9 +613,7 @@ def focal(gamma=2.0, alpha=None) -> Transform:
       >>> round(float(jcce.focal(2.0)(logp, jnp.array([0]))), 4)
       0.1733
     """
-    g = _check_value(
-        "focal", gamma, lambda v: v >= 0.0, "gamma must be finite and >= 0"
-    )
+    g = _domain_value("focal", gamma)
     a = alpha
     if alpha is not None:
         if isinstance(alpha, numbers.Real) or np.ndim(alpha) == 0:
@@ -587,9 +645,7 @@ def poly(epsilon=2.0) -> Transform:
       >>> round(float(jcce.poly(2.0)(logp, jnp.array([0]))), 4)
       1.6931
     """
-    v = _check_value(
-        "poly", epsilon, lambda v: v >= -1.0, "epsilon must be finite and >= -1"
-    )
+    v = _domain_value("poly", epsilon)
     return Transform("poly", (v,))
 
 
@@ -612,7 +668,7 @@ def generalized(q=0.7) -> Transform:
       >>> round(float(jcce.generalized(0.5)(logp, jnp.array([0]))), 4)
       1.0
     """
-    v = _check_value("generalized", q, lambda v: 0.0 < v <= 1.0, "q must be in (0, 1]")
+    v = _domain_value("generalized", q)
     return Transform("generalized", (v,))
 
 
@@ -637,9 +693,7 @@ def symmetric(alpha=0.1, beta=1.0, log_zero=-4.0) -> Transform:
       >>> round(float(jcce.symmetric(0.1, 1.0)(logp, jnp.array([0]))), 4)
       2.0693
     """
-    a = _check_value("symmetric", alpha, lambda v: v >= 0.0, "alpha must be >= 0")
-    b = _check_value("symmetric", beta, lambda v: v >= 0.0, "beta must be >= 0")
-    lz = _check_value(
-        "symmetric", log_zero, lambda v: v < 0.0, "log_zero must be finite and < 0"
-    )
+    a = _domain_value("symmetric", alpha, 0)
+    b = _domain_value("symmetric", beta, 1)
+    lz = _domain_value("symmetric", log_zero, 2)
     return Transform("symmetric", (a, b, lz))

@@ -833,7 +833,7 @@ W = np.ones(K, np.float32)
         (
             lambda: jcce.chain(jcce.focal(2.0), jcce.poly(1.0)),
             ValueError,
-            "chain: focal(2.0, None) and poly(1.0) both replace the per-class loss "
+            "chain: focal(2.0) and poly(1.0) both replace the per-class loss "
             "-log p; give at most one of focal, poly, generalized, symmetric",
         ),
         (
@@ -849,7 +849,7 @@ W = np.ones(K, np.float32)
         (
             lambda: jcce.chain(jcce.focal(2.0), jcce.focal(1.0)),
             ValueError,
-            "chain: focal appears twice (focal(2.0, None) and focal(1.0, None)); "
+            "chain: focal appears twice (focal(2.0) and focal(1.0)); "
             "give one focal per chain",
         ),
         (
@@ -979,10 +979,10 @@ def test_generalized_loss_lies_in_zero_to_one_over_q(z, t, q, eps):
 
 
 def test_repr_of_the_objectives():
-    assert repr(jcce.focal(2.0)) == "focal(2.0, None)"
+    assert repr(jcce.focal(2.0)) == "focal(2.0)"
     assert repr(jcce.focal(2, 0.25)) == "focal(2.0, 0.25)"
     assert repr(jcce.focal(2.0, ALPHA_K)) == "focal(2.0, Array(shape=(5,)))"
-    assert repr(jcce.focal(jnp.asarray(2.0))) == "focal(Array(2.0), None)"
+    assert repr(jcce.focal(jnp.asarray(2.0))) == "focal(Array(2.0))"
     assert repr(jcce.poly()) == "poly(2.0)"
     assert repr(jcce.generalized()) == "generalized(0.7)"
     assert repr(jcce.symmetric()) == "symmetric(0.1, 1.0, -4.0)"
