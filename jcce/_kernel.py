@@ -147,7 +147,8 @@ _ROW_CHUNK = 8192
 
 
 def _n_chunks(k: int) -> int:
-    """The fewest equal chunks of <= _ROW_CHUNK classes that tile ``k`` (1 if none)."""
+    """The fewest equal chunks of <= _ROW_CHUNK classes that tile ``k`` (1 for
+    ``k <= _ROW_CHUNK``; for a prime ``k`` above it, ``k`` chunks of one class)."""
     if k <= _ROW_CHUNK:
         return 1
     for n in range(-(-k // _ROW_CHUNK), k + 1):
@@ -906,7 +907,10 @@ def _entropy_forward(z, s):
     live = _live(s)
     d, m, log_se = _log_sum_exp(Spec(), _clean(z, live), ())
     p = jnp.exp(d - log_se[..., None])
-    h = log_se - jnp.sum(jnp.where(p > 0, p * d, 0), axis=-1)
+    # 0 log 0 = 0 for -inf logits; a +inf logit makes p NaN (inf - inf), and so H:
+    # the entropy of such a row is indeterminate (it depends on how the logit grows;
+    # one +inf logit tends to H = 0, two to log 2), never the +inf that p > 0 hid.
+    h = log_se - jnp.sum(jnp.where(p == 0, 0, p * d), axis=-1)
     out = h if s is None else jnp.where(live, s * h, jnp.zeros((), acc))
     return out, (m, log_se, h)
 
