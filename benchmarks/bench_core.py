@@ -16,7 +16,7 @@ the arguments and outputs) and the temp ratio jcce/optax. The last column is the
 gradient difference from optax (a sanity check). Shapes ``[N, K]``: (4096, 32768) float32, (4096, 32768) bfloat16 and
 (256, 262144) float32 (``--quick`` uses small shapes for a smoke test).
 
-A last table compares each transform alone, the chain of issue 3
+A last table compares each transform alone, a chain of four
 (``label_smoothing(0.1), temperature(2.0), z_loss(1e-4), softcap(30.0)``) and a chain of
 every transform with plain ``jcce.cross_entropy`` at (4096, 32768) float32 (ratio
 chain/plain; ``--chains-only`` prints just this table).
@@ -120,7 +120,7 @@ def chain_fns(num_classes: int):
         "class_weights": jcce.class_weights(cw),
         "focal": jcce.focal(2.0),
         "poly": jcce.poly(2.0),
-        "issue-3 chain": jcce.chain(
+        "4-transform chain": jcce.chain(
             jcce.label_smoothing(0.1),
             jcce.temperature(2.0),
             jcce.z_loss(1e-4),

@@ -16,7 +16,7 @@ plain ``[N, D] @ [D, V]`` matmul's rate measured in the same run (the machine's 
 throughput at that shape). The last column is the largest difference of the classifier
 gradient from the baseline's, relative to its largest entry.
 
-    python benchmarks/bench_linear.py              # the issue's four cases
+    python benchmarks/bench_linear.py              # the four cases of docs/large_vocab.md
     python benchmarks/bench_linear.py --quick      # small shapes (smoke test)
     python benchmarks/bench_linear.py --block-size 512
 """

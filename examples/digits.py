@@ -29,7 +29,7 @@ test image beside its class probabilities, and reliability diagrams before and a
 temperature scaling. It exits with an error if the test accuracy is below 0.95 (see
 ``--min-accuracy``), so CI and users notice a regression.
 
-Run (about 15 seconds on two CPU cores, most of it importing and compiling)::
+Run (about 10 seconds on a 2-core x86-64 CPU, most of it importing and compiling)::
 
     pip install -e ".[examples]"
     python examples/digits.py
@@ -371,7 +371,10 @@ def plot_reliability(cal: dict, path: Path) -> Path:
     """(3) Reliability diagrams of the test split before and after temperature scaling.
 
     Each bar is a confidence bin's accuracy, the hatched box the gap to the bin's mean
-    confidence, the number above it the bin's size. A calibrated model's bars end on the
+    confidence, the number above it the bin's size. The black point and error bar are
+    the accuracy and its 95% Wilson interval: a bin whose few examples were all wrong
+    has a bar of height 0, and the point at 0 with its wide interval shows that it
+    holds examples (empty bins are not drawn). A calibrated model's bars end on the
     diagonal; bars above it mean the model is underconfident.
     """
     plt = _pyplot()
@@ -385,12 +388,13 @@ def plot_reliability(cal: dict, path: Path) -> Path:
     for ax, (title, when) in zip(axes, panels, strict=True):
         diagram = cal[f"diagram_{when}"]
         count = np.asarray(diagram.count)
-        full = count > 0  # empty bins have no accuracy to show
+        full = count > 0  # an empty bin's accuracy 0 is a placeholder: not drawn
         x, n = centres[full], count[full]
         acc, conf = (
             np.asarray(diagram.accuracy)[full],
             np.asarray(diagram.confidence)[full],
         )
+        low, high = (np.asarray(end)[full] for end in diagram.accuracy_interval(0.95))
         ax.bar(x, acc, width, edgecolor="black", label="accuracy")
         ax.bar(
             x,
@@ -402,8 +406,20 @@ def plot_reliability(cal: dict, path: Path) -> Path:
             hatch="//",
             label="gap to mean confidence",
         )
-        for xi, top, ni in zip(x, np.maximum(acc, conf), n, strict=True):
-            ax.text(xi, top + 0.01, str(ni), ha="center", va="bottom", fontsize=8)
+        ax.errorbar(
+            x,
+            acc,
+            yerr=(acc - low, high - acc),
+            fmt="o",
+            color="black",
+            markersize=4,
+            capsize=3,
+            clip_on=False,  # a point at accuracy 0 stays whole
+            zorder=3,
+            label="accuracy, 95% interval",
+        )
+        for xi, top, ni in zip(x, np.maximum(high, conf), n, strict=True):
+            ax.text(xi, top + 0.01, f"n={ni}", ha="center", va="bottom", fontsize=8)
         ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
         ax.set(
             xlim=(0, 1),
@@ -413,7 +429,7 @@ def plot_reliability(cal: dict, path: Path) -> Path:
         )
     axes[0].set_ylabel("accuracy")
     fig.legend(
-        *axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3
+        *axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4
     )
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
 from typing import NamedTuple
 
 import jax
@@ -310,7 +311,11 @@ class ReliabilityDiagram(NamedTuple):
 
     Bin ``b`` is ``(b / B, (b + 1) / B]``; the edges are
     ``jnp.linspace(0, 1, num_bins + 1)``. An empty bin has ``count == 0`` and
-    confidence and accuracy 0.
+    confidence and accuracy 0, so tell empty bins by ``count``, not by ``accuracy``: an
+    accuracy of 0 in a bin with ``count > 0`` means every example in it was wrong.
+
+    A bin with few examples has a noisy accuracy (with one example it can only be 0 or
+    1); :meth:`accuracy_interval` gives the uncertainty to draw with it.
     """
 
     confidence: jax.Array
@@ -319,6 +324,60 @@ class ReliabilityDiagram(NamedTuple):
     """Fraction of the bin's examples whose argmax is the label."""
     count: jax.Array
     """Number of (unmasked) examples in the bin, int32."""
+
+    def accuracy_interval(self, level: float = 0.95) -> tuple[jax.Array, jax.Array]:
+        """Wilson score interval of each bin's accuracy: ``(low, high)``, each ``[B]``.
+
+        With ``n = count``, ``a = accuracy`` and ``z`` the standard normal quantile of
+        ``(1 + level) / 2`` (1.96 for 0.95), the interval is
+        ``(a + z^2/(2n) -+ z sqrt(a (1 - a)/n + z^2/(4 n^2))) / (1 + z^2/n)``. It
+        stays inside ``[0, 1]`` and is wide where a bin holds few examples: one wrong
+        example gives ``(0, 0.79)`` at ``level = 0.95``. An empty bin gives ``(0, 1)``
+        (nothing is known); NaN accuracies (a bad label) stay NaN.
+
+        Args:
+          level: the confidence level, a Python float in ``(0, 1)``.
+
+        Returns:
+          Two arrays of the accuracy's shape and dtype, the lower and upper ends; plot
+          them as error bars around ``accuracy``.
+
+        Raises:
+          TypeError: if ``level`` is not a real number.
+          ValueError: if ``level`` is not in ``(0, 1)``.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from jcce import calibration
+          >>> d = calibration.ReliabilityDiagram(
+          ...     confidence=jnp.array([0.0, 0.43, 0.9]),
+          ...     accuracy=jnp.array([0.0, 0.0, 0.9]),
+          ...     count=jnp.array([0, 1, 100], jnp.int32),
+          ... )
+          >>> low, high = d.accuracy_interval()
+          >>> [round(x, 3) for x in low.tolist()], [round(x, 3) for x in high.tolist()]
+          ([0.0, 0.0, 0.826], [1.0, 0.793, 0.945])
+        """
+        if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real):
+            raise TypeError(
+                f"accuracy_interval: level must be a real number, got {level!r}"
+            )
+        if not 0 < level < 1:
+            raise ValueError(
+                f"accuracy_interval: level must be in (0, 1), got {level!r}"
+            )
+        z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+        a = jnp.asarray(self.accuracy)
+        n = jnp.asarray(self.count).astype(a.dtype)
+        empty = n == 0
+        n = jnp.where(empty, 1, n)
+        z2 = z * z
+        centre = (a + z2 / (2 * n)) / (1 + z2 / n)
+        half = z / (1 + z2 / n) * jnp.sqrt(a * (1 - a) / n + z2 / (4 * n * n))
+        low = jnp.where(empty, 0, jnp.clip(centre - half, 0, 1))
+        high = jnp.where(empty, 1, jnp.clip(centre + half, 0, 1))
+        # jnp.clip keeps NaN, so a NaN accuracy gives NaN ends.
+        return low.astype(a.dtype), high.astype(a.dtype)
 
 
 def _calibration(logits, labels, where, num_bins):
@@ -437,7 +496,11 @@ def reliability_diagram_data(
     Uses the bins of :func:`expected_calibration_error`, so
     ``ECE = sum_b count_b |accuracy_b - confidence_b| / sum_b count_b``. Plot
     ``accuracy`` (bars) against the bin centres ``(b + 0.5) / B`` with the diagonal as
-    the perfectly calibrated reference, and skip bins with ``count == 0``.
+    the perfectly calibrated reference, and skip bins with ``count == 0`` (their
+    accuracy 0 is a placeholder). A bin with ``count > 0`` and accuracy 0 is a bar of
+    height 0, not an empty bin: draw its accuracy as a marker too, with
+    :meth:`ReliabilityDiagram.accuracy_interval` as error bars, so that bins of one or
+    two examples read as what they are.
 
     Args:
       logits: float ``[*batch, K]`` (classes last).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from statistics import NormalDist
 
 import jax
 import jax.numpy as jnp
@@ -323,6 +324,72 @@ def test_ece_under_jit(small):
     d = calibration.reliability_diagram_data(z, y)
     assert d.count.shape == (15,) and d.count.dtype == jnp.int32
     assert int(np.sum(d.count)) == 64
+
+
+def wilson64(correct, n, level=0.95):
+    """The Wilson score interval of ``correct`` successes in ``n`` trials, float64."""
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    a = correct / n
+    centre = (a + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(a * (1 - a) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_accuracy_interval_tells_few_sample_bins_from_empty_ones():
+    # Bins of one and two examples, all wrong (the digits example's diagram after
+    # temperature scaling has them): accuracy 0 as in an empty bin, but the interval
+    # says what is known. An empty bin knows nothing: (0, 1).
+    probs = jnp.array([[0.45, 0.3, 0.25], [0.71, 0.19, 0.1], [0.72, 0.18, 0.1]])
+    probs = jnp.concatenate([probs, jnp.tile(jnp.array([[0.97, 0.02, 0.01]]), (9, 1))])
+    labels = jnp.array([1, 2, 1] + [0] * 9)
+    d = calibration.reliability_diagram_data(jnp.log(probs), labels, num_bins=10)
+    np.testing.assert_array_equal(d.count, [0, 0, 0, 0, 1, 0, 0, 2, 0, 9])
+    np.testing.assert_array_equal(np.asarray(d.accuracy)[[4, 7]], [0.0, 0.0])
+    low, high = d.accuracy_interval()
+    assert low.shape == high.shape == (10,) and low.dtype == d.accuracy.dtype
+    empty = np.asarray(d.count) == 0
+    np.testing.assert_array_equal(low[empty], 0.0)
+    np.testing.assert_array_equal(high[empty], 1.0)
+    for b, (right, n) in {4: (0, 1), 7: (0, 2), 9: (9, 9)}.items():
+        np.testing.assert_allclose([low[b], high[b]], wilson64(right, n), atol=1e-6)
+    # One wrong example: 0 to 0.79 at 95%; two: 0 to 0.66. Wider at 99%.
+    np.testing.assert_allclose([high[4], high[7]], [0.7935, 0.6576], atol=1e-4)
+    assert float(d.accuracy_interval(0.99)[1][4]) > float(high[4])
+
+
+def test_accuracy_interval_matches_float64_reference(synthetic):
+    g, _, y = synthetic
+    d = calibration.reliability_diagram_data(jnp.asarray(2.5 * g, jnp.float32), y, 15)
+    for level in (0.5, 0.95):
+        low, high = d.accuracy_interval(level)
+        for b, n in enumerate(np.asarray(d.count)):
+            if n == 0:
+                continue
+            # count * accuracy is the number right, to float32 rounding.
+            want = wilson64(float(d.accuracy[b]) * n, int(n), level)
+            np.testing.assert_allclose([low[b], high[b]], want, atol=2e-6)
+            assert low[b] <= d.accuracy[b] <= high[b]
+    # A NaN accuracy (an unmasked bad label) gives NaN ends.
+    bad_y = np.where(np.arange(64) == 0, 10, y[:64])
+    bad = calibration.reliability_diagram_data(jnp.asarray(g[:64]), bad_y)
+    assert np.isnan(bad.accuracy_interval()[0][np.asarray(bad.count) > 0]).all()
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, -0.5, float("nan")])
+def test_accuracy_interval_level_errors(level):
+    d = calibration.reliability_diagram_data(jnp.zeros((2, 3)), jnp.array([0, 1]))
+    _raises(
+        ValueError,
+        f"accuracy_interval: level must be in (0, 1), got {level!r}",
+        d.accuracy_interval,
+        level,
+    )
+    _raises(
+        TypeError,
+        "accuracy_interval: level must be a real number, got True",
+        d.accuracy_interval,
+        True,
+    )
 
 
 # --- errors ------------------------------------------------------------------------

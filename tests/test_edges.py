@@ -387,7 +387,7 @@ def test_traced_hyper_parameter_inside_its_domain_equals_the_concrete_one(make, 
 
 
 def test_negative_temperature_was_a_wrong_infinity():
-    """The issue's case: logits +-100 and T = -1 gave inf."""
+    """Logits +-100 and T = -1 once gave inf (the formula gives 200)."""
     z = jnp.array([[100.0, -100.0]])
     loss = jax.jit(lambda t: jcce.temperature(t)(z, jnp.array([0])))
     assert np.isnan(float(loss(jnp.array(-1.0))))

@@ -1,4 +1,4 @@
-"""The textbook numbers of issue 4, reproduced with jcce (logits ``log p``).
+"""The textbook's worked examples, reproduced with jcce (logits ``log p``).
 
 Each expected value is the printed figure from the textbook example; the tolerance is
 its last printed digit.
