@@ -97,6 +97,22 @@ def _on_one_device(each):
     return each(slice(None), "none"), mean, each(slice(None), "sum")
 
 
+def _compare_both_modes(each, mesh, in_specs, names, reference, diff, fixed, what):
+    """Values and gradients of ``each`` (its arguments ``names``, drawn from ``diff``
+    and ``fixed``) in a shard_map with check_vma False and True, against
+    ``reference``."""
+    want = _values_and_grads(reference)(diff, fixed)
+    for check in (False, True):
+        sharded = _in_shard_map(each, mesh, in_specs, check)
+
+        def run(d, f, sharded=sharded):
+            t = {**d, **f}
+            return sharded(*(t[n] for n in names))
+
+        got = _values_and_grads(run)(diff, fixed)
+        _assert_close(got, want, f"{what}, check_vma={check}")
+
+
 def _in_shard_map(each, mesh, in_specs, check_vma):
     """``each(args, reduction)`` for the three reductions in one shard_map: "none"
     per token, "mean" per data shard, "sum" summed over the data axis."""
@@ -196,22 +212,10 @@ def test_cross_entropy_gradients_under_either_check_vma(kind, target, cw):
         P("model") if cw == "slice" else P(),
         P(),
     )
-    sharded = {
-        check: _in_shard_map(each, mesh, in_specs, check) for check in (False, True)
-    }
-
-    def outputs(check):
-        def run(d, f):
-            t = {**d, **f}
-            args = (t["z"], t["target"], t["weights"], t["class_weights"], t["hyper"])
-            return sharded[check](*args)
-
-        return run
-
-    want = _values_and_grads(reference)(diff, fixed)
-    for check in (False, True):
-        got = _values_and_grads(outputs(check))(diff, fixed)
-        _assert_close(got, want, f"{kind}, {target}, check_vma={check}")
+    names = ("z", "target", "weights", "class_weights", "hyper")
+    _compare_both_modes(
+        each, mesh, in_specs, names, reference, diff, fixed, f"{kind}, {target}"
+    )
 
 
 # (loss, classifier layout, class weights, tokens per block: 3 pads each device's 4)
@@ -270,25 +274,14 @@ def test_linear_gradients_under_either_check_vma(kind, layout, cw, block):
         P("model") if cw == "slice" else P(),
         P(),
     )
-    sharded = {
-        check: _in_shard_map(each, mesh, in_specs, check) for check in (False, True)
-    }
-
-    def outputs(check):
-        def run(d, f):
-            t = {**d, **f}
-            args = (
-                t["embeddings"], t["classifier"], t["bias"], t["labels"],
-                t["weights"], t["class_weights"], t["hyper"],
-            )  # fmt: skip
-            return sharded[check](*args)
-
-        return run
-
-    want = _values_and_grads(reference)(diff, fixed)
-    for check in (False, True):
-        got = _values_and_grads(outputs(check))(diff, fixed)
-        _assert_close(got, want, f"linear {kind}, {layout}, check_vma={check}")
+    names = (
+        "embeddings", "classifier", "bias", "labels", "weights", "class_weights",
+        "hyper",
+    )  # fmt: skip
+    _compare_both_modes(
+        each, mesh, in_specs, names, reference, diff, fixed,
+        f"linear {kind}, {layout}",
+    )  # fmt: skip
 
 
 def test_vocabulary_over_both_mesh_axes_under_either_check_vma():
