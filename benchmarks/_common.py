@@ -82,12 +82,29 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(line(r))
 
 
+def cpu_model() -> str:
+    """The host CPU's model name and core count, as the OS reports them."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def environment() -> str:
-    """One line describing the JAX version and backend."""
+    """One line naming the JAX version, the backend and its device, and the host CPU."""
     import platform
 
     dev = jax.devices()[0]
     return (
         f"jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}), "
-        f"python {platform.python_version()}"
+        f"host CPU {cpu_model()}, python {platform.python_version()}"
     )
