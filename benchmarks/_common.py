@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def time_fn(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
@@ -107,4 +108,45 @@ def environment() -> str:
     return (
         f"jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}), "
         f"host CPU {cpu_model()}, python {platform.python_version()}"
+    )
+
+
+# Column headers shared by the benchmark scripts' tables.
+CORE_COLUMNS = [
+    "shape",
+    "function",
+    "time",
+    "time/optax",
+    "temp",
+    "temp/optax",
+    "max|dgrad|",
+]
+LINEAR_COLUMNS = ["N x D x V", "op", "time", "time/unfused", "temp", "temp/unfused"]
+
+
+def four_transforms():
+    """The chain the accelerator comparisons use: smoothing, temperature, z-loss and
+    soft-cap (Liger-Kernel has all but the temperature)."""
+    import jcce
+
+    return jcce.chain(
+        jcce.label_smoothing(0.1),
+        jcce.temperature(2.0),
+        jcce.z_loss(1e-4),
+        jcce.softcap(30.0),
+    )
+
+
+def every_transform(num_classes: int):
+    """A chain of every transform (focal included), class weights over ``num_classes``."""
+    import jcce
+
+    return jcce.chain(
+        jcce.softcap(30.0),
+        jcce.temperature(2.0),
+        jcce.label_smoothing(0.1),
+        jcce.z_loss(1e-4),
+        jcce.log_base(2.0),
+        jcce.focal(2.0),
+        jcce.class_weights(jnp.linspace(0.5, 1.5, num_classes)),
     )

@@ -51,10 +51,13 @@ import jcce
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    CORE_COLUMNS,
     environment,
+    every_transform,
     fmt_bytes,
     fmt_ms,
     fmt_ratio,
+    four_transforms,
     memory_stats,
     print_table,
 )
@@ -102,15 +105,6 @@ def loss_fns():
 def chain_fns(num_classes: int):
     """Plain ``jcce.cross_entropy``, each transform alone, and chains of several."""
     cw = jnp.linspace(0.5, 1.5, num_classes)
-    every = jcce.chain(
-        jcce.softcap(30.0),
-        jcce.temperature(2.0),
-        jcce.label_smoothing(0.1),
-        jcce.z_loss(1e-4),
-        jcce.log_base(2.0),
-        jcce.focal(2.0),
-        jcce.class_weights(cw),
-    )
     configs = {
         "plain": jcce.chain(),
         "temperature": jcce.temperature(2.0),
@@ -120,13 +114,8 @@ def chain_fns(num_classes: int):
         "class_weights": jcce.class_weights(cw),
         "focal": jcce.focal(2.0),
         "poly": jcce.poly(2.0),
-        "4-transform chain": jcce.chain(
-            jcce.label_smoothing(0.1),
-            jcce.temperature(2.0),
-            jcce.z_loss(1e-4),
-            jcce.softcap(30.0),
-        ),
-        "every transform": every,
+        "4-transform chain": four_transforms(),
+        "every transform": every_transform(num_classes),
     }
     return {
         name: (lambda logits, labels, c=c: c(logits, labels))
@@ -289,15 +278,7 @@ def main(argv=None):
         for shape, dtype in shapes:
             rows += bench_case(shape, dtype, opts.repeats, opts.warmup)
         print_table(
-            [
-                "shape",
-                "function",
-                "time",
-                "time/optax",
-                "temp",
-                "temp/optax",
-                "max|dgrad|",
-            ],
+            CORE_COLUMNS,
             rows,
         )
         print()

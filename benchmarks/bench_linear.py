@@ -36,6 +36,7 @@ import jcce
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    LINEAR_COLUMNS,
     environment,
     fmt_bytes,
     fmt_ms,
@@ -141,13 +142,8 @@ def main(argv=None):
     for case in QUICK if opts.quick else FULL:
         rows += bench(*case, opts.repeats, opts.warmup, opts.block_size)
     print_table(
-        [
-            "N x D x V",
-            "op",
-            "time",
-            "time/unfused",
-            "temp",
-            "temp/unfused",
+        LINEAR_COLUMNS
+        + [
             "GFLOP",
             "GFLOP/s",
             "of matmul",

@@ -4,6 +4,7 @@ Import from ``jcce`` only; the underscore modules are private and may change.
 """
 
 from jcce import calibration as calibration
+from jcce._backend import use_implementation as use_implementation
 from jcce._binary import binary_cross_entropy as binary_cross_entropy
 from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jcce._binary import sigmoid_focal_loss as sigmoid_focal_loss
@@ -70,5 +71,6 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "temperature",
+    "use_implementation",
     "z_loss",
 ]

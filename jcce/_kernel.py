@@ -32,7 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jcce import _xla, _xla_cpu
+from jcce._backend import Ops, dispatch
 from jcce._transforms import Params, Spec
+
+OPS = {ops.name: ops for ops in (_xla.OPS, _xla_cpu.OPS)}
 
 
 class Static(NamedTuple):
@@ -43,6 +47,13 @@ class Static(NamedTuple):
     spec: Spec
     integer_labels: bool
     vocab_axis: str | tuple[str, ...] | None = None
+    # "xla", "xla_cpu", or None: chosen by the platform the program is lowered for,
+    # inside the forward and the backward rule (see jcce._backend).
+    implementation: str | None = None
+
+    @property
+    def ops(self) -> Ops:
+        return OPS[self.implementation]
 
 
 def vocab_sum(vocab_axis, x):
@@ -139,102 +150,6 @@ def _softcap_jvp(primals, tangents):
 def _as_row(cw, ndim):
     """Class weights ``[K]`` shaped ``[1, ..., 1, K]`` to broadcast against the logits."""
     return None if cw is None else cw.reshape((1,) * (ndim - 1) + cw.shape)
-
-
-# XLA:CPU (YNNPACK) reduces rows longer than ~32k elements about 5x slower; reductions
-# over the class axis are split into chunks of at most this many classes when K allows.
-_ROW_CHUNK = 8192
-
-
-def _n_chunks(k: int) -> int:
-    """The fewest equal chunks of <= _ROW_CHUNK classes that tile ``k`` (1 for
-    ``k <= _ROW_CHUNK``; for a prime ``k`` above it, ``k`` chunks of one class)."""
-    if k <= _ROW_CHUNK:
-        return 1
-    for n in range(-(-k // _ROW_CHUNK), k + 1):
-        if k % n == 0 and k // n <= _ROW_CHUNK:
-            return n
-    return 1
-
-
-def _pin(x):
-    """``x`` behind an optimization barrier (free for an input; removed after fusion),
-    so XLA cannot move the chunking reshape below the elementwise ops that follow:
-    YNNPACK runs elementwise ops computed on the unchunked shape several times slower."""
-    return lax.optimization_barrier(x)
-
-
-def _row_reduce(reduce, x, nb, elementwise=None, row=None, layout=None, col=None):
-    """``reduce(elementwise(x, row), axis=-1)`` with the class axis split into ``nb``
-    chunks, then the chunks reduced again; ``row`` is a per-example operand broadcast
-    along the classes (and along the chunks).
-
-    With ``layout`` (0, 1, 2, ...) the class axis is split into ``nb * 2**layout`` chunks
-    (twice as many if ``nb == 1``, when ``K`` allows) and :func:`_pin`-ned before
-    ``elementwise``: reductions with different layouts have different shapes, so they
-    share no ``[..., K]``-sized subexpression (XLA would CSE it and materialize it),
-    with each other or with the backward's ``[*batch, K]`` ops. ``col`` (``[K]``, with
-    ``layout``) multiplies the elementwise result per class."""
-    lead = x.shape[:-1]
-    if layout is not None:
-        n = nb * 2 ** (layout + (nb == 1))
-        nb = n if x.shape[-1] % n == 0 else nb
-        width = x.shape[-1] // nb
-        v = _pin(x.reshape(-1, width))
-        if elementwise is not None:
-            r = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
-            v = elementwise(v, r)
-        if col is not None:
-            cols = jnp.broadcast_to(col.reshape(nb, width), lead + (nb, width))
-            v = v * cols.reshape(-1, width)
-        return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
-    if nb == 1:
-        v = x if elementwise is None else elementwise(x, row[..., None])
-        return reduce(v, axis=-1)
-    v = x.reshape(-1, x.shape[-1] // nb)
-    if elementwise is not None:
-        per_chunk = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
-        v = elementwise(v, per_chunk)
-    return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
-
-
-def _sum_exp(x, m):
-    """``sum_k exp(x_k - m)``, fused by XLA:CPU into one pass over ``x`` (no temp).
-
-    Written ``x + (-m)``: the backward's ``x - m`` would otherwise be CSE'd with this one
-    and the shared ``[..., K]`` difference materialized."""
-    nb = _n_chunks(x.shape[-1])
-    return _row_reduce(jnp.sum, x, nb, lambda v, neg: jnp.exp(v + neg), -m)
-
-
-@jax.custom_jvp
-def _widen(z):
-    """Exact bfloat16 -> float32 by bit operations, so XLA cannot CSE it with the
-    forward's ``convert`` (a shared convert is materialized as an f32 ``[..., K]`` temp)."""
-    bits = lax.bitcast_convert_type(z, jnp.uint16).astype(jnp.uint32) << 16
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-@_widen.defjvp
-def _widen_jvp(primals, tangents):
-    return _widen(primals[0]), tangents[0].astype(jnp.float32)
-
-
-@jax.custom_jvp
-def _take_label(z, yc):
-    """``take_along_axis(z, yc[..., None], -1)``; for 16-bit floats on the bit patterns,
-    so XLA cannot hoist the float32 convert of ``z`` above the gather and share it."""
-    if jnp.dtype(z.dtype).itemsize == 2:
-        bits = lax.bitcast_convert_type(z, jnp.uint16)
-        taken = jnp.take_along_axis(bits, yc[..., None], axis=-1)
-        return lax.bitcast_convert_type(taken, z.dtype)
-    return jnp.take_along_axis(z, yc[..., None], axis=-1)
-
-
-@_take_label.defjvp
-def _take_label_jvp(primals, tangents):
-    z, yc = primals
-    return _take_label(z, yc), jnp.take_along_axis(tangents[0], yc[..., None], axis=-1)
 
 
 def _live(s):
@@ -336,16 +251,22 @@ def _terms(
     support = d > -jnp.inf
     if eps is not None:
         if linear:
-            ks, ws, wd = map(vsum, _smoothing_sums(static.spec, zc, m, cw, map_values))
+            ks, ws, wd = map(
+                vsum, _smoothing_sums(static.ops, static.spec, zc, m, cw, map_values)
+            )
             b, wq_b = scaled((log_se * ws - wd) / ks), scaled(ws / ks)
         elif kind in ("poly", "generalized"):
             # Separable too: sum_S w p^a = sum_k w exp(a d_k) / se^a needs only m.
-            ks, ws, wd = map(vsum, _smoothing_sums(static.spec, zc, m, cw, map_values))
+            ks, ws, wd = map(
+                vsum, _smoothing_sums(static.ops, static.spec, zc, m, cw, map_values)
+            )
             power = 1 if kind == "poly" else ov[0]
             if kind == "poly" and cw is None:
                 wpa = jnp.ones((), acc)  # the probabilities sum to 1
             else:
-                wpa = vsum(_exp_sum(static.spec, zc, m, cw, map_values, power))
+                wpa = vsum(
+                    _exp_sum(static.ops, static.spec, zc, m, cw, map_values, power)
+                )
                 wpa = wpa * jnp.exp(-power * log_se)
             if kind == "poly":
                 f_sum = log_se * ws - wd + ov[0] * (ws - wpa)
@@ -357,7 +278,7 @@ def _terms(
             ks, f_sum, df_sum = map(
                 vsum,
                 _focal_smoothing_sums(
-                    static.spec, zc, m + log_se, cw, map_values, ov[0]
+                    static.ops, static.spec, zc, m + log_se, cw, map_values, ov[0]
                 ),
             )
             b, wq_b = f_sum / ks, df_sum / ks
@@ -403,7 +324,7 @@ class _Res(NamedTuple):
     loss: jax.Array  # per-example loss before the example weight
 
 
-def _log_sum_exp(spec: Spec, zc, map_values, vocab_axis=None):
+def _log_sum_exp(ops: Ops, spec: Spec, zc, map_values, vocab_axis=None):
     """Mapped logits shifted by their max, ``d = x - m``, with ``m`` and
     ``log_se = log sum exp d`` (so ``lse = m + log_se``), per example; over every
     vocabulary shard with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token)."""
@@ -411,7 +332,7 @@ def _log_sum_exp(spec: Spec, zc, map_values, vocab_axis=None):
     x = _apply_maps(spec, zc, map_values)
     # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
     # (no converted or mapped [..., K] copy is needed for the max).
-    m_raw = lax.stop_gradient(_row_reduce(jnp.max, zc, _n_chunks(zc.shape[-1])))
+    m_raw = lax.stop_gradient(ops.row_reduce(jnp.max, zc))
     if vocab_axis is not None:
         m_raw = lax.pmax(m_raw, vocab_axis)
     m = lax.stop_gradient(_apply_maps(spec, m_raw, map_values))
@@ -419,30 +340,28 @@ def _log_sum_exp(spec: Spec, zc, map_values, vocab_axis=None):
     if spec.maps:
         # The mapped logits are recomputed from the raw ones inside the reduction (pinned,
         # so nothing of shape [..., K] is shared with the backward or materialized).
-        se = _row_reduce(
+        se = ops.row_reduce(
             jnp.sum,
             zc,
-            _n_chunks(zc.shape[-1]),
             lambda v, neg: jnp.exp(_apply_maps(spec, v, map_values) + neg),
             -m,
             layout=0,
         )
     else:
-        se = _sum_exp(x, m)
+        se = ops.sum_exp(x, m)
     if vocab_axis is not None:
         se = lax.psum(se, vocab_axis)
-    return x - m[..., None], m, jnp.log(se)
+    # A finite max contributes exp(0) = 1, so se >= 1 and log_se >= 0, but an exp that
+    # rounds low (an accelerator's fast exp) can give se just below 1. Every loss here
+    # is a sum of terms log_se - d_k with d_k <= 0, so raising such an se to 1 keeps
+    # each loss >= 0 in floating point, as it is in exact arithmetic. se = 0 (no finite
+    # logit) keeps log_se = -inf and NaN stays NaN; a select, not a max, so the
+    # derivative at se = 1 is se's own.
+    log_se = jnp.log(jnp.where((se > 0) & (se < 1), jnp.ones((), se.dtype), se))
+    return x - m[..., None], m, log_se
 
 
-def _support(x):
-    """``x > -inf`` as exactly 0 or 1 (NaN stays NaN) from arithmetic that XLA:CPU's
-    reductions fuse (no compare or select): ``x / 2 >= -F / 2`` unless ``x = -inf``, so
-    the sign of ``max(x / 2, -F) + 3F / 4`` is ``-1`` exactly for ``-inf``."""
-    big = jnp.finfo(x.dtype).max
-    return 0.5 * jnp.sign(jnp.maximum(x * 0.5, -big) + 0.75 * big) + 0.5
-
-
-def _support_size(spec: Spec, zc, row, map_values):
+def _support_size(ops: Ops, spec: Spec, zc, row, map_values):
     """``K_S``, the number of classes whose mapped logit is finite (layout 1; ``row``
     is any per-example array of the accumulation dtype, for its shape)."""
     k = zc.shape[-1]
@@ -450,59 +369,39 @@ def _support_size(spec: Spec, zc, row, map_values):
         # The soft-cap maps every logit, -inf included, to a finite value: S is every
         # class (a NaN logit makes the example NaN whatever S is).
         return jnp.full(row.shape, k, row.dtype)
-    return _row_reduce(
+    return ops.row_reduce(
         jnp.sum,
         zc,
-        _n_chunks(k),
-        lambda v, _: _support(_apply_maps(spec, v, map_values)),
+        lambda v, _: ops.support(_apply_maps(spec, v, map_values)),
         row,
         layout=1,
     )
 
 
-def _smoothing_sums(spec: Spec, zc, m, cw, map_values):
+def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values):
     """``K_S``, ``sum_S w_k`` and ``sum_S w_k d_k`` over the support ``S`` of the mapped
     logits, each one reduction over the raw logits in its own layout (no temp)."""
-    nb = _n_chunks(zc.shape[-1])
 
     def mapped(v):
         return _apply_maps(spec, v, map_values)
 
     def masked_d(v, mr):  # d on S and exactly 0 off it
-        return _zero_neg_inf(mapped(v) - mr)
+        return ops.zero_neg_inf(mapped(v) - mr)
 
-    ks = _support_size(spec, zc, m, map_values)
+    ks = _support_size(ops, spec, zc, m, map_values)
     if "softcap" in spec.maps:
         ws = ks if cw is None else jnp.broadcast_to(jnp.sum(cw), m.shape)
-        wd = _row_reduce(
-            jnp.sum, zc, nb, lambda v, mr: mapped(v) - mr, m, layout=1, col=cw
+        wd = ops.row_reduce(
+            jnp.sum, zc, lambda v, mr: mapped(v) - mr, m, layout=1, col=cw
         )
         return ks, ws, wd
-    wd = _row_reduce(jnp.sum, zc, nb, masked_d, m, layout=2, col=cw)
+    wd = ops.row_reduce(jnp.sum, zc, masked_d, m, layout=2, col=cw)
     if cw is None:
         return ks, ks, wd
-    ws = _row_reduce(
-        jnp.sum, zc, nb, lambda v, _: _support(mapped(v)), m, layout=3, col=cw
+    ws = ops.row_reduce(
+        jnp.sum, zc, lambda v, _: ops.support(mapped(v)), m, layout=3, col=cw
     )
     return ks, ws, wd
-
-
-@jax.custom_jvp
-def _zero_neg_inf(u):
-    """``u`` with ``-inf`` replaced by exactly 0, by arithmetic (no compare or select):
-    with ``c = max(u, -F)``, ``-inf -> -F + 1 F`` and a finite ``u -> u + 0 F``.
-
-    Its derivative is given directly: autodiff of the formula would add and subtract
-    ``F`` times the tangent and lose it to rounding."""
-    big = jnp.finfo(u.dtype).max
-    c = jnp.maximum(u, -big)
-    return c + jnp.minimum(c - u, 1) * big
-
-
-@_zero_neg_inf.defjvp
-def _zero_neg_inf_jvp(primals, tangents):
-    (u,), (du,) = primals, tangents
-    return _zero_neg_inf(u), jnp.where(u > -jnp.inf, du, jnp.zeros((), du.dtype))
 
 
 def _focal_arith(l_, gamma):
@@ -515,37 +414,35 @@ def _focal_arith(l_, gamma):
     return mod * l_, mod * (1 + gamma * jnp.exp(-l_) * (l_ / omp))
 
 
-def _focal_smoothing_sums(spec: Spec, zc, lse, cw, map_values, gamma):
+def _focal_smoothing_sums(ops: Ops, spec: Spec, zc, lse, cw, map_values, gamma):
     """``K_S``, ``sum_S w_k phi(l_k)`` and ``sum_S w_k phi'(l_k)`` for focal's ``phi``,
     each one reduction over the raw logits in its own layout (no temp).
 
     Written without compare or select so XLA:CPU fuses them: off the support the
     surprisal is set to 0 (where ``phi(0) = 0``), and ``(1 - p)^gamma`` is
     ``exp(gamma log max(1 - p, tiny))``, whose derivatives stay finite at ``p = 1``."""
-    nb = _n_chunks(zc.shape[-1])
 
     def mapped(v):
         return _apply_maps(spec, v, map_values)
 
     def f(v, lse_row):
-        return _focal_arith(-_zero_neg_inf(mapped(v) - lse_row), gamma)[0]
+        return _focal_arith(-ops.zero_neg_inf(mapped(v) - lse_row), gamma)[0]
 
     def df(v, lse_row):
-        on = 1.0 if "softcap" in spec.maps else _support(mapped(v))
-        return on * _focal_arith(-_zero_neg_inf(mapped(v) - lse_row), gamma)[1]
+        on = 1.0 if "softcap" in spec.maps else ops.support(mapped(v))
+        return on * _focal_arith(-ops.zero_neg_inf(mapped(v) - lse_row), gamma)[1]
 
-    ks = _support_size(spec, zc, lse, map_values)
-    f_sum = _row_reduce(jnp.sum, zc, nb, f, lse, layout=2, col=cw)
-    df_sum = _row_reduce(jnp.sum, zc, nb, df, lse, layout=3, col=cw)
+    ks = _support_size(ops, spec, zc, lse, map_values)
+    f_sum = ops.row_reduce(jnp.sum, zc, f, lse, layout=2, col=cw)
+    df_sum = ops.row_reduce(jnp.sum, zc, df, lse, layout=3, col=cw)
     return ks, f_sum, df_sum
 
 
-def _exp_sum(spec: Spec, zc, m, cw, map_values, power):
+def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
     """``sum_k w_k exp(power d_k)`` (one reduction over the raw logits, own layout)."""
-    return _row_reduce(
+    return ops.row_reduce(
         jnp.sum,
         zc,
-        _n_chunks(zc.shape[-1]),
         lambda v, mr: jnp.exp(power * (_apply_maps(spec, v, map_values) - mr)),
         m,
         layout=4,
@@ -558,7 +455,7 @@ def _forward(static: Static, z, target, s, cw, params: Params):
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
-    d, m, log_se = _log_sum_exp(spec, zc, params.maps, static.vocab_axis)
+    d, m, log_se = _log_sum_exp(static.ops, spec, zc, params.maps, static.vocab_axis)
     lse = m + log_se
 
     ce_y = w_y = None
@@ -569,7 +466,7 @@ def _forward(static: Static, z, target, s, cw, params: Params):
         if live is not None:
             valid = valid | ~live
         yc, owned = label_slot(static.vocab_axis, y, num_classes)
-        z_y = _take_label(z, yc)
+        z_y = static.ops.take_label(z, yc)
         if live is not None:
             z_y = jnp.where(live[..., None], z_y, jnp.zeros((), z.dtype))
         d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
@@ -612,11 +509,24 @@ def fused_cross_entropy(static: Static, z, target, s, cw, params: Params):
     Returns:
       ``[*batch]`` weighted per-example losses in the accumulation dtype.
     """
-    return _forward(static, z, target, s, cw, params)[0]
+    return on_platform(_forward, static, z, target, s, cw, params)[0]
+
+
+def on_platform(fun, static: Static, *args):
+    """``fun(static, *args)`` with ``static.implementation`` resolved: a ``None`` becomes
+    ``"xla_cpu"`` or ``"xla"`` by the platform the program is lowered for. Resolved
+    inside the rules, not around the custom VJP, so the residuals are the same arrays
+    whichever implementation runs (a platform switch around the VJP would return them
+    as its outputs: a copy of the logits)."""
+
+    def run(implementation, *args):
+        return fun(static._replace(implementation=implementation), *args)
+
+    return dispatch(static.implementation, run, *args)
 
 
 def _fwd(static, z, target, s, cw, params):
-    out, res = _forward(static, z, target, s, cw, params)
+    out, res = on_platform(_forward, static, z, target, s, cw, params)
     return out, (z, target, s, cw, params, res)
 
 
@@ -646,6 +556,10 @@ def _col(v):
 
 
 def _bwd(static, saved, ct):
+    return on_platform(_backward, static, saved, ct)
+
+
+def _backward(static, saved, ct):
     z, target, s, cw, params, r = saved
     spec = static.spec
     kind, ov = spec.objective, params.objective
@@ -669,7 +583,7 @@ def _bwd(static, saved, ct):
 
     if zc.dtype == jnp.bfloat16:
         x, pull_x = jax.vjp(
-            lambda x_, mv: _apply_maps(spec, x_, mv), _widen(zc), params.maps
+            lambda x_, mv: _apply_maps(spec, x_, mv), static.ops.widen(zc), params.maps
         )
 
         def pull_maps(g):
@@ -692,7 +606,8 @@ def _bwd(static, saved, ct):
     # path: a scatter's row indices would not carry the batch's sharding; so does a
     # sharded vocabulary, where only one shard holds each label.
     scatter = (
-        static.integer_labels
+        static.ops.scatter_labels
+        and static.integer_labels
         and jnp.dtype(z.dtype).itemsize >= 4
         and not _explicitly_sharded(z)
         and static.vocab_axis is None
@@ -762,7 +677,7 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
     spec = static.spec
     kind, ov, t = spec.objective, params.objective, r.terms
     if spec.maps:
-        z_y = _take_label(zc, yc)[..., 0]
+        z_y = static.ops.take_label(zc, yc)[..., 0]
         x_y, pull_y = jax.vjp(
             lambda z_, mv: _apply_maps(spec, z_, mv), z_y, params.maps
         )
@@ -891,21 +806,21 @@ def _input_cotangents(
 fused_cross_entropy.defvjp(_fwd, _bwd)
 
 
-@jax.custom_vjp
-def fused_entropy(z, s):
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_entropy(implementation: str, z, s):
     """Per-example ``s_i H(softmax(z_i))`` over the last axis, in nats.
 
     ``H = lse - sum_k p_k x_k``, from the same max-shifted log-sum-exp as the
     cross-entropy; the gradient is the closed form ``dH/dz_j = p_j (-log p_j - H)``.
     ``s == 0`` masks the example (NaN-safe, as in :func:`fused_cross_entropy`).
     """
-    return _entropy_forward(z, s)[0]
+    return dispatch(implementation, _entropy_forward, z, s)[0]
 
 
-def _entropy_forward(z, s):
+def _entropy_forward(implementation, z, s):
     acc = acc_dtype(z.dtype)
     live = _live(s)
-    d, m, log_se = _log_sum_exp(Spec(), _clean(z, live), ())
+    d, m, log_se = _log_sum_exp(OPS[implementation], Spec(), _clean(z, live), ())
     p = jnp.exp(d - log_se[..., None])
     # 0 log 0 = 0 for -inf logits; a +inf logit makes p NaN (inf - inf), and so H:
     # the entropy of such a row is indeterminate (it depends on how the logit grows;
@@ -915,17 +830,21 @@ def _entropy_forward(z, s):
     return out, (m, log_se, h)
 
 
-def _entropy_fwd(z, s):
-    out, res = _entropy_forward(z, s)
+def _entropy_fwd(implementation, z, s):
+    out, res = dispatch(implementation, _entropy_forward, z, s)
     return out, (z, s, res)
 
 
-def _entropy_bwd(saved, ct):
+def _entropy_bwd(implementation, saved, ct):
+    return dispatch(implementation, _entropy_backward, saved, ct)
+
+
+def _entropy_backward(implementation, saved, ct):
     z, s, (m, log_se, h) = saved
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
-    x = _widen(zc) if zc.dtype == jnp.bfloat16 else zc.astype(acc)
+    x = OPS[implementation].widen(zc) if zc.dtype == jnp.bfloat16 else zc.astype(acc)
     d = x - m[..., None]
     p = jnp.exp(d - log_se[..., None])
     c = ct if s is None else jnp.where(live, ct * s, jnp.zeros((), acc))

@@ -40,11 +40,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jcce import _validate as v
+from jcce import _xla, _xla_cpu
 from jcce._kernel import (
     Static,
     _forward,
     acc_dtype,
     fused_cross_entropy,
+    on_platform,
     vocab_cotangent,
     vocab_shares,
     vocab_sum,
@@ -64,57 +66,22 @@ from jcce._losses import (
     weighted_mean,
 )
 from jcce._transforms import Chain
+from jcce._xla_cpu import widened_slice
 
 LAYOUTS = ("DV", "VD")
 _PLAIN = Chain(())
 
 
-def default_block_size(num_tokens: int, vocab: int, hidden: int, dtype) -> int:
-    """Tokens per block: ``B V`` float32 logits near 32 MiB, and at least 128 tokens
-    (smaller blocks starve the matmuls), never more than the tokens rounded up to 8."""
-    del hidden, dtype  # the logits block is float32 whatever the inputs' dtype
-    target = (32 * 2**20) // (4 * max(vocab, 1))
-    block = 128
-    while block * 2 <= target:
-        block *= 2
-    return max(8, min(block, -(-num_tokens // 8) * 8))
-
-
-def _logits(e, w, b, layout, acc):
+def _logits(e, w, b, layout, acc, precision=None):
     contract = 0 if layout == "DV" else 1
     z = lax.dot_general(
-        e, w, (((1,), (contract,)), ((), ())), preferred_element_type=acc
+        e,
+        w,
+        (((1,), (contract,)), ((), ())),
+        precision=precision,
+        preferred_element_type=acc,
     )
     return z if b is None else z + b.astype(acc)[None, :]
-
-
-def vocab_chunk(vocab: int, hidden: int, nbytes: int) -> int:
-    """Classes per chunk such that a float32 ``[chunk, D]`` slice of the classifier (or of
-    its gradient) takes about ``nbytes``: at least 512, at most ``vocab``."""
-    chunk = 512
-    while chunk * 2 * hidden * 4 <= nbytes:
-        chunk *= 2
-    return min(chunk, vocab)
-
-
-@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _widened_slice(x, start, size, axis, dtype):
-    """``dynamic_slice_in_dim(x, start, size, axis).astype(dtype)`` for a 16-bit ``x``,
-    sliced as raw 16-bit words: sliced as floats inside a loop, XLA:CPU widens the
-    whole of ``x`` to float32 before the loop (a float32 copy of the classifier)."""
-    bits = lax.bitcast_convert_type(x, jnp.uint16)
-    part = lax.dynamic_slice_in_dim(bits, start, size, axis)
-    return lax.bitcast_convert_type(part, x.dtype).astype(dtype)
-
-
-@_widened_slice.defjvp
-def _widened_slice_jvp(size, axis, dtype, primals, tangents):
-    # The bits carry no tangent; the slice is linear in x, so its tangent is the slice
-    # of x's tangent (forward-over-reverse derivatives of the gradient sweep).
-    x, start = primals
-    x_dot, _ = tangents
-    out = _widened_slice(x, start, size, axis, dtype)
-    return out, lax.dynamic_slice_in_dim(x_dot, start, size, axis).astype(dtype)
 
 
 def _over_chunks(vocab, chunk, one, carry):
@@ -139,14 +106,14 @@ def _zeros_like_product(shape, dtype, *factors):
     return z
 
 
-def _chunked_logits(e_b, take, b, vocab, chunk, layout, acc):
+def _chunked_logits(e_b, take, b, vocab, chunk, layout, acc, precision):
     """The block's ``[B, V]`` logits, a chunk of classes at a time (one chunk: a single
     matmul)."""
     if chunk >= vocab:
-        return _logits(e_b, take(0, vocab), b, layout, acc)
+        return _logits(e_b, take(0, vocab), b, layout, acc, precision)
 
     def one(z, start, size):
-        z_c = _logits(e_b, take(start, size), None, layout, acc)
+        z_c = _logits(e_b, take(start, size), None, layout, acc, precision)
         return lax.dynamic_update_slice_in_dim(z, z_c, start, 1)
 
     w_c = take(0, 1)
@@ -155,34 +122,75 @@ def _chunked_logits(e_b, take, b, vocab, chunk, layout, acc):
     return z if b is None else z + b.astype(acc)[None, :]
 
 
-def _backprop(dz, e_b, take, dw, chunk, layout):
+def _backprop(dz, e_b, take, dw, chunk, layout, precision):
     """``dz W^T`` (the block's embedding gradient, ``[B, D]``) and ``dw + dz^T e_b``, a
-    chunk of classes at a time: the block's ``[V, D]`` product is never held whole,
-    and each chunk's share is added to ``dw`` while it is still in cache."""
+    chunk of classes at a time (one chunk: two matmuls): the block's ``[V, D]`` product
+    is never held whole, and each chunk's share is added to ``dw`` while it is still in
+    cache. ``dz`` is cast to the matmul operands' dtype (``e_b``'s); the products are
+    in ``dw``'s dtype."""
     v_axis = 1 if layout == "DV" else 0
+    acc = dw.dtype
+    dz = dz.astype(e_b.dtype)
+
+    def mm(x, y, contract):
+        return lax.dot_general(
+            x, y, (contract, ((), ())), precision, preferred_element_type=acc
+        )
 
     def one(carry, start, size):
         de, dw = carry
         dz_c = lax.dynamic_slice_in_dim(dz, start, size, 1)
-        de = de + lax.dot_general(
-            dz_c, take(start, size), (((1,), (v_axis,)), ((), ()))
-        )
-        dw_c = lax.dot_general(dz_c, e_b, (((0,), (0,)), ((), ())))
+        de = de + mm(dz_c, take(start, size), ((1,), (v_axis,)))
+        dw_c = mm(dz_c, e_b, ((0,), (0,)))
         dw_c = dw_c + lax.dynamic_slice_in_dim(dw, start, size, 0)
         return de, lax.dynamic_update_slice_in_dim(dw, dw_c, start, 0)
 
     # dz varies as the logits do, so as every product of its chunks does.
-    de = _zeros_like_product((dz.shape[0], e_b.shape[1]), dz.dtype, dz)
+    de = _zeros_like_product((dz.shape[0], e_b.shape[1]), acc, dz)
     return _over_chunks(dz.shape[1], chunk, one, (de, dw))
 
 
-def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
+def _sweep(static, block_size, precision, layout, e, w, b, y, s, cw, params, g):
     """Per-example losses over token blocks; with per-example cotangents ``g``, also
     the cotangents of ``(e, w, b, s, cw, params)`` for ``sum_i g_i loss_i``.
 
-    ``e`` is ``[N, D]`` with ``N`` a multiple of ``block``; ``s`` is None or ``[N]``."""
+    ``e`` is ``[N, D]``; ``y``, ``s`` (or None) and ``g`` (or None) are ``[N]``. The
+    implementation (resolved here, by platform, if ``static`` leaves it None) tiles
+    the work: see its ``linear_plan``."""
+
+    def run(static, e, w, b, y, s, cw, params, g):
+        strategy = _xla_cpu if static.implementation == "xla_cpu" else _xla
+        n, hidden = e.shape
+        vocab = w.shape[1 if layout == "DV" else 0]
+        acc = acc_dtype(e.dtype)
+        plan = strategy.linear_plan(n, vocab, hidden, e.dtype, acc, block_size)
+        pad = -n % plan.block
+        if pad:  # padded tokens are masked examples: zero loss, zero gradient
+            if s is None:
+                s = _zeros_like_product((n,), acc, e) + 1
+            e, y, s = (
+                jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (e, y, s)
+            )
+            g = None if g is None else jnp.pad(g, (0, pad))
+        losses, grads = _tiled_sweep(
+            static, plan, precision, layout, e, w, b, y, s, cw, params, g
+        )
+        if not pad:
+            return losses, grads
+        if grads is not None:
+            de, dw, db, ds, dcw, dparams = grads
+            grads = (de[:n], dw, db, None if ds is None else ds[:n], dcw, dparams)
+        return losses[:n], grads
+
+    return on_platform(run, static, e, w, b, y, s, cw, params, g)
+
+
+def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
+    """:func:`_sweep` for a resolved implementation and its ``plan`` (a
+    :class:`jcce._xla_cpu.LinearPlan`); ``N`` is a multiple of ``plan.block``."""
     acc = acc_dtype(e.dtype)
     n, hidden = e.shape
+    block = plan.block
     steps = n // block
     v_axis = 1 if layout == "DV" else 0
     vocab = w.shape[v_axis]
@@ -197,7 +205,7 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
 
         def step(_, xs):
             e_b, y_b, s_b = xs
-            z = _logits(e_b, w, b, layout, acc)
+            z = _logits(e_b, w, b, layout, acc, precision)
             # The kernel's forward function, not its custom_vjp: this sweep is also the
             # primal of the "none" rule, which forward-over-reverse (jax.hessian)
             # differentiates in forward mode.
@@ -210,19 +218,13 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
         shape = x.shape if shape is None else shape
         return _zeros_like_product(shape, dtype or x.dtype, x)
 
-    # All the gradient sweep's matmuls run in float32 (or float64): XLA:CPU runs them
-    # faster than 16-bit ones with float32 results.
-    narrow = jnp.dtype(w.dtype).itemsize < jnp.dtype(acc).itemsize
-
     def take(start, size):  # classes [start, start + size) of the classifier
-        if narrow:
-            return _widened_slice(w, start, size, v_axis, acc)
+        if plan.widen:
+            return widened_slice(w, start, size, v_axis, acc)
+        if size == vocab:
+            return w
         return lax.dynamic_slice_in_dim(w, start, size, v_axis)
 
-    # A float32 [chunk, D] slice of the gradient near 4 MiB (a core's L2 cache here);
-    # for 16-bit classifiers, logits from widened slices near 16 MiB (else one matmul).
-    chunk = vocab_chunk(vocab, hidden, 4 * 2**20)
-    logits_chunk = vocab_chunk(vocab, hidden, 16 * 2**20) if narrow else vocab
     carry0 = (
         zeros(w, (vocab, hidden), acc),  # dW as [V, D] whatever the layout
         None if b is None else zeros(b, dtype=acc),
@@ -233,13 +235,16 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
     def step(carry, xs):
         dw, db, dcw, dparams = carry
         e_b, y_b, s_b, g_b = xs
-        e_b = e_b.astype(acc)
-        z = _chunked_logits(e_b, take, b, vocab, logits_chunk, layout, acc)
+        if plan.widen:
+            e_b = e_b.astype(acc)
+        z = _chunked_logits(
+            e_b, take, b, vocab, plan.logits_chunk, layout, acc, precision
+        )
         loss, pull = jax.vjp(partial(loss_of, y_b=y_b), z, s_b, cw, params)
         dz, ds_b, dcw_b, dparams_b = pull(
             _vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
         )
-        de_b, dw = _backprop(dz, e_b, take, dw, chunk, layout)
+        de_b, dw = _backprop(dz, e_b, take, dw, plan.grad_chunk, layout, precision)
         # With a sharded vocabulary each shard holds part of the sum over classes;
         # under shard_map(check_vma=False) that part is the shard's share of the
         # replicated embeddings' cotangent, which shard_map's transpose sums.
@@ -269,25 +274,31 @@ def _sweep(static, layout, block, e, w, b, y, s, cw, params, g):
     return losses.reshape(n), grads
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def linear_sum(static, layout, block, e, w, b, y, s, cw, params):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def linear_sum(static, block_size, precision, layout, e, w, b, y, s, cw, params):
     """``sum_i s_i loss_i`` over token blocks; its gradients are computed in the forward
     sweep and scaled by the cotangent (a scalar) in the backward rule."""
-    return jnp.sum(_sweep(static, layout, block, e, w, b, y, s, cw, params, None)[0])
+    return jnp.sum(
+        _sweep(static, block_size, precision, layout, e, w, b, y, s, cw, params, None)[
+            0
+        ]
+    )
 
 
-def _sum_fwd(static, layout, block, e, w, b, y, s, cw, params):
+def _sum_fwd(static, block_size, precision, layout, e, w, b, y, s, cw, params):
     # The gradients for a cotangent of 1: under shard_map(check_vma=False) split into
     # equal shares over the vocabulary shards, as the kernel expects (vocab_shares).
     unit = (
         1 / _vocab_shards(static.vocab_axis) if vocab_shares(static.vocab_axis) else 1
     )
     g = jnp.full(e.shape[:1], unit, acc_dtype(e.dtype))
-    losses, grads = _sweep(static, layout, block, e, w, b, y, s, cw, params, g)
+    losses, grads = _sweep(
+        static, block_size, precision, layout, e, w, b, y, s, cw, params, g
+    )
     return jnp.sum(losses), grads
 
 
-def _sum_bwd(static, layout, block, grads, ct):
+def _sum_bwd(static, block_size, precision, layout, grads, ct):
     ct = vocab_cotangent(static.vocab_axis, ct)  # summed if it came in shares
     de, dw, db, ds, dcw, dparams = jax.tree.map(
         lambda x: (ct * x).astype(x.dtype), grads
@@ -298,21 +309,27 @@ def _sum_bwd(static, layout, block, grads, ct):
 linear_sum.defvjp(_sum_fwd, _sum_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def linear_each(static, layout, block, e, w, b, y, s, cw, params):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def linear_each(static, block_size, precision, layout, e, w, b, y, s, cw, params):
     """Per-example ``s_i loss_i``; the backward rule recomputes the logits block by
     block and applies the per-example cotangents."""
-    return _sweep(static, layout, block, e, w, b, y, s, cw, params, None)[0]
+    return _sweep(
+        static, block_size, precision, layout, e, w, b, y, s, cw, params, None
+    )[0]
 
 
-def _each_fwd(static, layout, block, e, w, b, y, s, cw, params):
-    out = _sweep(static, layout, block, e, w, b, y, s, cw, params, None)[0]
+def _each_fwd(static, block_size, precision, layout, e, w, b, y, s, cw, params):
+    out = _sweep(
+        static, block_size, precision, layout, e, w, b, y, s, cw, params, None
+    )[0]
     return out, (e, w, b, y, s, cw, params)
 
 
-def _each_bwd(static, layout, block, saved, ct):
+def _each_bwd(static, block_size, precision, layout, saved, ct):
     e, w, b, y, s, cw, params = saved
-    _, grads = _sweep(static, layout, block, e, w, b, y, s, cw, params, ct)
+    _, grads = _sweep(
+        static, block_size, precision, layout, e, w, b, y, s, cw, params, ct
+    )
     de, dw, db, ds, dcw, dparams = grads
     return de, dw, db, None, ds, dcw, dparams
 
@@ -369,6 +386,8 @@ def _native_linear(
     layout,
     block_size,
     vocab_axis,
+    precision=None,
+    implementation=None,
 ):
     vocab = _check_shapes(fn, embeddings, classifier, bias, layout)
     v_axis = 1 if layout == "DV" else 0
@@ -377,6 +396,7 @@ def _native_linear(
         body = partial(
             _native_linear, fn, ignore_index=ignore_index, reduction=reduction,
             layout=layout, block_size=block_size, vocab_axis=vocab_axis,
+            precision=precision, implementation=implementation,
         )  # fmt: skip
         return auto_vocab_parallel(
             lambda chain, e, w, y, b, **kw: body(chain, e, w, y, bias=b, **kw),
@@ -418,33 +438,24 @@ def _native_linear(
         y = y.reshape(batch_shape)
         out = _kernel_call(chain, z, y, True, s, cw)
         return _reduce(out, s, cw, y, True, reduction)
-    block = block_size or default_block_size(n, vocab, hidden, dtype)
-    pad = -n % block
-    s_kernel = s
-    if pad and s is None:  # padded tokens are masked examples
-        s_kernel = jnp.ones(batch_shape, acc)
     logits_type = jax.typeof(_logits(e[:0], w, bias, layout, acc))
     spec, s_k, cw_k, params = _kernel_args(
-        chain, logits_type, s_kernel, cw, alpha, vocab, vocab_axis
+        chain, logits_type, s, cw, alpha, vocab, vocab_axis
     )
     if s_k is not None:
         s_k = s_k.reshape(n)
         # Masked tokens' embeddings are replaced by zeros, so NaN or inf in them cannot
         # reach the classifier's gradient (0 * NaN) or any derivative.
         e = jnp.where((s_k != 0)[:, None], e, jnp.zeros((), e.dtype))
-    if pad:  # zero loss, zero gradient
-        e = jnp.pad(e, ((0, pad), (0, 0)))
-        y = jnp.pad(y, (0, pad))
-        s_k = jnp.pad(s_k, (0, pad))
     # Inside shard_map the classifier varies as the logits do (its cotangent is a sum
     # over this device's tokens); the embeddings are replicated over the vocabulary.
     w = _vary_like(logits_type, w)
     bias = None if bias is None else _vary_like(logits_type, bias)
     e = _vary_like(logits_type, e, exclude=_axis_names(vocab_axis))
-    static = Static(spec, True, vocab_axis)
-    args = (static, layout, block, e, w, bias, y, s_k, cw_k, params)
+    static = Static(spec, True, vocab_axis, implementation)
+    args = (static, block_size, precision, layout, e, w, bias, y, s_k, cw_k, params)
     if reduction == "none":
-        return linear_each(*args)[:n].reshape(batch_shape)
+        return linear_each(*args).reshape(batch_shape)
     total = linear_sum(*args)
     if reduction == "sum":
         return total
@@ -463,6 +474,8 @@ _native_linear_jit = v.jit_keyed_on_checks(
         "layout",
         "block_size",
         "vocab_axis",
+        "precision",
+        "implementation",
     ),
 )
 
@@ -483,6 +496,8 @@ def configured_linear_cross_entropy(
     classifier_layout="DV",
     block_size=None,
     vocab_axis=None,
+    precision=None,
+    implementation=None,
 ):
     """The entry point shared by :func:`linear_cross_entropy` and ``Chain.linear``."""
     arrays = _arrays(
@@ -521,6 +536,8 @@ def configured_linear_cross_entropy(
         layout=classifier_layout,
         block_size=None if block_size is None else int(block_size),
         vocab_axis=v.vocab_axis(fn, vocab_axis),
+        precision=v.precision(fn, precision),
+        implementation=v.implementation(fn, implementation),
     )
 
 
@@ -539,6 +556,8 @@ def linear_cross_entropy(
     classifier_layout: str = "DV",
     block_size: int | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
+    precision: str | jax.lax.Precision | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``embeddings @ classifier (+ bias)`` without the logits.
 
@@ -564,13 +583,25 @@ def linear_cross_entropy(
       reduction: ``"mean"`` (weighted mean, as :func:`cross_entropy`), ``"sum"`` or
         ``"none"``.
       classifier_layout: ``"DV"`` or ``"VD"``, see ``classifier``.
-      block_size: tokens per block; by default chosen from ``V`` so that a block's
-        float32 logits take about 32 MiB (at least 128 tokens).
+      block_size: tokens per block; by default chosen from ``V`` by the
+        implementation: about 32 MiB of float32 logits per block on ``"xla_cpu"``,
+        512 MiB on ``"xla"`` (a handful of blocks for an accelerator), at least 128
+        tokens either way.
       vocab_axis: inside ``jax.shard_map``, the mesh axis (or axes) over which the
         vocabulary is sharded: ``classifier`` (and ``bias``, ``class_weights``) hold
         this device's ``V / P`` classes, labels are global. Per token, three numbers
         cross the axis in the forward pass and the ``[D]`` gradient of the embedding
         is summed over it; the classifier's gradient stays sharded.
+      precision: the matmuls' precision, as in ``jnp.dot``: ``None`` (the backend's
+        default: full float32 on the CPU, TF32 for float32 inputs on recent NVIDIA
+        GPUs, one bfloat16 pass on TPU), ``"high"`` or ``"highest"`` (full float32
+        everywhere), or a ``jax.lax.Precision``. Compare against an unfused float32
+        loss with the same precision.
+      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+        :func:`jcce.cross_entropy`. ``"xla"`` multiplies 16-bit inputs in 16-bit
+        matmuls with float32 results and accumulates the classifier's gradient in
+        float32 across blocks; ``"xla_cpu"`` widens to float32 and walks cache-sized
+        chunks of the vocabulary.
 
     Returns:
       float32 (float64 for float64 inputs) loss: a scalar, or ``[*batch]`` for
@@ -609,4 +640,6 @@ def linear_cross_entropy(
         classifier_layout=classifier_layout,
         block_size=block_size,
         vocab_axis=vocab_axis,
+        precision=precision,
+        implementation=implementation,
     )

@@ -86,6 +86,7 @@ def _kernel_call(
     cw: jax.Array | None,
     alpha: jax.Array | None = None,
     vocab_axis=None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Runs the kernel on class-last ``z``; returns weighted per-example losses."""
     if z.shape[-1] == 0:
@@ -93,7 +94,7 @@ def _kernel_call(
     spec, s, cw, params = _kernel_args(
         chain, jax.typeof(z), s, cw, alpha, z.shape[-1], vocab_axis
     )
-    static = Static(spec, integer_labels, vocab_axis)
+    static = Static(spec, integer_labels, vocab_axis, implementation)
     return fused_cross_entropy(static, z, target, s, cw, params)
 
 
@@ -335,6 +336,7 @@ def _native(
     ignore_index=None,
     reduction="mean",
     vocab_axis=None,
+    implementation=None,
 ) -> jax.Array:
     logits = v.floating_logits(fn, logits)
     axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
@@ -342,7 +344,8 @@ def _native(
     if vocab_route(fn, vocab_axis, axes) == "auto":
         return auto_vocab_parallel(
             partial(_native, fn, axis=axes[0], ignore_index=ignore_index,
-                    reduction=reduction, vocab_axis=vocab_axis),
+                    reduction=reduction, vocab_axis=vocab_axis,
+                    implementation=implementation),
             fn, vocab_axis, logits, axes[0],
             args=(chain, logits, labels),
             specs=("replicated", "classes", "classes" if labels.ndim == logits.ndim
@@ -376,13 +379,22 @@ def _native(
     if integer_labels:
         k = num_classes * _vocab_shards(vocab_axis)
         v.check_labels(fn, target, k, None if s is None else s != 0)
-    out = _kernel_call(chain, z, target, integer_labels, s, cw, alpha, vocab_axis)
+    out = _kernel_call(
+        chain, z, target, integer_labels, s, cw, alpha, vocab_axis, implementation
+    )
     return _reduce(out, s, cw, target, integer_labels, reduction, vocab_axis)
 
 
 _native_jit = v.jit_keyed_on_checks(
     _native,
-    static_argnames=("fn", "axis", "ignore_index", "reduction", "vocab_axis"),
+    static_argnames=(
+        "fn",
+        "axis",
+        "ignore_index",
+        "reduction",
+        "vocab_axis",
+        "implementation",
+    ),
 )
 
 
@@ -417,6 +429,7 @@ def configured_cross_entropy(
     ignore_index=None,
     reduction="mean",
     vocab_axis=None,
+    implementation=None,
 ):
     """The native entry point shared by :func:`cross_entropy` and every chain (jitted)."""
     arrays = _arrays(
@@ -437,6 +450,7 @@ def configured_cross_entropy(
         ignore_index=ignore_index,
         reduction=reduction,
         vocab_axis=v.vocab_axis(fn, vocab_axis),
+        implementation=v.implementation(fn, implementation),
     )
 
 
@@ -452,6 +466,7 @@ def cross_entropy(
     ignore_index: int | None = None,
     reduction: str = "mean",
     vocab_axis: str | tuple[str, ...] | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy from logits, with PyTorch's options and a fused gradient.
 
@@ -487,6 +502,10 @@ def cross_entropy(
         exchanges three numbers over the axis (max, sum of exponentials, label logit);
         the loss equals the unsharded loss and the gradient stays sharded. The
         reduction is over this device's examples (psum over data axes yourself).
+      implementation: ``None`` (default), ``"xla"`` or ``"xla_cpu"``: how the work
+        is laid out, never the numbers (see the backends page). ``None`` takes
+        ``"xla_cpu"`` where the program is lowered for the CPU and ``"xla"`` (the
+        portable path, written for accelerators) everywhere else.
 
     Returns:
       float32 (float64 for float64 logits) loss: a scalar, or ``[*batch]`` for
@@ -533,10 +552,13 @@ def cross_entropy(
         ignore_index=ignore_index,
         reduction=reduction,
         vocab_axis=vocab_axis,
+        implementation=implementation,
     )
 
 
-def _optax_style(fn, logits, labels, axis, where, chain, *, integer_labels: bool):
+def _optax_style(
+    fn, logits, labels, axis, where, chain, *, integer_labels: bool, implementation
+):
     """optax's semantics: per-example losses, ``axis`` may be a tuple, ``where`` may
     mask single logits (``logits.shape``) or whole examples (the batch shape)."""
     logits = v.floating_logits(fn, logits)
@@ -604,15 +626,21 @@ def _optax_style(fn, logits, labels, axis, where, chain, *, integer_labels: bool
         s = s.astype(acc_dtype(logits.dtype))
     if integer_labels:
         v.check_labels(fn, target, z.shape[-1], None if s is None else s != 0)
-    return _kernel_call(chain, z, target, integer_labels, s, None)
+    return _kernel_call(
+        chain, z, target, integer_labels, s, None, implementation=implementation
+    )
 
 
 _optax_jit_impl = v.jit_keyed_on_checks(
-    _optax_style, static_argnums=(0, 3), static_argnames=("integer_labels",)
+    _optax_style,
+    static_argnums=(0, 3),
+    static_argnames=("integer_labels", "implementation"),
 )
 
 
-def _optax_jit(fn, logits, labels, axis, where, *, integer_labels, chain=_PLAIN):
+def _optax_jit(
+    fn, logits, labels, axis, where, *, integer_labels, implementation, chain=_PLAIN
+):
     arrays = _arrays(fn, logits=logits, labels=labels, where=where)
     v.no_forward_mode(fn, arrays, chain)
     axis, _ = v.static_options(fn, axis, "none", None)
@@ -624,6 +652,7 @@ def _optax_jit(fn, logits, labels, axis, where, *, integer_labels, chain=_PLAIN)
         arrays["where"],
         chain,
         integer_labels=integer_labels,
+        implementation=v.implementation(fn, implementation),
     )
 
 
@@ -633,6 +662,8 @@ def softmax_cross_entropy(
     labels: jax.typing.ArrayLike,
     axis: int | tuple[int, ...] | None = -1,
     where: jax.typing.ArrayLike | None = None,
+    *,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""optax's ``softmax_cross_entropy``: per-example ``-sum_k labels_k log softmax(z)_k``.
 
@@ -647,6 +678,8 @@ def softmax_cross_entropy(
         softmax and the sum) or of the batch shape (per example); a fully masked example
         costs 0.
 
+      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+        :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.
 
@@ -668,6 +701,7 @@ def softmax_cross_entropy(
         labels,
         axis,
         where,
+        implementation=implementation,
         integer_labels=False,
     )
 
@@ -678,6 +712,8 @@ def softmax_cross_entropy_with_integer_labels(
     labels: jax.typing.ArrayLike,
     axis: int | tuple[int, ...] = -1,
     where: jax.typing.ArrayLike | None = None,
+    *,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""optax's ``softmax_cross_entropy_with_integer_labels``: ``lse(z) - z_y``.
 
@@ -688,6 +724,8 @@ def softmax_cross_entropy_with_integer_labels(
       axis: class axis or tuple of axes.
       where: bool mask of the logits' shape (per logit) or the batch shape.
 
+      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+        :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.
 
@@ -711,13 +749,17 @@ def softmax_cross_entropy_with_integer_labels(
         labels,
         axis,
         where,
+        implementation=implementation,
         integer_labels=True,
     )
 
 
 @v.peer_keywords("safe_softmax_cross_entropy")
 def safe_softmax_cross_entropy(
-    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""optax's ``safe_softmax_cross_entropy``: ``0 log 0 = 0`` at ``-inf`` logits.
 
@@ -728,6 +770,8 @@ def safe_softmax_cross_entropy(
       logits: float ``[*batch, K]``.
       labels: ``[*batch, K]`` probability targets (or broadcastable to the logits).
 
+      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+        :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.
 
@@ -738,7 +782,13 @@ def safe_softmax_cross_entropy(
       [0.]
     """
     return _optax_jit(
-        "safe_softmax_cross_entropy", logits, labels, -1, None, integer_labels=False
+        "safe_softmax_cross_entropy",
+        logits,
+        labels,
+        -1,
+        None,
+        integer_labels=False,
+        implementation=implementation,
     )
 
 
@@ -750,6 +800,7 @@ def poly_loss_cross_entropy(
     epsilon: jax.typing.ArrayLike = 2.0,
     axis: int | tuple[int, ...] | None = -1,
     where: jax.typing.ArrayLike | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""optax's ``poly_loss_cross_entropy``: Poly-1 (Leng et al. 2022), per example.
 
@@ -765,6 +816,8 @@ def poly_loss_cross_entropy(
       axis: class axis, tuple of axes, or ``None`` for all axes.
       where: bool mask of the logits' shape (per logit) or of the batch shape.
 
+      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+        :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.
 
@@ -788,6 +841,7 @@ def poly_loss_cross_entropy(
         labels,
         axis,
         where,
+        implementation=implementation,
         integer_labels=False,
         chain=Chain((poly(epsilon),)),
     )
@@ -805,6 +859,7 @@ def generalized_cross_entropy(
     class_weights: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = None,
     reduction: str = "mean",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Generalized cross-entropy (Zhang and Sabuncu 2018), robust to noisy labels.
 
@@ -818,7 +873,7 @@ def generalized_cross_entropy(
       logits: float ``[*batch, K]``.
       labels: int ``[*batch]`` class indices or float ``[*batch, K]`` probabilities.
       q: float in ``(0, 1]`` (the paper uses 0.7).
-      axis, where, weights, class_weights, ignore_index, reduction: as
+      axis, where, weights, class_weights, ignore_index, reduction, implementation: as
         :func:`cross_entropy`.
 
     Returns:
@@ -842,6 +897,7 @@ def generalized_cross_entropy(
         class_weights=class_weights,
         ignore_index=ignore_index,
         reduction=reduction,
+        implementation=implementation,
     )
 
 
@@ -858,6 +914,7 @@ def symmetric_cross_entropy(
     weights: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = None,
     reduction: str = "mean",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Symmetric cross-entropy (Wang et al. 2019): ``alpha CE + beta RCE``.
 
@@ -873,7 +930,7 @@ def symmetric_cross_entropy(
       alpha: weight of the cross-entropy (the paper's CIFAR-10 value is 0.1).
       beta: weight of the reverse cross-entropy.
       log_zero: the value of ``log 0``, ``< 0``.
-      axis, where, weights, ignore_index, reduction: as :func:`cross_entropy`.
+      axis, where, weights, ignore_index, reduction, implementation: as :func:`cross_entropy`.
 
     Returns:
       float32 (float64 for float64 logits) loss, scalar or ``[*batch]``.
@@ -895,10 +952,11 @@ def symmetric_cross_entropy(
         weights=weights,
         ignore_index=ignore_index,
         reduction=reduction,
+        implementation=implementation,
     )
 
 
-def _entropy(logits, *, axis, where, weights, reduction):
+def _entropy(logits, *, axis, where, weights, reduction, implementation):
     fn = "entropy"
     logits = v.floating_logits(fn, logits)
     axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
@@ -911,11 +969,13 @@ def _entropy(logits, *, axis, where, weights, reduction):
         )
     acc = acc_dtype(logits.dtype)
     s = _example_scale(fn, weights, where, batch_shape, acc)
-    out = fused_entropy(_class_last(logits, axes), s)
+    out = fused_entropy(implementation, _class_last(logits, axes), s)
     return _reduce(out, s, None, None, False, reduction)
 
 
-_entropy_jit = v.jit_keyed_on_checks(_entropy, static_argnames=("axis", "reduction"))
+_entropy_jit = v.jit_keyed_on_checks(
+    _entropy, static_argnames=("axis", "reduction", "implementation")
+)
 
 
 @v.peer_keywords("entropy")
@@ -926,6 +986,7 @@ def entropy(
     where: jax.typing.ArrayLike | None = None,
     weights: jax.typing.ArrayLike | None = None,
     reduction: str = "mean",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Entropy of the softmax of the logits, ``H(p) = -sum_k p_k log p_k``, in nats.
 
@@ -941,6 +1002,8 @@ def entropy(
       weights: float ``[*batch]`` per-example weights; zero masks the example.
       reduction: ``"mean"`` (weighted mean over unmasked examples, 0 if none),
         ``"sum"`` or ``"none"``.
+      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+        :func:`cross_entropy`.
 
     Returns:
       float32 (float64 for float64 logits) entropy, scalar or ``[*batch]``.
@@ -954,4 +1017,9 @@ def entropy(
     arrays = _arrays("entropy", logits=logits, where=where, weights=weights)
     v.no_forward_mode("entropy", arrays)
     axis, _ = v.static_options("entropy", axis, reduction, None)
-    return _entropy_jit(**arrays, axis=axis, reduction=reduction)
+    return _entropy_jit(
+        **arrays,
+        axis=axis,
+        reduction=reduction,
+        implementation=v.implementation("entropy", implementation),
+    )

@@ -317,6 +317,7 @@ class Chain:
         ignore_index=None,
         reduction="mean",
         vocab_axis=None,
+        implementation=None,
     ) -> jax.Array:
         return self._call(
             "cross_entropy" if not self.transforms else "chain",
@@ -329,6 +330,7 @@ class Chain:
             ignore_index=ignore_index,
             reduction=reduction,
             vocab_axis=vocab_axis,
+            implementation=implementation,
         )
 
     @_validate.peer_keywords("chain.linear")
@@ -347,6 +349,8 @@ class Chain:
         classifier_layout="DV",
         block_size=None,
         vocab_axis=None,
+        precision=None,
+        implementation=None,
     ) -> jax.Array:
         """This chain's loss of ``embeddings @ classifier (+ bias)``, without the logits.
 
@@ -378,6 +382,8 @@ class Chain:
             classifier_layout=classifier_layout,
             block_size=block_size,
             vocab_axis=vocab_axis,
+            precision=precision,
+            implementation=implementation,
         )
 
     def _call(self, fn: str, logits, labels, **options) -> jax.Array:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from jcce import _backend
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -486,6 +488,38 @@ def vocab_axis(fn: str, vocab_axis):
     raise TypeError(
         f"{fn}: vocab_axis must be a mesh axis name (str), a tuple of names, or None, "
         f"got {vocab_axis!r}"
+    )
+
+
+PRECISIONS = ("default", "high", "highest")
+
+
+def implementation(fn: str, implementation):
+    """``"xla"``, ``"xla_cpu"``, or ``None`` (chosen by platform) after
+    :func:`jcce.use_implementation`'s default (see :mod:`jcce._backend`)."""
+    if implementation is None:
+        return _backend.default_implementation()
+    if implementation in _backend.IMPLEMENTATIONS:
+        return implementation
+    raise ValueError(
+        f"{fn}: implementation must be None (chosen by the platform), 'xla' (the "
+        f"portable path, for GPU and TPU) or 'xla_cpu' (tuned for XLA:CPU), got "
+        f"{implementation!r}"
+    )
+
+
+def precision(fn: str, precision):
+    """A matmul precision for the fused linear loss: None, a ``jax.lax.Precision``
+    or one of its names; returned as a hashable value for jit."""
+    if precision is None:
+        return None
+    try:
+        return jax.lax.Precision(precision)
+    except (ValueError, TypeError, KeyError):
+        pass
+    raise ValueError(
+        f"{fn}: precision must be None (the backend's default), a jax.lax.Precision "
+        f"or one of {PRECISIONS}, got {precision!r}"
     )
 
 

@@ -554,7 +554,7 @@ def test_checks_are_off_by_default_and_programs_are_keyed_on_the_switch():
         (
             lambda z, y: jcce.entropy(z, colour=1),
             "entropy() got an unexpected keyword argument 'colour'; it takes axis, "
-            "logits, reduction, weights, where",
+            "implementation, logits, reduction, weights, where",
         ),
     ],
 )
@@ -570,3 +570,54 @@ def test_focal_repr_reads_as_its_call():
     assert repr(jcce.chain(jcce.focal(1.0), jcce.label_smoothing(0.1))) == (
         "chain(focal(1.0), label_smoothing(0.1))"
     )
+
+
+# ---------------------------------------------------------------- non-negative losses
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda z, y, t: jcce.cross_entropy(z, y, reduction="none"),
+        lambda z, y, t: jcce.cross_entropy(z, t, reduction="none"),
+        lambda z, y, t: jcce.chain(jcce.label_smoothing(0.1), jcce.temperature(2.0))(
+            z, y, reduction="none"
+        ),
+        lambda z, y, t: jcce.chain(jcce.focal(2.0))(z, y, reduction="none"),
+        lambda z, y, t: jcce.entropy(z, reduction="none"),
+    ],
+    ids=["int", "prob", "smooth_temperature", "focal", "entropy"],
+)
+def test_losses_stay_nonnegative_when_exp_rounds_low(monkeypatch, loss):
+    """A row with a single finite logit has loss exactly 0 in exact arithmetic. On an
+    accelerator whose exp rounds ``exp(0)`` one ulp low, ``log sum exp`` came out as
+    -1.2e-7 and so did the loss. Simulated here on the "xla" path by a ``sum_exp``
+    that returns the sum one ulp low: every loss must stay >= 0 (and exactly 0 for
+    the certain rows)."""
+    from jcce import _kernel
+
+    ops = _kernel.OPS["xla"]
+
+    def low_sum_exp(x, m):
+        return ops.sum_exp(x, m) * (1 - 2.0**-23)
+
+    def low_row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
+        out = ops.row_reduce(reduce, x, elementwise, row, layout, col)
+        return out * (1 - 2.0**-23) if reduce is jnp.sum and layout == 0 else out
+
+    monkeypatch.setitem(
+        _kernel.OPS,
+        "xla",
+        ops._replace(sum_exp=low_sum_exp, row_reduce=low_row_reduce),
+    )
+    z = jnp.array(
+        [[3.0, -jnp.inf, -jnp.inf], [-jnp.inf, 0.5, -jnp.inf], [1.0, 2.0, 0.0]]
+    )
+    y = jnp.array([0, 1, 2])
+    t = jax.nn.one_hot(y, 3)
+    with jcce.use_implementation("xla"):
+        jax.clear_caches()
+        out = np.asarray(loss(z, y, t))
+    jax.clear_caches()
+    assert (out >= 0).all(), out
+    assert out[0] == 0 and out[1] == 0, out

@@ -29,6 +29,7 @@ import pytest
 
 import jcce
 from jcce import _kernel as kernel
+from jcce import _xla_cpu as cpu
 from tests.reference import naive_jax_objective, numpy_cross_entropy, numpy_objective
 
 N = 3  # rows: enough that a reshape mixing rows changes every row's loss
@@ -97,13 +98,13 @@ LARGE_CASES = (
 
 def assert_large_k_chunks(k):
     want = LARGE_K[k]
-    assert k > kernel._ROW_CHUNK
+    assert k > cpu._ROW_CHUNK
     if want is None:  # unchunked, or one class a chunk (today: k chunks of 1 class)
         assert all(k % n for n in range(2, math.isqrt(k) + 1)), k
-        assert kernel._n_chunks(k) in (1, k)
+        assert cpu._n_chunks(k) in (1, k)
     else:
-        assert kernel._n_chunks(k) == want
-        assert k // want <= kernel._ROW_CHUNK and k % want == 0
+        assert cpu._n_chunks(k) == want
+        assert k // want <= cpu._ROW_CHUNK and k % want == 0
 
 
 def large_inputs(k, dtype):
@@ -276,7 +277,7 @@ def col_chunk_shapes(monkeypatch, chain, k):
     """``(chunks, width)`` of every layout reduction that multiplies per-class weights,
     recorded while the forward kernel is traced (``_pin`` sees each layout's reshape)."""
     seen, active = [], []
-    row_reduce, pin = kernel._row_reduce, kernel._pin
+    row_reduce, pin = cpu._row_reduce, cpu._pin
     signature = inspect.signature(row_reduce)
 
     def spy_row_reduce(*args, **kwargs):
@@ -292,11 +293,12 @@ def col_chunk_shapes(monkeypatch, chain, k):
             seen.append((x.shape[0] // N, x.shape[1]))
         return pin(x)
 
-    monkeypatch.setattr(kernel, "_row_reduce", spy_row_reduce)
-    monkeypatch.setattr(kernel, "_pin", spy_pin)
+    ops = kernel.OPS["xla_cpu"]._replace(row_reduce=spy_row_reduce)
+    monkeypatch.setitem(kernel.OPS, "xla_cpu", ops)
+    monkeypatch.setattr(cpu, "_pin", spy_pin)
     spec, params = chain.config()
     params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
-    static = kernel.Static(spec, integer_labels=True)
+    static = kernel.Static(spec, integer_labels=True, implementation="xla_cpu")
     y, cw = jnp.zeros(N, jnp.int32), jnp.ones(k, jnp.float32)
     jax.make_jaxpr(
         lambda z: kernel.fused_cross_entropy(static, z, y, None, cw, params)
@@ -309,7 +311,7 @@ def col_chunk_shapes(monkeypatch, chain, k):
 def test_class_weight_layouts_reach_multi_class_chunks(monkeypatch, k):
     """The shapes below do reach the layouts' per-class weights in chunks of several
     classes, more than one chunk a row (where a transposed weight layout would show)."""
-    assert kernel._n_chunks(k) == 1 and k % 8 == 0
+    assert cpu._n_chunks(k) == 1 and k % 8 == 0
     shapes = {
         name: col_chunk_shapes(monkeypatch, chain, k)
         for name, chain in CW_CHAINS.items()
@@ -370,7 +372,7 @@ def test_class_weights_in_multi_class_chunks(k):
     and with poly), integer labels and probability targets: each row's loss and the
     logits' gradient, in float64 (to 1e-12: a class weight in the wrong place moves a
     row's loss by a percent)."""
-    assert kernel._n_chunks(k) == 1 and k % 8 == 0
+    assert cpu._n_chunks(k) == 1 and k % 8 == 0
     z, y, t, cw = small_inputs(k)
     with jax.enable_x64(True):
         got = ours_small(z, y, t, cw)
@@ -411,7 +413,7 @@ def test_plus_inf_logit(k, dtype):
     ``inf - inf``: indeterminate, NaN (the limit is 0 only if no other logit is
     ``+inf``). Either way the other rows' losses, gradients and entropies are untouched
     (the entropy of a row with a ``+inf`` logit: see the next test)."""
-    assert kernel._n_chunks(k) == (2 if k > kernel._ROW_CHUNK else 1)
+    assert cpu._n_chunks(k) == (2 if k > cpu._ROW_CHUNK else 1)
     z, y = inf_logits(k, dtype)
     z64 = np.asarray(z.astype(jnp.float32), np.float64)
     t = np.zeros((4, k), np.float32)  # the same targets as probabilities

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jcce
-from jcce._linear import default_block_size, vocab_chunk
+from jcce._xla_cpu import default_block_size, vocab_chunk
 from tests.reference import assert_close_to_scale, numpy_cross_entropy
 
 N, D, V = 37, 12, 50

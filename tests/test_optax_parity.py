@@ -176,12 +176,18 @@ def assert_parity(name, logits, labels, **kwargs):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_signature_matches_optax(name):
+    """optax's parameters, in order, with its defaults and kinds; after them only
+    keyword-only additions with defaults (``implementation``), so every optax call
+    is a jcce call."""
     ours = inspect.signature(getattr(jcce, name)).parameters
     theirs = inspect.signature(getattr(optax.losses, name)).parameters
-    assert list(ours) == list(theirs)
+    assert list(ours)[: len(theirs)] == list(theirs)
     for p in theirs:
         assert ours[p].default == theirs[p].default, p
         assert ours[p].kind == theirs[p].kind, p
+    extra = [ours[p] for p in list(ours)[len(theirs) :]]
+    assert [p.name for p in extra] == ["implementation"]
+    assert all(p.kind == p.KEYWORD_ONLY and p.default is None for p in extra)
 
 
 # ------------------------------------------------------------------ docstring examples

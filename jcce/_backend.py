@@ -1,0 +1,103 @@
+"""The backend seam: which strategy computes a loss.
+
+Every loss takes ``implementation``, as ``jax.nn.dot_product_attention`` does:
+
+* ``"xla"``: the portable path, written plainly for accelerators (GPU, TPU): plain
+  reductions that XLA fuses into as few passes as it can, 16-bit operands in 16-bit
+  matmuls with float32 results, token blocks sized to fill an accelerator's memory.
+* ``"xla_cpu"``: the path tuned on XLA:CPU (:mod:`jcce._xla_cpu`): class-axis chunking,
+  optimization barriers and reduction layouts that keep XLA:CPU from materializing a
+  shared ``[..., K]`` temporary, bit-level widening, cache-sized vocabulary chunks.
+* ``None`` (the default): ``"xla_cpu"`` where the computation is lowered for the CPU,
+  ``"xla"`` everywhere else. The choice is made by :func:`jax.lax.platform_dependent`,
+  so it follows the platform the program is lowered for, not the host: ``jax.export``
+  for ``cuda`` or ``tpu`` exports the ``"xla"`` path even from a CPU-only machine, and
+  the compiled program holds one path only.
+
+Both implementations compute the same numbers from the same closed forms
+(:mod:`jcce._kernel`); they differ only in how the work is laid out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+from jax import lax
+
+IMPLEMENTATIONS = ("xla", "xla_cpu")
+
+_DEFAULT = contextvars.ContextVar("jcce_implementation", default=None)
+
+
+@contextlib.contextmanager
+def use_implementation(implementation: str | None):
+    """Within this context, losses called without ``implementation=`` (or with
+    ``None``) use ``implementation``: for code that calls jcce where you cannot pass
+    the argument. Read when a loss is traced, and part of its jit cache key.
+
+    Example:
+      >>> import jax.numpy as jnp, jcce
+      >>> with jcce.use_implementation("xla"):  # the accelerator path, on any backend
+      ...     loss = jcce.cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 2]))
+      >>> round(float(loss), 4)  # log 3
+      1.0986
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"use_implementation: implementation must be None, 'xla' or 'xla_cpu', "
+            f"got {implementation!r}"
+        )
+    token = _DEFAULT.set(implementation)
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
+
+
+def default_implementation() -> str | None:
+    """The implementation that ``implementation=None`` means here (see
+    :func:`use_implementation`); None: chosen by platform."""
+    return _DEFAULT.get()
+
+
+class Ops(NamedTuple):
+    """The layout decisions of one implementation, as the kernel uses them.
+
+    ``row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None)`` is
+    ``reduce(elementwise(x, row[..., None]) * col, axis=-1)``; ``layout`` (a small int)
+    names reductions that must not share a ``[..., K]`` subexpression on XLA:CPU.
+    ``sum_exp(x, m)`` is ``sum_k exp(x_k - m)``. ``widen(z)`` turns bfloat16 into
+    float32. ``take_label(z, yc)`` gathers each row's label entry (``[..., 1]``).
+    ``support(x)`` is ``x > -inf`` as 0 or 1 (NaN for NaN); ``zero_neg_inf(u)`` is ``u``
+    with ``-inf`` replaced by 0. ``scatter_labels``: whether the backward sets the
+    label entries with a scatter instead of a one-hot compare (32/64-bit logits)."""
+
+    name: str
+    row_reduce: Callable
+    sum_exp: Callable
+    widen: Callable
+    take_label: Callable
+    support: Callable
+    zero_neg_inf: Callable
+    scatter_labels: bool
+
+    @classmethod
+    def collect(cls, name: str, namespace: dict, *, scatter_labels: bool) -> Ops:
+        """The implementation ``name`` from a module's functions named after the
+        fields with a leading underscore (``_row_reduce``, ``_sum_exp``, ...)."""
+        functions = [namespace["_" + field] for field in cls._fields[1:-1]]
+        return cls(name, *functions, scatter_labels)
+
+
+def dispatch(implementation: str | None, fun: Callable, *args):
+    """``fun(implementation, *args)``; with ``implementation=None``, ``"xla_cpu"`` when
+    lowered for the CPU and ``"xla"`` for any other platform."""
+    if implementation is not None:
+        return fun(implementation, *args)
+    return lax.platform_dependent(
+        *args, cpu=partial(fun, "xla_cpu"), default=partial(fun, "xla")
+    )

@@ -1,0 +1,74 @@
+"""The ``"xla"`` implementation: the portable path, written for accelerators.
+
+On a GPU or TPU the arithmetic of a loss is free next to its memory traffic, and XLA
+fuses plain reductions and elementwise code into few passes over the logits. So this
+path is the kernel's math written plainly: whole-row reductions, compares and selects,
+ordinary converts and gathers, a one-hot compare for the label entries. The fused
+linear loss keeps 16-bit operands in 16-bit matmuls with float32 results and sizes its
+token blocks from a memory budget (:func:`linear_plan`), never from a CPU cache.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jcce._backend import Ops
+from jcce._xla_cpu import LinearPlan
+
+# Bytes of one token block's float32 logits in the fused linear loss: large enough that
+# the block's matmuls fill an accelerator (a handful of blocks at N = 8192, V = 131072),
+# small next to an accelerator's memory and next to the float32 [V, D] gradient carry.
+LOGITS_BUDGET = 512 * 2**20
+
+
+def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
+    del layout  # an XLA:CPU concern
+    v = x if elementwise is None else elementwise(x, row[..., None])
+    if col is not None:
+        v = v * col.reshape((1,) * (v.ndim - 1) + col.shape)
+    return reduce(v, axis=-1)
+
+
+def _sum_exp(x, m):
+    return jnp.sum(jnp.exp(x - m[..., None]), axis=-1)
+
+
+def _widen(z):
+    return z.astype(jnp.float32)
+
+
+def _take_label(z, yc):
+    return jnp.take_along_axis(z, yc[..., None], axis=-1)
+
+
+def _support(x):
+    # 0 or 1; NaN stays NaN (as the XLA:CPU arithmetic gives it).
+    return jnp.where(jnp.isnan(x), x, (x > -jnp.inf).astype(x.dtype))
+
+
+def _zero_neg_inf(u):
+    return jnp.where(u > -jnp.inf, u, jnp.zeros((), u.dtype))
+
+
+OPS = Ops.collect("xla", globals(), scatter_labels=False)
+
+
+def default_block_size(num_tokens: int, vocab: int) -> int:
+    """Tokens per block: the largest power of two (at least 128) whose float32 logits
+    fit :data:`LOGITS_BUDGET`, never more than the tokens rounded up to 8."""
+    block = 128
+    while block * 2 * max(vocab, 1) * 4 <= LOGITS_BUDGET:
+        block *= 2
+    return max(8, min(block, -(-num_tokens // 8) * 8))
+
+
+def linear_plan(num_tokens, vocab, hidden, dtype, acc, block_size) -> LinearPlan:
+    """Whole-vocabulary matmuls on the inputs' dtype (float32 results), token blocks
+    from :data:`LOGITS_BUDGET`."""
+    del hidden, dtype, acc
+    return LinearPlan(
+        block=block_size or default_block_size(num_tokens, vocab),
+        widen=False,
+        logits_chunk=vocab,
+        grad_chunk=vocab,
+    )

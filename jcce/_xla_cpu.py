@@ -1,0 +1,225 @@
+"""The ``"xla_cpu"`` implementation: how jcce lays out its work for XLA:CPU.
+
+Everything here was chosen by measurement on a two-core x86-64 CPU (see the docs'
+performance pages) and is wrong, or pointless, on an accelerator, which uses
+:mod:`jcce._xla`. The numbers are those of :mod:`jcce._kernel`; only the layout differs:
+
+* Row reductions over more than ``_ROW_CHUNK`` classes are split into chunks (YNNPACK
+  reduces long rows about 5x slower), behind an optimization barrier.
+* Reductions that would share a ``[..., K]`` subexpression get distinct chunk layouts,
+  so XLA cannot CSE them into one materialized temporary.
+* ``-inf`` tests are arithmetic (no compare or select), which XLA:CPU fuses into its
+  reductions; bfloat16 is widened and gathered through its bit pattern, so the convert
+  cannot be hoisted and shared.
+* The backward writes the label entries with a scatter for 32/64-bit logits.
+* The fused linear loss runs its gradient matmuls in float32 over cache-sized chunks of
+  the vocabulary (:func:`linear_plan`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jcce._backend import Ops
+
+# XLA:CPU (YNNPACK) reduces rows longer than ~32k elements about 5x slower; reductions
+# over the class axis are split into chunks of at most this many classes when K allows.
+_ROW_CHUNK = 8192
+
+
+def _n_chunks(k: int) -> int:
+    """The fewest equal chunks of <= _ROW_CHUNK classes that tile ``k`` (1 for
+    ``k <= _ROW_CHUNK``; for a prime ``k`` above it, ``k`` chunks of one class)."""
+    if k <= _ROW_CHUNK:
+        return 1
+    for n in range(-(-k // _ROW_CHUNK), k + 1):
+        if k % n == 0 and k // n <= _ROW_CHUNK:
+            return n
+    return 1
+
+
+def _pin(x):
+    """``x`` behind an optimization barrier (free for an input; removed after fusion),
+    so XLA cannot move the chunking reshape below the elementwise ops that follow:
+    YNNPACK runs elementwise ops computed on the unchunked shape several times slower."""
+    return lax.optimization_barrier(x)
+
+
+def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
+    """``reduce(elementwise(x, row), axis=-1)`` with the class axis split into
+    ``_n_chunks(K)`` chunks, then the chunks reduced again; ``row`` is a per-example
+    operand broadcast along the classes (and along the chunks).
+
+    With ``layout`` (0, 1, 2, ...) the class axis is split into ``nb * 2**layout`` chunks
+    (twice as many if ``nb == 1``, when ``K`` allows) and :func:`_pin`-ned before
+    ``elementwise``: reductions with different layouts have different shapes, so they
+    share no ``[..., K]``-sized subexpression (XLA would CSE it and materialize it),
+    with each other or with the backward's ``[*batch, K]`` ops. ``col`` (``[K]``, with
+    ``layout``) multiplies the elementwise result per class."""
+    lead = x.shape[:-1]
+    nb = _n_chunks(x.shape[-1])
+    if layout is not None:
+        n = nb * 2 ** (layout + (nb == 1))
+        nb = n if x.shape[-1] % n == 0 else nb
+        width = x.shape[-1] // nb
+        v = _pin(x.reshape(-1, width))
+        if elementwise is not None:
+            r = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
+            v = elementwise(v, r)
+        if col is not None:
+            cols = jnp.broadcast_to(col.reshape(nb, width), lead + (nb, width))
+            v = v * cols.reshape(-1, width)
+        return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
+    if nb == 1:
+        v = x if elementwise is None else elementwise(x, row[..., None])
+        return reduce(v, axis=-1)
+    v = x.reshape(-1, x.shape[-1] // nb)
+    if elementwise is not None:
+        per_chunk = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
+        v = elementwise(v, per_chunk)
+    return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
+
+
+def _sum_exp(x, m):
+    """``sum_k exp(x_k - m)``, fused by XLA:CPU into one pass over ``x`` (no temp).
+
+    Written ``x + (-m)``: the backward's ``x - m`` would otherwise be CSE'd with this one
+    and the shared ``[..., K]`` difference materialized."""
+    return _row_reduce(jnp.sum, x, lambda v, neg: jnp.exp(v + neg), -m)
+
+
+@jax.custom_jvp
+def _widen(z):
+    """Exact bfloat16 -> float32 by bit operations, so XLA cannot CSE it with the
+    forward's ``convert`` (a shared convert is materialized as an f32 ``[..., K]`` temp)."""
+    bits = lax.bitcast_convert_type(z, jnp.uint16).astype(jnp.uint32) << 16
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@_widen.defjvp
+def _widen_jvp(primals, tangents):
+    return _widen(primals[0]), tangents[0].astype(jnp.float32)
+
+
+@jax.custom_jvp
+def _take_label(z, yc):
+    """``take_along_axis(z, yc[..., None], -1)``; for 16-bit floats on the bit patterns,
+    so XLA cannot hoist the float32 convert of ``z`` above the gather and share it."""
+    if jnp.dtype(z.dtype).itemsize == 2:
+        bits = lax.bitcast_convert_type(z, jnp.uint16)
+        taken = jnp.take_along_axis(bits, yc[..., None], axis=-1)
+        return lax.bitcast_convert_type(taken, z.dtype)
+    return jnp.take_along_axis(z, yc[..., None], axis=-1)
+
+
+@_take_label.defjvp
+def _take_label_jvp(primals, tangents):
+    z, yc = primals
+    return _take_label(z, yc), jnp.take_along_axis(tangents[0], yc[..., None], axis=-1)
+
+
+def _support(x):
+    """``x > -inf`` as exactly 0 or 1 (NaN stays NaN) from arithmetic that XLA:CPU's
+    reductions fuse (no compare or select): ``x / 2 >= -F / 2`` unless ``x = -inf``, so
+    the sign of ``max(x / 2, -F) + 3F / 4`` is ``-1`` exactly for ``-inf``."""
+    big = jnp.finfo(x.dtype).max
+    return 0.5 * jnp.sign(jnp.maximum(x * 0.5, -big) + 0.75 * big) + 0.5
+
+
+@jax.custom_jvp
+def _zero_neg_inf(u):
+    """``u`` with ``-inf`` replaced by exactly 0, by arithmetic (no compare or select):
+    with ``c = max(u, -F)``, ``-inf -> -F + 1 F`` and a finite ``u -> u + 0 F``.
+
+    Its derivative is given directly: autodiff of the formula would add and subtract
+    ``F`` times the tangent and lose it to rounding."""
+    big = jnp.finfo(u.dtype).max
+    c = jnp.maximum(u, -big)
+    return c + jnp.minimum(c - u, 1) * big
+
+
+@_zero_neg_inf.defjvp
+def _zero_neg_inf_jvp(primals, tangents):
+    (u,), (du,) = primals, tangents
+    return _zero_neg_inf(u), jnp.where(u > -jnp.inf, du, jnp.zeros((), du.dtype))
+
+
+OPS = Ops.collect("xla_cpu", globals(), scatter_labels=True)
+
+
+# The fused linear loss.
+
+
+class LinearPlan(NamedTuple):
+    """How the fused linear loss tiles its work (static).
+
+    ``block``: tokens per block. ``widen``: whether the gradient sweep's matmuls run on
+    operands widened to the accumulation dtype (else on the inputs' dtype, with results
+    in the accumulation dtype). ``logits_chunk`` / ``grad_chunk``: classes per matmul
+    when computing a block's logits and its two gradient products (``V``: one matmul).
+    """
+
+    block: int
+    widen: bool
+    logits_chunk: int
+    grad_chunk: int
+
+
+def default_block_size(num_tokens: int, vocab: int, hidden: int, dtype) -> int:
+    """Tokens per block: ``B V`` float32 logits near 32 MiB, and at least 128 tokens
+    (smaller blocks starve the matmuls), never more than the tokens rounded up to 8."""
+    del hidden, dtype  # the logits block is float32 whatever the inputs' dtype
+    target = (32 * 2**20) // (4 * max(vocab, 1))
+    block = 128
+    while block * 2 <= target:
+        block *= 2
+    return max(8, min(block, -(-num_tokens // 8) * 8))
+
+
+def vocab_chunk(vocab: int, hidden: int, nbytes: int) -> int:
+    """Classes per chunk such that a float32 ``[chunk, D]`` slice of the classifier (or of
+    its gradient) takes about ``nbytes``: at least 512, at most ``vocab``."""
+    chunk = 512
+    while chunk * 2 * hidden * 4 <= nbytes:
+        chunk *= 2
+    return min(chunk, vocab)
+
+
+def linear_plan(num_tokens, vocab, hidden, dtype, acc, block_size) -> LinearPlan:
+    """XLA:CPU runs 16-bit matmuls with float32 results more slowly than float32 ones, so
+    16-bit operands are widened a chunk of classes at a time (logits from widened
+    slices near 16 MiB); the gradient products go over float32 ``[chunk, D]`` slices
+    near 4 MiB (tuned on a machine with 1 MiB of L2 per core and 32 MiB of L3), added
+    to the classifier's gradient while they are still in cache."""
+    narrow = jnp.dtype(dtype).itemsize < jnp.dtype(acc).itemsize
+    return LinearPlan(
+        block=block_size or default_block_size(num_tokens, vocab, hidden, dtype),
+        widen=narrow,
+        logits_chunk=vocab_chunk(vocab, hidden, 16 * 2**20) if narrow else vocab,
+        grad_chunk=vocab_chunk(vocab, hidden, 4 * 2**20),
+    )
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def widened_slice(x, start, size, axis, dtype):
+    """``dynamic_slice_in_dim(x, start, size, axis).astype(dtype)`` for a 16-bit ``x``,
+    sliced as raw 16-bit words: sliced as floats inside a loop, XLA:CPU widens the
+    whole of ``x`` to float32 before the loop (a float32 copy of the classifier)."""
+    bits = lax.bitcast_convert_type(x, jnp.uint16)
+    part = lax.dynamic_slice_in_dim(bits, start, size, axis)
+    return lax.bitcast_convert_type(part, x.dtype).astype(dtype)
+
+
+@widened_slice.defjvp
+def _widened_slice_jvp(size, axis, dtype, primals, tangents):
+    # The bits carry no tangent; the slice is linear in x, so its tangent is the slice
+    # of x's tangent (forward-over-reverse derivatives of the gradient sweep).
+    x, start = primals
+    x_dot, _ = tangents
+    out = widened_slice(x, start, size, axis, dtype)
+    return out, lax.dynamic_slice_in_dim(x_dot, start, size, axis).astype(dtype)

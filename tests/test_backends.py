@@ -1,0 +1,295 @@
+"""The backend seam: ``implementation=None | "xla" | "xla_cpu"``.
+
+The suites that check numbers against references run under both implementations (see
+``tests/conftest.py``). Here: the choice itself (static, by platform, exported per
+platform), its errors, the two paths agreeing with each other and with float64 on the
+shapes that select their code paths, and the accelerator linear path's structure
+(16-bit matmuls with float32 results, budget-sized blocks, ``precision``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcce
+from jcce import _xla, _xla_cpu
+from tests.reference import numpy_cross_entropy
+
+IMPLEMENTATIONS = ("xla", "xla_cpu")
+
+
+def _inputs(n=6, k=10, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, (n, k)).astype(np.float32)
+    z[0, 3] = -np.inf  # a masked class
+    y = rng.integers(0, k, n)
+    y[0] = 0
+    return jnp.asarray(z, dtype), jnp.asarray(y)
+
+
+# ------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda z, y, i: jcce.cross_entropy(z, y, implementation=i),
+        lambda z, y, i: jcce.softmax_cross_entropy_with_integer_labels(
+            z, y, implementation=i
+        ),
+        lambda z, y, i: jcce.entropy(z, implementation=i),
+        lambda z, y, i: jcce.chain(jcce.z_loss(1e-4))(z, y, implementation=i),
+        lambda z, y, i: jcce.linear_cross_entropy(
+            z, jnp.ones((10, 3)), y, implementation=i
+        ),
+    ],
+    ids=["cross_entropy", "optax_name", "entropy", "chain", "linear"],
+)
+def test_unknown_implementation_is_named(call):
+    z, y = _inputs()
+    with pytest.raises(ValueError, match="implementation must be None .* got 'gpu'"):
+        call(z, y, "gpu")
+
+
+def test_use_implementation_rejects_unknown_names():
+    with pytest.raises(ValueError, match="use_implementation: implementation must"):
+        with jcce.use_implementation("pallas"):
+            pass
+
+
+@pytest.mark.parametrize("bad", ["extreme", 3, "HIGHEST"])
+def test_unknown_precision_is_named(bad):
+    z, y = _inputs()
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: precision must be"):
+        jcce.linear_cross_entropy(z, jnp.ones((10, 3)), y[:6] % 3, precision=bad)
+
+
+# --------------------------------------------------------------- how None chooses
+
+
+def _exported_text(platform):
+    z, y = _inputs()
+    loss = jcce.chain(jcce.label_smoothing(0.1))
+    f = jax.jit(jax.grad(lambda z: loss(z, y)))
+    return jax.export.export(f, platforms=(platform,))(z).mlir_module()
+
+
+def test_none_lowers_the_cpu_path_for_the_cpu_and_the_portable_one_elsewhere():
+    """The XLA:CPU layout pins its chunked reductions behind optimization barriers;
+    the portable path has none. ``None`` follows the platform the program is lowered
+    for, so exporting for cuda or tpu from this CPU-only machine exports "xla"."""
+    assert "optimization_barrier" in _exported_text("cpu")
+    assert "optimization_barrier" not in _exported_text("cuda")
+    assert "optimization_barrier" not in _exported_text("tpu")
+
+
+def test_explicit_argument_wins_over_the_context_and_is_static():
+    z, y = _inputs()
+    jaxprs = {}
+    for impl in IMPLEMENTATIONS:
+        with jcce.use_implementation("xla" if impl == "xla_cpu" else "xla_cpu"):
+            jaxprs[impl] = str(
+                jax.make_jaxpr(
+                    lambda z, impl=impl: jcce.chain(jcce.label_smoothing(0.1))(
+                        z, y, implementation=impl
+                    )
+                )(z)
+            )
+    assert "optimization_barrier" in jaxprs["xla_cpu"]
+    assert "optimization_barrier" not in jaxprs["xla"]
+    assert "platform_index" not in jaxprs["xla"] + jaxprs["xla_cpu"]
+    default = str(jax.make_jaxpr(lambda z: jcce.cross_entropy(z, y))(z))
+    assert "platform_index" in default  # None: both staged out, one lowered
+
+
+# ---------------------------------------------------- the two paths agree (and f64)
+
+
+CHAINS = {
+    "plain": lambda k: jcce.chain(),
+    "smooth_cap_temp_z": lambda k: jcce.chain(
+        jcce.softcap(5.0),
+        jcce.temperature(1.5),
+        jcce.label_smoothing(0.1),
+        jcce.z_loss(1e-3),
+    ),
+    "focal_smooth": lambda k: jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.2)),
+    "poly_cw": lambda k: jcce.chain(
+        jcce.poly(1.0), jcce.class_weights(jnp.linspace(0.5, 2, k))
+    ),
+}
+
+
+@pytest.mark.parametrize("k", [24, 8192 * 2 + 8])  # one row chunk; three on xla_cpu
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_both_paths_give_the_same_values_and_gradients(name, k):
+    z, y = _inputs(n=4, k=k, seed=k)
+    loss = CHAINS[name](k)
+    out = {
+        impl: jax.value_and_grad(lambda z, impl=impl: loss(z, y, implementation=impl))(
+            z
+        )
+        for impl in IMPLEMENTATIONS
+    }
+    np.testing.assert_allclose(out["xla"][0], out["xla_cpu"][0], rtol=2e-6)
+    np.testing.assert_allclose(out["xla"][1], out["xla_cpu"][1], rtol=2e-5, atol=1e-8)
+    if name == "plain":  # and both are the float64 cross-entropy
+        want = numpy_cross_entropy(np.asarray(z, np.float64), np.asarray(y)).mean()
+        np.testing.assert_allclose(out["xla"][0], want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_both_paths_agree_on_16_bit_logits(dtype):
+    z, y = _inputs(n=5, k=300, seed=3, dtype=dtype)
+    loss = jcce.chain(jcce.label_smoothing(0.1), jcce.softcap(20.0))
+    vals = {
+        impl: jax.value_and_grad(lambda z, impl=impl: loss(z, y, implementation=impl))(
+            z
+        )
+        for impl in IMPLEMENTATIONS
+    }
+    np.testing.assert_allclose(vals["xla"][0], vals["xla_cpu"][0], rtol=1e-6)
+    assert vals["xla"][1].dtype == dtype
+    np.testing.assert_allclose(
+        np.asarray(vals["xla"][1], np.float32),
+        np.asarray(vals["xla_cpu"][1], np.float32),
+        atol=float(jnp.finfo(dtype).eps) * 1e-2,
+    )
+
+
+# ------------------------------------------------------- the accelerator linear path
+
+
+def _dot_operand_dtypes(f, *args):
+    """(lhs dtype, rhs dtype, preferred dtype, precision) of every dot_general that ``f``
+    traces, nested jaxprs included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (v.aval.dtype for v in eqn.invars)
+                found.append(
+                    (
+                        lhs,
+                        rhs,
+                        eqn.params["preferred_element_type"],
+                        eqn.params["precision"],
+                    )
+                )
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(f)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_xla_linear_path_multiplies_16_bit_operands_into_float32(reduction):
+    """No float32 copy of a bfloat16 classifier or of the embeddings: every matmul of
+    the "xla" path (logits, dE, dW) takes bfloat16 operands and returns float32; the
+    "xla_cpu" path widens its operands to float32."""
+    e = jnp.ones((64, 16), jnp.bfloat16)
+    w = jnp.ones((16, 40), jnp.bfloat16)
+    y = jnp.zeros(64, jnp.int32)
+
+    def grad_of(impl):
+        def f(e, w):
+            out = jcce.linear_cross_entropy(
+                e, w, y, block_size=16, reduction=reduction, implementation=impl
+            )
+            return jnp.sum(out)
+
+        return jax.grad(f, argnums=(0, 1))
+
+    xla = _dot_operand_dtypes(grad_of("xla"), e, w)
+    assert len(xla) >= 3, xla  # logits, dE, dW
+    assert all(
+        lhs == rhs == jnp.bfloat16 and pref == jnp.float32 for lhs, rhs, pref, _ in xla
+    ), xla
+    cpu = _dot_operand_dtypes(grad_of("xla_cpu"), e, w)
+    assert any(lhs == rhs == jnp.float32 for lhs, rhs, _, _ in cpu), cpu
+
+
+def test_precision_reaches_every_matmul():
+    e = jnp.ones((32, 8))
+    w = jnp.ones((8, 20))
+    y = jnp.zeros(32, jnp.int32)
+    for impl in IMPLEMENTATIONS:
+        dots = _dot_operand_dtypes(
+            jax.grad(
+                lambda e, w, impl=impl: jcce.linear_cross_entropy(
+                    e, w, y, precision="highest", implementation=impl, block_size=8
+                ),
+                argnums=(0, 1),
+            ),
+            e,
+            w,
+        )
+        assert dots and all(p == (jax.lax.Precision.HIGHEST,) * 2 for *_, p in dots), (
+            impl,
+            dots,
+        )
+
+
+def test_xla_blocks_fill_a_memory_budget_not_a_cache():
+    # 512 MiB of float32 logits: 1,024 tokens at V = 131,072 (8 blocks for N = 8192),
+    # 512 at V = 262,144; never more tokens than there are (rounded up to 8).
+    assert _xla.default_block_size(8192, 131072) == 1024
+    assert _xla.default_block_size(16384, 262144) == 512
+    assert _xla.default_block_size(100, 1000) == 104
+    assert _xla.default_block_size(8192, 2**24) == 128  # at least 128
+    plan = _xla.linear_plan(8192, 131072, 4096, jnp.bfloat16, jnp.float32, None)
+    assert plan == _xla_cpu.LinearPlan(1024, False, 131072, 131072)
+    # The XLA:CPU plan, for contrast: 32 MiB blocks, widened operands, 4 MiB chunks.
+    cpu = _xla_cpu.linear_plan(8192, 131072, 4096, jnp.bfloat16, jnp.float32, None)
+    assert cpu == _xla_cpu.LinearPlan(128, True, 1024, 512)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_paths_agree_with_float64_over_many_blocks(dtype, reduction):
+    """N = 203 tokens in blocks of 16 (13 blocks, the last padded), V = 1000: values and
+    the three gradients of both paths against float64 autodiff of the unfused loss on
+    the same (rounded) inputs."""
+    rng = np.random.default_rng(7)
+    n, d, v = 203, 24, 1000
+    e = jnp.asarray(rng.normal(0, 1, (n, d)), dtype)
+    w = jnp.asarray(rng.normal(0, 0.5, (v, d)), dtype)
+    b = jnp.asarray(rng.normal(0, 0.5, v), dtype)
+    y = jnp.asarray(rng.integers(0, v, n))
+    g = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+
+    def weigh(out):
+        return jnp.sum(out * g) if reduction == "none" else out
+
+    with jax.enable_x64(True):
+        e64, w64, b64 = (jnp.asarray(np.asarray(x, np.float64)) for x in (e, w, b))
+
+        def ref(e, w, b):
+            z = e @ w.T + b[None, :]
+            lse = jax.scipy.special.logsumexp(z, axis=-1)
+            per = lse - jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+            return weigh(per if reduction == "none" else per.mean())
+
+        want = jax.value_and_grad(ref, argnums=(0, 1, 2))(e64, w64, b64)
+    tol = 2e-6 if dtype == jnp.float32 else 1e-2
+    for impl in IMPLEMENTATIONS:
+        got = jax.value_and_grad(
+            lambda e, w, b, impl=impl: weigh(
+                jcce.linear_cross_entropy(
+                    e, w, y, bias=b, classifier_layout="VD", block_size=16,
+                    reduction=reduction, implementation=impl,
+                )
+            ),
+            argnums=(0, 1, 2),
+        )(e, w, b)  # fmt: skip
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+        for ours, ref_ in zip(got[1], want[1], strict=True):
+            ref_ = np.asarray(ref_)
+            err = np.abs(np.asarray(ours, np.float64) - ref_).max()
+            assert err <= tol * np.abs(ref_).max(), (impl, err, np.abs(ref_).max())
