@@ -13,17 +13,17 @@ from jcce._divergence import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
 )
 from jcce._divergence import smooth_labels as smooth_labels
+from jcce._family import generalized_cross_entropy as generalized_cross_entropy
+from jcce._family import poly_loss_cross_entropy as poly_loss_cross_entropy
+from jcce._family import symmetric_cross_entropy as symmetric_cross_entropy
 from jcce._linear import linear_cross_entropy as linear_cross_entropy
 from jcce._losses import cross_entropy as cross_entropy
 from jcce._losses import entropy as entropy
-from jcce._losses import generalized_cross_entropy as generalized_cross_entropy
-from jcce._losses import poly_loss_cross_entropy as poly_loss_cross_entropy
 from jcce._losses import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
 from jcce._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
-from jcce._losses import symmetric_cross_entropy as symmetric_cross_entropy
 from jcce._transforms import Chain as Chain
 from jcce._transforms import Transform as Transform
 from jcce._transforms import chain as chain

@@ -28,7 +28,9 @@ from typing import NamedTuple
 
 from jax import lax
 
-IMPLEMENTATIONS = ("xla", "xla_cpu")
+from jcce import _validate
+
+IMPLEMENTATIONS = _validate.IMPLEMENTATIONS
 
 _DEFAULT = contextvars.ContextVar("jcce_implementation", default=None)
 
@@ -46,11 +48,7 @@ def use_implementation(implementation: str | None):
       >>> round(float(loss), 4)  # log 3
       1.0986
     """
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"use_implementation: implementation must be None, 'xla' or 'xla_cpu', "
-            f"got {implementation!r}"
-        )
+    _validate.implementation("use_implementation", implementation)
     token = _DEFAULT.set(implementation)
     try:
         yield
@@ -58,10 +56,10 @@ def use_implementation(implementation: str | None):
         _DEFAULT.reset(token)
 
 
-def default_implementation() -> str | None:
-    """The implementation that ``implementation=None`` means here (see
-    :func:`use_implementation`); None: chosen by platform."""
-    return _DEFAULT.get()
+def resolve(implementation: str | None) -> str | None:
+    """``implementation``, or for None the default of :func:`use_implementation` (None
+    again outside it: chosen by platform, by :func:`dispatch`)."""
+    return _DEFAULT.get() if implementation is None else implementation
 
 
 class Ops(NamedTuple):
@@ -91,6 +89,21 @@ class Ops(NamedTuple):
         fields with a leading underscore (``_row_reduce``, ``_sum_exp``, ...)."""
         functions = [namespace["_" + field] for field in cls._fields[1:-1]]
         return cls(name, *functions, scatter_labels)
+
+
+class LinearPlan(NamedTuple):
+    """How the fused linear loss tiles its work (static).
+
+    ``block``: tokens per block. ``widen``: whether the gradient sweep's matmuls run on
+    operands widened to the accumulation dtype (else on the inputs' dtype, with results
+    in the accumulation dtype). ``logits_chunk`` / ``grad_chunk``: classes per matmul
+    when computing a block's logits and its two gradient products (``V``: one matmul).
+    """
+
+    block: int
+    widen: bool
+    logits_chunk: int
+    grad_chunk: int
 
 
 def dispatch(implementation: str | None, fun: Callable, *args):

@@ -31,15 +31,12 @@ labels are no special case. Forward mode, reverse mode and higher orders all wor
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jcce import _validate as v
-from jcce._kernel import acc_dtype
+from jcce._config import acc_dtype
 
 # ------------------------------------------------------------------------------ kernel
 
@@ -247,8 +244,6 @@ _focal_core.defjvp(_focal_core_jvp, symbolic_zeros=True)
 
 # -------------------------------------------------------------------------- checks
 
-_LABEL_KINDS = "floating targets in [0, 1], or integer or boolean 0/1 labels"
-
 
 def _arrays(fn, logits, labels, **optional):
     """Converts array arguments before jit sees them, so bad ones get a named error."""
@@ -257,113 +252,6 @@ def _arrays(fn, logits, labels, **optional):
     for k, x in optional.items():
         arrays[k] = None if x is None else v.as_array(fn, k, x)
     return arrays
-
-
-def _real(dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-
-
-def _broadcasts(src: tuple, dst: tuple) -> bool:
-    """True if ``src`` broadcasts to ``dst`` without changing ``dst`` (NumPy rules)."""
-    return len(src) <= len(dst) and all(
-        a in (1, b) for a, b in zip(reversed(src), reversed(dst), strict=False)
-    )
-
-
-def _logits(fn, logits):
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: logits must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {logits.dtype}"
-        )
-    return logits
-
-
-def _labels(fn, labels, shape, *, broadcast: bool):
-    if not (labels.dtype == jnp.bool_ or _real(labels.dtype)):
-        raise TypeError(
-            f"{fn}: labels must be real numbers ({_LABEL_KINDS}), got dtype "
-            f"{labels.dtype}"
-        )
-    if broadcast:
-        if not _broadcasts(labels.shape, shape):
-            raise ValueError(
-                f"{fn}: labels has shape {labels.shape} but must have (or broadcast "
-                f"to) the logits' shape {shape}"
-            )
-    elif labels.shape != shape:
-        raise ValueError(
-            f"{fn}: labels has shape {labels.shape} but logits have shape {shape}; "
-            "labels must have the logits' shape"
-        )
-    return labels
-
-
-def _weight_array(fn, name, x, shape, hint=""):
-    """A real-valued array that broadcasts to the logits' ``shape``."""
-    if x.dtype == jnp.bool_:
-        raise TypeError(
-            f"{fn}: {name} has dtype bool; pass a boolean mask as where= and real "
-            f"weights as {name}="
-        )
-    if not _real(x.dtype):
-        raise TypeError(f"{fn}: {name} must be real numbers, got dtype {x.dtype}")
-    if not _broadcasts(x.shape, shape):
-        raise ValueError(
-            f"{fn}: {name} has shape {x.shape} but must broadcast to the logits' "
-            f"shape {shape}{hint}"
-        )
-    return x
-
-
-def _where(fn, where, shape):
-    if where.dtype != jnp.bool_:
-        raise TypeError(
-            f"{fn}: where must be a boolean mask, got dtype {where.dtype}; pass "
-            "real-valued weights as weights="
-        )
-    if not _broadcasts(where.shape, shape):
-        hint = ""
-        if len(shape) >= 2:
-            hint = (
-                "; to mask whole rows give where a trailing axis of size 1, e.g. "
-                f"shape {shape[:-1] + (1,)}"
-            )
-        raise ValueError(
-            f"{fn}: where has shape {where.shape} but must broadcast to the logits' "
-            f"shape {shape}{hint}"
-        )
-    return where
-
-
-def _hyper(fn, name, value, ok, requirement):
-    """Checks a concrete hyper-parameter (scalar or array) now; traced ones are trusted.
-
-    Python and NumPy values are checked even inside ``jax.jit`` (they are still
-    concrete there); JAX arrays are checked unless traced.
-    """
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{fn}: {name} must be {requirement}, got {value!r}")
-    if isinstance(value, (str, bytes)):
-        raise TypeError(
-            f"{fn}: {name} must be {requirement}, got {type(value).__name__}"
-        )
-    concrete = isinstance(value, (numbers.Real, np.ndarray, np.generic))
-    arr = np.asarray(value) if concrete else v.as_array(fn, name, value)
-    if arr.dtype == np.bool_ or not _real(arr.dtype):
-        raise TypeError(f"{fn}: {name} must be real numbers, got dtype {arr.dtype}")
-    if concrete or not isinstance(arr, jax.core.Tracer):
-        vals = np.asarray(arr, np.float64)
-        if not (np.all(np.isfinite(vals)) and np.all(ok(vals))):
-            if vals.ndim == 0:
-                shown = f"{float(vals):g}"
-            else:
-                shown = (
-                    f"an array of shape {vals.shape} with values in "
-                    f"[{np.nanmin(vals):g}, {np.nanmax(vals):g}]"
-                )
-            raise ValueError(f"{fn}: {name} must be {requirement}, got {shown}")
-    return value if concrete and isinstance(value, numbers.Real) else jnp.asarray(arr)
 
 
 def _full(x, shape, dtype):
@@ -375,21 +263,21 @@ def _full(x, shape, dtype):
 
 
 def _bce_impl(fn, logits, labels, pos_weight, weights, where, reduction):
-    logits = _logits(fn, logits)
+    logits = v.binary_logits(fn, logits)
     shape, ndim = logits.shape, logits.ndim
     acc = acc_dtype(logits.dtype)
-    labels = _labels(fn, labels, shape, broadcast=False)
+    labels = v.binary_labels(fn, labels, shape, broadcast=False)
     if pos_weight is not None:
         hint = (
             f", e.g. shape ({shape[-1]},) for one weight per class (last axis)"
             if shape
             else ""
         )
-        pos_weight = _weight_array(fn, "pos_weight", pos_weight, shape, hint)
+        pos_weight = v.binary_weights(fn, "pos_weight", pos_weight, shape, hint)
     if weights is not None:
-        weights = _weight_array(fn, "weights", weights, shape)
+        weights = v.binary_weights(fn, "weights", weights, shape)
     if where is not None:
-        where = _where(fn, where, shape)
+        where = v.binary_where(fn, where, shape)
     out = binary_kernel(
         logits,
         labels,
@@ -412,8 +300,8 @@ _bce_jit = jax.jit(_bce_impl, static_argnames=("fn", "reduction"))
 
 
 def _sigmoid_bce_impl(fn, logits, labels):
-    logits = _logits(fn, logits)
-    labels = _labels(fn, labels, logits.shape, broadcast=True)
+    logits = v.binary_logits(fn, logits)
+    labels = v.binary_labels(fn, labels, logits.shape, broadcast=True)
     return binary_kernel(logits, _as_rank(labels, logits.ndim), None, None, None)
 
 
@@ -421,13 +309,13 @@ _sigmoid_bce_jit = jax.jit(_sigmoid_bce_impl, static_argnums=(0,))
 
 
 def _focal_impl(fn, logits, labels, alpha, gamma):
-    logits = _logits(fn, logits)
+    logits = v.binary_logits(fn, logits)
     shape = logits.shape
     acc = acc_dtype(logits.dtype)
-    t = _full(_labels(fn, labels, shape, broadcast=True), shape, acc)
+    t = _full(v.binary_labels(fn, labels, shape, broadcast=True), shape, acc)
 
     def hyper(name, x):
-        x = _weight_array(fn, name, x, shape)
+        x = v.binary_weights(fn, name, x, shape)
         return x.astype(acc) if x.ndim == 0 else _full(x, shape, acc)
 
     loss = _focal_core(logits.astype(acc), t, hyper("gamma", gamma))
@@ -643,8 +531,8 @@ def sigmoid_focal_loss(
     fn = "sigmoid_focal_loss"
     arrays = _arrays(fn, logits=logits, labels=labels)
     if alpha is not None:
-        alpha = _hyper(
+        alpha = v.binary_hyper(
             fn, "alpha", alpha, lambda a: (a >= 0) & (a <= 1), "None or in [0, 1]"
         )
-    gamma = _hyper(fn, "gamma", gamma, lambda g: g >= 0, "a number >= 0")
+    gamma = v.binary_hyper(fn, "gamma", gamma, lambda g: g >= 0, "a number >= 0")
     return _focal_jit(fn, arrays["logits"], arrays["labels"], alpha, gamma)

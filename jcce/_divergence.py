@@ -28,119 +28,14 @@ for float64 inputs), like every jcce loss.
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jcce import _validate as v
-from jcce._kernel import acc_dtype
+from jcce._config import acc_dtype
 
 # -------------------------------------------------------------------------- checks
-
-
-def _static_axis(fn: str, axis):
-    """``axis`` as None, an int or a tuple of ints (hashable, for ``jax.jit``)."""
-    if isinstance(axis, list):
-        axis = tuple(axis)
-    if axis is None:
-        return None
-    if isinstance(axis, numbers.Integral) and not isinstance(axis, (bool, np.bool_)):
-        return int(axis)
-    if isinstance(axis, tuple) and all(
-        isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_))
-        for a in axis
-    ):
-        return tuple(int(a) for a in axis)
-    raise TypeError(f"{fn}: axis must be an int, a tuple of ints or None, got {axis!r}")
-
-
-def _axes(fn: str, axis, shape: tuple, what: str) -> tuple[int, ...]:
-    """The non-negative axes named by a checked ``axis``; ``None`` means all axes."""
-    ndim = len(shape)
-    if axis is None:
-        return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else axis
-    if not axes:
-        raise ValueError(
-            f"{fn}: axis=() names no class axis; pass axis=None to use all axes"
-        )
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"{fn}: axis={axis!r} is out of range for {what} {shape} (rank {ndim})"
-            )
-        out.append(a % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{fn}: axis={axis!r} repeats an axis")
-    return tuple(out)
-
-
-def _broadcasts(src: tuple, dst: tuple) -> bool:
-    """True if ``src`` broadcasts to ``dst`` without changing ``dst`` (NumPy rules)."""
-    return len(src) <= len(dst) and all(
-        a in (1, b) for a, b in zip(reversed(src), reversed(dst), strict=False)
-    )
-
-
-def _common_shape(fn: str, names: tuple[str, str], a, b) -> tuple:
-    try:
-        return tuple(np.broadcast_shapes(a.shape, b.shape))
-    except ValueError:
-        raise ValueError(
-            f"{fn}: {names[0]} has shape {a.shape} and {names[1]} has shape "
-            f"{b.shape}, which do not broadcast to a common shape"
-        ) from None
-
-
-def _where(fn: str, where, shape: tuple, what: str, example_axes=None):
-    """A boolean mask broadcast to ``shape``; ``example_axes`` adds a hint on failure."""
-    if where.dtype != jnp.bool_:
-        raise TypeError(f"{fn}: where must be a boolean mask, got dtype {where.dtype}")
-    if not _broadcasts(where.shape, shape):
-        hint = ""
-        if example_axes is not None and len(example_axes) < len(shape):
-            example = tuple(1 if a in example_axes else n for a, n in enumerate(shape))
-            hint = (
-                "; to mask whole examples give where size 1 on the summed axes, e.g. "
-                f"shape {example}"
-            )
-        raise ValueError(
-            f"{fn}: where has shape {where.shape} but must broadcast to {what} "
-            f"{shape}{hint}"
-        )
-    return jnp.broadcast_to(where, shape)
-
-
-def _alpha(fn: str, alpha):
-    """Checks the smoothing factor: a real scalar, in ``[0, 1]`` unless traced."""
-    requirement = f"{fn}: alpha must be a real number in [0, 1]"
-    if isinstance(alpha, (bool, np.bool_)):
-        raise TypeError(f"{requirement}, got {alpha!r}")
-    if alpha is None or isinstance(alpha, (str, bytes)):
-        raise TypeError(f"{requirement}, got {type(alpha).__name__}")
-    if isinstance(alpha, numbers.Number):
-        # NumPy, not jnp: inside a trace jnp.asarray would make a Python number a
-        # tracer, and a concrete value would go unchecked.
-        alpha = np.asarray(alpha)
-    elif not isinstance(alpha, (jax.Array, np.ndarray, np.generic)):
-        alpha = v.as_array(fn, "alpha", alpha)
-    if alpha.dtype == np.bool_ or not (
-        jnp.issubdtype(alpha.dtype, jnp.floating)
-        or jnp.issubdtype(alpha.dtype, jnp.integer)
-    ):
-        raise TypeError(f"{requirement}, got dtype {alpha.dtype}")
-    if np.ndim(alpha) != 0:
-        raise ValueError(f"{requirement}, got an array of shape {np.shape(alpha)}")
-    if isinstance(alpha, jax.core.Tracer):
-        return alpha
-    value = float(np.asarray(alpha, np.float64))
-    if not 0 <= value <= 1:  # also rejects NaN
-        raise ValueError(f"{requirement}, got {value:g}")
-    # One form for every concrete alpha, so new values never recompile.
-    return np.asarray(value, np.float64)
 
 
 # ------------------------------------------------------------------ implementations
@@ -173,14 +68,14 @@ def _kl_impl(fn, log_targets, log_predictions, targets, axis, where):
     tname = "log_targets" if log_targets else "targets"
     log_p = v.floating(fn, "log_predictions", log_predictions)
     t = v.floating(fn, tname, targets)
-    shape = _common_shape(fn, ("log_predictions", tname), log_p, t)
+    shape = v.common_shape(fn, ("log_predictions", tname), log_p, t)
     what = f"log_predictions and {tname} of (broadcast) shape"
-    axes = _axes(fn, axis, shape, what)
+    axes = v.divergence_axes(fn, axis, shape, what)
     acc = max(acc_dtype(log_p.dtype), acc_dtype(t.dtype), key=lambda d: d.itemsize)
     log_p = jnp.broadcast_to(log_p.astype(acc), shape)
     t = jnp.broadcast_to(t.astype(acc), shape)
     if where is not None:
-        live = _where(fn, where, shape, what, example_axes=axes)
+        live = v.divergence_where(fn, where, shape, what, example_axes=axes)
         # Masked elements become a zero-mass term before any arithmetic: NaN or inf
         # there reaches neither the value nor any derivative.
         off_t = -jnp.inf if log_targets else 0
@@ -196,7 +91,7 @@ _kl_jit = jax.jit(_kl_impl, static_argnums=(0, 1, 4))
 def _smooth_impl(fn, labels, alpha, axis, where):
     labels = v.floating(fn, "labels", labels)
     shape = labels.shape
-    axes = _axes(fn, axis, shape, "labels of shape")
+    axes = v.divergence_axes(fn, axis, shape, "labels of shape")
     acc = acc_dtype(labels.dtype)
     x = labels.astype(acc)
     a = jnp.asarray(alpha).astype(acc)
@@ -204,7 +99,7 @@ def _smooth_impl(fn, labels, alpha, axis, where):
         k = math.prod(shape[i] for i in axes)
         u = jnp.full((), 1 / max(k, 1), acc)
     else:
-        live = _where(fn, where, shape, "labels of shape")
+        live = v.divergence_where(fn, where, shape, "labels of shape")
         count = jnp.sum(live, axis=axes, keepdims=True, dtype=acc)
         u = jnp.where(live, 1 / jnp.maximum(count, 1), jnp.zeros((), acc))
     return ((1 - a) * x + a * u).astype(labels.dtype)
@@ -283,7 +178,7 @@ def kl_divergence(
     log_predictions = v.as_array(fn, "log_predictions", log_predictions)
     targets = v.as_array(fn, "targets", targets)
     where = None if where is None else v.as_array(fn, "where", where)
-    axis = _static_axis(fn, axis)
+    axis = v.divergence_axis_static(fn, axis)
     return _kl_jit(fn, False, log_predictions, targets, axis, where)
 
 
@@ -348,7 +243,7 @@ def kl_divergence_with_log_targets(
     log_predictions = v.as_array(fn, "log_predictions", log_predictions)
     log_targets = v.as_array(fn, "log_targets", log_targets)
     where = None if where is None else v.as_array(fn, "where", where)
-    axis = _static_axis(fn, axis)
+    axis = v.divergence_axis_static(fn, axis)
     return _kl_jit(fn, True, log_predictions, log_targets, axis, where)
 
 
@@ -416,7 +311,7 @@ def smooth_labels(
     """
     fn = "smooth_labels"
     labels = v.as_array(fn, "labels", labels)
-    alpha = _alpha(fn, alpha)
+    alpha = v.smoothing_alpha(fn, alpha)
     where = None if where is None else v.as_array(fn, "where", where)
-    axis = _static_axis(fn, axis)
+    axis = v.divergence_axis_static(fn, axis)
     return _smooth_jit(fn, labels, alpha, axis, where)

@@ -34,7 +34,7 @@ from jax import lax
 
 from jcce import _xla, _xla_cpu
 from jcce._backend import Ops, dispatch
-from jcce._transforms import Params, Spec
+from jcce._config import Params, Spec, acc_dtype
 
 OPS = {ops.name: ops for ops in (_xla.OPS, _xla_cpu.OPS)}
 
@@ -96,11 +96,6 @@ def label_weight(vocab_axis, cw, yc, owned):
     """The class weight ``w_y`` of each example's label, from the shard that holds it."""
     w_y = cw[yc]
     return w_y if vocab_axis is None else lax.psum(jnp.where(owned, w_y, 0), vocab_axis)
-
-
-def acc_dtype(dtype) -> jnp.dtype:
-    """Accumulation (and loss) dtype: float64 stays float64, all else uses float32."""
-    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _apply_maps(spec: Spec, z, map_values):
@@ -450,7 +445,7 @@ def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
     )
 
 
-def _forward(static: Static, z, target, s, cw, params: Params):
+def forward(static: Static, z, target, s, cw, params: Params):
     spec = static.spec
     acc = acc_dtype(z.dtype)
     live = _live(s)
@@ -509,7 +504,7 @@ def fused_cross_entropy(static: Static, z, target, s, cw, params: Params):
     Returns:
       ``[*batch]`` weighted per-example losses in the accumulation dtype.
     """
-    return on_platform(_forward, static, z, target, s, cw, params)[0]
+    return on_platform(forward, static, z, target, s, cw, params)[0]
 
 
 def on_platform(fun, static: Static, *args):
@@ -526,7 +521,7 @@ def on_platform(fun, static: Static, *args):
 
 
 def _fwd(static, z, target, s, cw, params):
-    out, res = on_platform(_forward, static, z, target, s, cw, params)
+    out, res = on_platform(forward, static, z, target, s, cw, params)
     return out, (z, target, s, cw, params, res)
 
 

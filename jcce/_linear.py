@@ -32,44 +32,39 @@ kernel's own closed-form VJP, so the rules here hold no loss math of their own.
 from __future__ import annotations
 
 import math
-import numbers
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jcce import _backend, _xla, _xla_cpu
 from jcce import _validate as v
-from jcce import _xla, _xla_cpu
+from jcce._config import PLAIN, acc_dtype
 from jcce._kernel import (
     Static,
-    _forward,
-    acc_dtype,
+    forward,
     fused_cross_entropy,
     on_platform,
     vocab_cotangent,
     vocab_shares,
     vocab_sum,
 )
-from jcce._losses import (
-    _arrays,
-    _axis_names,
-    _kernel_args,
-    _kernel_call,
-    _mean_denominator,
-    _reduce,
-    _vary_like,
-    _vocab_shards,
-    _weights,
+from jcce._plumbing import (
     auto_vocab_parallel,
+    axis_names,
+    convert_arrays,
+    kernel_args,
+    kernel_call,
+    loss_weights,
+    mean_denominator,
+    reduce_losses,
+    vary_like,
     vocab_route,
+    vocab_shards,
     weighted_mean,
 )
-from jcce._transforms import Chain
 from jcce._xla_cpu import widened_slice
-
-LAYOUTS = ("DV", "VD")
-_PLAIN = Chain(())
 
 
 def _logits(e, w, b, layout, acc, precision=None):
@@ -102,7 +97,7 @@ def _zeros_like_product(shape, dtype, *factors):
     varies over inside ``jax.shard_map``), to start a sum of such products."""
     z = jnp.zeros(shape, dtype)
     for x in factors:
-        z = _vary_like(jax.typeof(x), z)
+        z = vary_like(jax.typeof(x), z)
     return z
 
 
@@ -209,7 +204,7 @@ def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
             # The kernel's forward function, not its custom_vjp: this sweep is also the
             # primal of the "none" rule, which forward-over-reverse (jax.hessian)
             # differentiates in forward mode.
-            return None, _forward(static, z, y_b, s_b, cw, params)[0]
+            return None, forward(static, z, y_b, s_b, cw, params)[0]
 
         _, losses = lax.scan(step, None, (blocks(e), blocks(y), blocks(s)))
         return losses.reshape(n), None
@@ -242,7 +237,7 @@ def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
         )
         loss, pull = jax.vjp(partial(loss_of, y_b=y_b), z, s_b, cw, params)
         dz, ds_b, dcw_b, dparams_b = pull(
-            _vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
+            vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
         )
         de_b, dw = _backprop(dz, e_b, take, dw, plan.grad_chunk, layout, precision)
         # With a sharded vocabulary each shard holds part of the sum over classes;
@@ -288,9 +283,7 @@ def linear_sum(static, block_size, precision, layout, e, w, b, y, s, cw, params)
 def _sum_fwd(static, block_size, precision, layout, e, w, b, y, s, cw, params):
     # The gradients for a cotangent of 1: under shard_map(check_vma=False) split into
     # equal shares over the vocabulary shards, as the kernel expects (vocab_shares).
-    unit = (
-        1 / _vocab_shards(static.vocab_axis) if vocab_shares(static.vocab_axis) else 1
-    )
+    unit = 1 / vocab_shards(static.vocab_axis) if vocab_shares(static.vocab_axis) else 1
     g = jnp.full(e.shape[:1], unit, acc_dtype(e.dtype))
     losses, grads = _sweep(
         static, block_size, precision, layout, e, w, b, y, s, cw, params, g
@@ -337,39 +330,6 @@ def _each_bwd(static, block_size, precision, layout, saved, ct):
 linear_each.defvjp(_each_fwd, _each_bwd)
 
 
-def _check_shapes(fn, embeddings, classifier, bias, layout):
-    """The vocabulary size ``V``, after checking the three arrays against each other."""
-    v.floating(fn, "embeddings", embeddings)
-    if embeddings.ndim == 0:
-        raise ValueError(
-            f"{fn}: embeddings has shape () but needs a last axis of hidden size D"
-        )
-    v.floating(fn, "classifier", classifier)
-    if classifier.ndim != 2:
-        raise ValueError(
-            f"{fn}: classifier has shape {classifier.shape} but must have rank 2"
-        )
-    hidden = embeddings.shape[-1]
-    d_axis = 0 if layout == "DV" else 1
-    named = "[D, V]" if layout == "DV" else "[V, D]"
-    if classifier.shape[d_axis] != hidden:
-        raise ValueError(
-            f"{fn}: classifier has shape {classifier.shape} ({named}, "
-            f"classifier_layout={layout!r}) but embeddings {embeddings.shape} have "
-            f"hidden size D = {hidden}"
-        )
-    vocab = classifier.shape[1 - d_axis]
-    if bias is not None:
-        v.floating(fn, "bias", bias)
-        if bias.shape != (vocab,):
-            raise ValueError(
-                f"{fn}: bias has shape {bias.shape} but the classifier "
-                f"{classifier.shape} has V = {vocab} classes; bias must have shape "
-                f"({vocab},)"
-            )
-    return vocab
-
-
 def _native_linear(
     fn,
     chain,
@@ -389,7 +349,7 @@ def _native_linear(
     precision=None,
     implementation=None,
 ):
-    vocab = _check_shapes(fn, embeddings, classifier, bias, layout)
+    vocab = v.linear_shapes(fn, embeddings, classifier, bias, layout)
     v_axis = 1 if layout == "DV" else 0
     # Under jit with a mesh, jcce runs itself in a shard_map over the vocabulary.
     if vocab_route(fn, vocab_axis, (v_axis,)) == "auto":
@@ -418,7 +378,7 @@ def _native_linear(
     w = classifier.astype(dtype)
     y = v.class_indices(labels).reshape(n)
 
-    s, cw, alpha = _weights(
+    s, cw, alpha = loss_weights(
         fn,
         chain,
         labels,
@@ -431,15 +391,15 @@ def _native_linear(
         ignore_index=ignore_index,
         vocab_axis=vocab_axis,
     )
-    v.check_labels(fn, y.reshape(batch_shape), vocab * _vocab_shards(vocab_axis),
+    v.check_labels(fn, y.reshape(batch_shape), vocab * vocab_shards(vocab_axis),
                    None if s is None else s != 0)  # fmt: skip
     if vocab == 0:  # no classes: the losses of the (empty) logits
         z = _logits(e, w, bias, layout, acc).reshape(batch_shape + (0,))
         y = y.reshape(batch_shape)
-        out = _kernel_call(chain, z, y, True, s, cw)
-        return _reduce(out, s, cw, y, True, reduction)
+        out = kernel_call(chain, z, y, True, s, cw)
+        return reduce_losses(out, s, cw, y, True, reduction)
     logits_type = jax.typeof(_logits(e[:0], w, bias, layout, acc))
-    spec, s_k, cw_k, params = _kernel_args(
+    spec, s_k, cw_k, params = kernel_args(
         chain, logits_type, s, cw, alpha, vocab, vocab_axis
     )
     if s_k is not None:
@@ -449,9 +409,9 @@ def _native_linear(
         e = jnp.where((s_k != 0)[:, None], e, jnp.zeros((), e.dtype))
     # Inside shard_map the classifier varies as the logits do (its cotangent is a sum
     # over this device's tokens); the embeddings are replicated over the vocabulary.
-    w = _vary_like(logits_type, w)
-    bias = None if bias is None else _vary_like(logits_type, bias)
-    e = _vary_like(logits_type, e, exclude=_axis_names(vocab_axis))
+    w = vary_like(logits_type, w)
+    bias = None if bias is None else vary_like(logits_type, bias)
+    e = vary_like(logits_type, e, exclude=axis_names(vocab_axis))
     static = Static(spec, True, vocab_axis, implementation)
     args = (static, block_size, precision, layout, e, w, bias, y, s_k, cw_k, params)
     if reduction == "none":
@@ -459,7 +419,7 @@ def _native_linear(
     total = linear_sum(*args)
     if reduction == "sum":
         return total
-    denom = _mean_denominator(
+    denom = mean_denominator(
         s, cw, y[:n].reshape(batch_shape), True, n, acc, vocab_axis
     )
     return weighted_mean(total, denom)
@@ -500,7 +460,7 @@ def configured_linear_cross_entropy(
     implementation=None,
 ):
     """The entry point shared by :func:`linear_cross_entropy` and ``Chain.linear``."""
-    arrays = _arrays(
+    arrays = convert_arrays(
         fn,
         chain,
         embeddings=embeddings,
@@ -512,21 +472,8 @@ def configured_linear_cross_entropy(
         class_weights=class_weights,
     )
     _, ignore_index = v.static_options(fn, -1, reduction, ignore_index)
-    if classifier_layout not in LAYOUTS:
-        raise ValueError(
-            f"{fn}: classifier_layout must be 'DV' (classifier [D, V], as "
-            f"embeddings @ classifier) or 'VD' ([V, D], a tied embedding table), got "
-            f"{classifier_layout!r}"
-        )
-    if block_size is not None and (
-        isinstance(block_size, bool)
-        or not isinstance(block_size, numbers.Integral)
-        or block_size < 1
-    ):
-        raise ValueError(
-            f"{fn}: block_size must be a positive int (tokens per block) or None, "
-            f"got {block_size!r}"
-        )
+    v.classifier_layout(fn, classifier_layout)
+    v.block_size(fn, block_size)
     return _native_linear_jit(
         fn,
         chain,
@@ -537,7 +484,7 @@ def configured_linear_cross_entropy(
         block_size=None if block_size is None else int(block_size),
         vocab_axis=v.vocab_axis(fn, vocab_axis),
         precision=v.precision(fn, precision),
-        implementation=v.implementation(fn, implementation),
+        implementation=_backend.resolve(v.implementation(fn, implementation)),
     )
 
 
@@ -627,7 +574,7 @@ def linear_cross_entropy(
     """
     return configured_linear_cross_entropy(
         "linear_cross_entropy",
-        _PLAIN,
+        PLAIN,
         embeddings,
         classifier,
         labels,

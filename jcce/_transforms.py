@@ -14,167 +14,13 @@ compare equal when their kinds and values match.
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jcce import _validate
-
-# Kinds that map the logits elementwise, applied in chain order before the softmax.
-LOGIT_MAPS = ("softcap", "temperature")
-# Kinds that replace the per-class loss -log p_k by another function of p_k; a chain
-# holds at most one of them.
-OBJECTIVES = ("focal", "poly", "generalized", "symmetric")
-
-
-class Spec(NamedTuple):
-    """Static structure of one kernel call (hashable; part of the jit cache key)."""
-
-    maps: tuple[str, ...] = ()
-    label_smoothing: bool = False
-    z_loss: bool = False
-    log_base: bool = False
-    objective: str | None = None
-
-
-class Params(NamedTuple):
-    """Hyper-parameter values matching a :class:`Spec`; absent terms are ``None``."""
-
-    maps: tuple[Any, ...] = ()
-    label_smoothing: Any = None
-    z_loss: Any = None
-    log_base: Any = None
-    objective: tuple[Any, ...] = ()
-
-
-# Each hyper-parameter's domain: a (test, requirement) per value of the transform. The
-# tests use comparisons and ``&`` only, so they serve Python floats (checked when the
-# transform is built) and traced arrays alike (replaced by NaN by :func:`in_domain`).
-DOMAINS = {
-    "label_smoothing": ((lambda v: (v >= 0) & (v < 1), "eps must be in [0, 1)"),),
-    "temperature": ((lambda v: v > 0, "t must be finite and > 0"),),
-    "softcap": ((lambda v: v > 0, "cap must be finite and > 0"),),
-    "z_loss": ((lambda v: v >= 0, "coef must be finite and >= 0"),),
-    "log_base": ((lambda v: (v > 0) & (v != 1), "base must be > 0, finite and != 1"),),
-    "focal": ((lambda v: v >= 0, "gamma must be finite and >= 0"),),
-    "poly": ((lambda v: v >= -1, "epsilon must be finite and >= -1"),),
-    "generalized": ((lambda v: (v > 0) & (v <= 1), "q must be in (0, 1]"),),
-    "symmetric": (
-        (lambda v: v >= 0, "alpha must be >= 0"),
-        (lambda v: v >= 0, "beta must be >= 0"),
-        (lambda v: v < 0, "log_zero must be finite and < 0"),
-    ),
-}
-
-
-def in_domain(spec: Spec, params: Params) -> Params:
-    """``params`` (scalar arrays) with every value outside its domain replaced by NaN.
-
-    Concrete values were checked when their transform was built; a traced value (a
-    schedule) cannot be. Outside its domain a formula's shortcuts stop holding (a
-    negative temperature reverses the order of the logits, so the max-shift no longer
-    bounds the exponentials), and the loss would be a wrong number, finite or
-    infinite. NaN says instead that the value is wrong, and under
-    ``jax.experimental.checkify`` a check names it.
-    """
-
-    def guard(kind, value, index=0):
-        ok_, requirement = DOMAINS[kind][index]
-        ok = ok_(value) & jnp.isfinite(value)
-        _validate.check_domain(kind, value, ok, requirement)
-        return jnp.where(ok, value, jnp.nan)
-
-    def optional(kind, value):
-        return None if value is None else guard(kind, value)
-
-    objective = params.objective
-    if spec.objective is not None:
-        objective = tuple(
-            guard(spec.objective, o, i) for i, o in enumerate(params.objective)
-        )
-    return Params(
-        maps=tuple(guard(k, m) for k, m in zip(spec.maps, params.maps, strict=True)),
-        label_smoothing=optional("label_smoothing", params.label_smoothing),
-        z_loss=optional("z_loss", params.z_loss),
-        log_base=optional("log_base", params.log_base),
-        objective=objective,
-    )
-
-
-def _domain_value(kind: str, value, index: int = 0):
-    """The ``index``-th value of transform ``kind``, checked against :data:`DOMAINS` if
-    concrete; traced values are checked by the kernel (:func:`in_domain`)."""
-    ok, requirement = DOMAINS[kind][index]
-    return _check_value(kind, value, lambda v: bool(ok(v)), requirement)
-
-
-def _check_value(kind: str, value, ok, requirement: str):
-    """Validates a concrete hyper-parameter now; traced values are trusted.
-
-    Python and NumPy numbers (even inside ``jax.jit``, where they are still concrete)
-    are checked and kept; JAX arrays are checked unless traced.
-    """
-    if isinstance(value, (bool, np.bool_)) or (
-        isinstance(value, (np.ndarray, jax.Array)) and value.dtype == np.bool_
-    ):
-        shown = value if isinstance(value, (bool, np.bool_)) else "a boolean array"
-        raise TypeError(f"{kind}: expected a real number, got {shown}")
-    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(
-        value, numbers.Real
-    ):
-        if value.ndim != 0:
-            raise ValueError(
-                f"{kind}: expected a scalar, got an array of shape {value.shape}"
-            )
-        value = value[()]
-    if isinstance(value, numbers.Real):
-        try:
-            v = float(value)
-        except OverflowError:
-            raise ValueError(
-                f"{kind}: {requirement}, got an integer too large for a float"
-            ) from None
-        if not (math.isfinite(v) and ok(v)):
-            raise ValueError(f"{kind}: {requirement}, got {v:g}")
-        return v
-    try:
-        arr = jnp.asarray(value)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(
-            f"{kind}: expected a real number or a scalar array, got "
-            f"{type(value).__name__}"
-        ) from None
-    if arr.ndim != 0:
-        raise ValueError(
-            f"{kind}: expected a scalar, got an array of shape {arr.shape}"
-        )
-    if not (
-        jnp.issubdtype(arr.dtype, jnp.floating)
-        or jnp.issubdtype(arr.dtype, jnp.integer)
-    ):
-        raise TypeError(f"{kind}: expected a real number, got dtype {arr.dtype}")
-    if not isinstance(arr, jax.core.Tracer):
-        v = float(arr)
-        if not (math.isfinite(v) and ok(v)):
-            raise ValueError(f"{kind}: {requirement}, got {v:g}")
-    return arr
-
-
-def _key(value):
-    if isinstance(value, tuple):
-        return tuple(_key(v) for v in value)
-    if value is None or isinstance(value, float):
-        return value
-    if isinstance(value, jax.core.Tracer):
-        return ("traced", id(value))
-    try:
-        return ("array", float(value))
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return ("array", id(value))
+from jcce import _linear, _losses, _validate
+from jcce._config import OBJECTIVES, Configuration, value_key
 
 
 def _shown(v) -> str:
@@ -182,7 +28,7 @@ def _shown(v) -> str:
         return repr(v)
     if isinstance(v, jax.core.Tracer):
         return "<traced>"
-    key = _key(v)[1]
+    key = value_key(v)[1]
     return f"Array({key!r})" if isinstance(key, float) else f"Array(shape={v.shape})"
 
 
@@ -218,91 +64,29 @@ class Transform:
     def __eq__(self, other):
         if not isinstance(other, Transform):
             return NotImplemented
-        return self.kind == other.kind and _key(self.value) == _key(other.value)
+        return self.kind == other.kind and value_key(self.value) == value_key(
+            other.value
+        )
 
     def __hash__(self):
-        return hash((self.kind, _key(self.value)))
+        return hash((self.kind, value_key(self.value)))
 
     def __call__(self, *args, **kwargs):
         return chain(self)(*args, **kwargs)
 
 
 @jax.tree_util.register_pytree_node_class
-class Chain:
+class Chain(Configuration):
     """An ordered, flattened tuple of transforms: a configured cross-entropy loss.
 
     ``chain(...)(logits, labels, ...)`` takes exactly the arguments of
     :func:`jcce.cross_entropy` and runs the same single kernel.
     """
 
-    __slots__ = ("transforms",)
-
-    def __init__(self, transforms: tuple[Transform, ...]):
-        object.__setattr__(self, "transforms", tuple(transforms))
-
-    def __setattr__(self, name, value):
-        raise AttributeError("Chain is immutable")
-
-    def tree_flatten(self):
-        return self.transforms, None
-
-    @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(tuple(children))
+    __slots__ = ()
 
     def __repr__(self):
         return f"chain({', '.join(map(repr, self.transforms))})"
-
-    def __eq__(self, other):
-        if not isinstance(other, Chain):
-            return NotImplemented
-        return self.transforms == other.transforms
-
-    def __hash__(self):
-        return hash(("chain", self.transforms))
-
-    def __iter__(self):
-        return iter(self.transforms)
-
-    def __len__(self):
-        return len(self.transforms)
-
-    def config(self) -> tuple[Spec, Params]:
-        """Folds the transforms into the kernel's static spec and parameter values."""
-        maps, map_values = [], []
-        terms: dict[str, Any] = {}
-        objective, objective_values = None, ()
-        for t in self.transforms:
-            if t.kind in LOGIT_MAPS:
-                maps.append(t.kind)
-                map_values.append(t.value)
-            elif t.kind in OBJECTIVES:
-                objective = t.kind
-                # focal's alpha weights classes; it reaches the kernel with them.
-                objective_values = t.value[:1] if t.kind == "focal" else t.value
-            else:
-                terms[t.kind] = t.value
-        spec = Spec(
-            maps=tuple(maps),
-            label_smoothing="label_smoothing" in terms,
-            z_loss="z_loss" in terms,
-            log_base="log_base" in terms,
-            objective=objective,
-        )
-        params = Params(
-            maps=tuple(map_values),
-            label_smoothing=terms.get("label_smoothing"),
-            z_loss=terms.get("z_loss"),
-            log_base=terms.get("log_base"),
-            objective=tuple(objective_values),
-        )
-        return spec, params
-
-    def class_factors(self) -> tuple[Any, Any]:
-        """The chain's :func:`class_weights` value and :func:`focal` ``alpha`` (or None)."""
-        found = {t.kind: t.value for t in self.transforms}
-        focal_ = found.get("focal")
-        return found.get("class_weights"), None if focal_ is None else focal_[1]
 
     @_validate.peer_keywords("chain")
     def __call__(
@@ -365,8 +149,6 @@ class Chain:
           >>> bool(jnp.isclose(smooth.linear(e, w, y), smooth(e @ w, y)))
           True
         """
-        from jcce import _linear
-
         return _linear.configured_linear_cross_entropy(
             "chain.linear",
             self,
@@ -387,8 +169,6 @@ class Chain:
         )
 
     def _call(self, fn: str, logits, labels, **options) -> jax.Array:
-        from jcce import _losses
-
         return _losses.configured_cross_entropy(fn, self, logits, labels, **options)
 
 
@@ -418,30 +198,8 @@ def chain(*transforms: Transform | Chain) -> Chain:
         elif isinstance(t, Transform):
             flat.append(t)
         else:
-            raise TypeError(
-                "chain: arguments must be jcce transforms such as "
-                f"jcce.label_smoothing(0.1), got {type(t).__name__}"
-            )
-    seen: dict[str, Transform] = {}
-    for t in flat:
-        if t.kind in seen:
-            raise ValueError(
-                f"chain: {t.kind} appears twice ({seen[t.kind]!r} and {t!r}); "
-                f"give one {t.kind} per chain"
-            )
-        seen[t.kind] = t
-    objectives = [t for t in flat if t.kind in OBJECTIVES]
-    if len(objectives) > 1:
-        first, second = objectives[:2]
-        raise ValueError(
-            f"chain: {first!r} and {second!r} both replace the per-class loss "
-            "-log p; give at most one of focal, poly, generalized, symmetric"
-        )
-    if "symmetric" in seen and "class_weights" in seen:
-        raise ValueError(
-            f"chain: {seen['symmetric']!r} does not define class weights; remove "
-            f"{seen['class_weights']!r} or weight examples with `weights`"
-        )
+            _validate.not_a_transform(t)
+    _validate.chain_members(flat, OBJECTIVES)
     return Chain(tuple(flat))
 
 
@@ -465,7 +223,7 @@ def label_smoothing(eps) -> Transform:
       >>> round(float(jcce.label_smoothing(0.2)(jnp.zeros((1, 2)), jnp.array([0]))), 4)
       0.6931
     """
-    v = _domain_value("label_smoothing", eps)
+    v = _validate.domain_value("label_smoothing", eps)
     return Transform("label_smoothing", v)
 
 
@@ -484,7 +242,7 @@ def temperature(t) -> Transform:
       >>> round(float(jcce.temperature(2.0)(z, jnp.array([1]))), 4)  # -log(3/4)
       0.2877
     """
-    v = _domain_value("temperature", t)
+    v = _validate.domain_value("temperature", t)
     return Transform("temperature", v)
 
 
@@ -503,7 +261,7 @@ def softcap(cap) -> Transform:
       >>> round(float(jcce.softcap(1.0)(jnp.array([[1e30, 0.0]]), jnp.array([0]))), 4)
       0.3133
     """
-    v = _domain_value("softcap", cap)
+    v = _validate.domain_value("softcap", cap)
     return Transform("softcap", v)
 
 
@@ -522,7 +280,7 @@ def z_loss(coef) -> Transform:
       >>> round(float(jcce.z_loss(0.5)(jnp.zeros((1, 2)), jnp.array([0]))), 4)
       0.9334
     """
-    v = _domain_value("z_loss", coef)
+    v = _validate.domain_value("z_loss", coef)
     return Transform("z_loss", v)
 
 
@@ -541,32 +299,8 @@ def log_base(base) -> Transform:
       >>> round(float(jcce.log_base(2)(logp, jnp.array([1]))), 3)  # -log2(0.7)
       0.515
     """
-    v = _domain_value("log_base", base)
+    v = _validate.domain_value("log_base", base)
     return Transform("log_base", v)
-
-
-def _check_vector(kind: str, value, requirement: str):
-    """Validates a per-class vector (``[K]``; concrete values must be finite and >= 0)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{kind}: expected real numbers, got {value}")
-    try:
-        arr = jnp.asarray(value)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(
-            f"{kind}: expected a scalar or a [K] array, got {type(value).__name__}"
-        ) from None
-    if arr.dtype == jnp.bool_ or not (
-        jnp.issubdtype(arr.dtype, jnp.floating)
-        or jnp.issubdtype(arr.dtype, jnp.integer)
-    ):
-        raise TypeError(f"{kind}: expected real numbers, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"{kind}: expected a [K] vector, got shape {arr.shape}")
-    if not isinstance(arr, jax.core.Tracer):
-        host = np.asarray(arr, np.float64)
-        if not (np.all(np.isfinite(host)) and np.all(host >= 0)):
-            raise ValueError(f"{kind}: {requirement}, got {host}")
-    return arr
 
 
 def class_weights(weights) -> Transform:
@@ -590,7 +324,9 @@ def class_weights(weights) -> Transform:
       >>> float(loss(z, y, reduction="sum")) == float(4 * jnp.log(2.0))
       True
     """
-    w = _check_vector("class_weights", weights, "weights must be finite and >= 0")
+    w = _validate.transform_vector(
+        "class_weights", weights, "weights must be finite and >= 0"
+    )
     return Transform("class_weights", w)
 
 
@@ -619,15 +355,17 @@ def focal(gamma=2.0, alpha=None) -> Transform:
       >>> round(float(jcce.focal(2.0)(logp, jnp.array([0]))), 4)
       0.1733
     """
-    g = _domain_value("focal", gamma)
+    g = _validate.domain_value("focal", gamma)
     a = alpha
     if alpha is not None:
         if isinstance(alpha, numbers.Real) or np.ndim(alpha) == 0:
-            a = _check_value(
+            a = _validate.transform_value(
                 "focal", alpha, lambda v: v >= 0.0, "alpha must be finite and >= 0"
             )
         else:
-            a = _check_vector("focal", alpha, "alpha must be finite and >= 0")
+            a = _validate.transform_vector(
+                "focal", alpha, "alpha must be finite and >= 0"
+            )
     return Transform("focal", (g, a))
 
 
@@ -651,7 +389,7 @@ def poly(epsilon=2.0) -> Transform:
       >>> round(float(jcce.poly(2.0)(logp, jnp.array([0]))), 4)
       1.6931
     """
-    v = _domain_value("poly", epsilon)
+    v = _validate.domain_value("poly", epsilon)
     return Transform("poly", (v,))
 
 
@@ -674,7 +412,7 @@ def generalized(q=0.7) -> Transform:
       >>> round(float(jcce.generalized(0.5)(logp, jnp.array([0]))), 4)
       1.0
     """
-    v = _domain_value("generalized", q)
+    v = _validate.domain_value("generalized", q)
     return Transform("generalized", (v,))
 
 
@@ -699,7 +437,7 @@ def symmetric(alpha=0.1, beta=1.0, log_zero=-4.0) -> Transform:
       >>> round(float(jcce.symmetric(0.1, 1.0)(logp, jnp.array([0]))), 4)
       2.0693
     """
-    a = _domain_value("symmetric", alpha, 0)
-    b = _domain_value("symmetric", beta, 1)
-    lz = _domain_value("symmetric", log_zero, 2)
+    a = _validate.domain_value("symmetric", alpha, 0)
+    b = _validate.domain_value("symmetric", beta, 1)
+    lz = _validate.domain_value("symmetric", log_zero, 2)
     return Transform("symmetric", (a, b, lz))

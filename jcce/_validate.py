@@ -1,9 +1,13 @@
-"""Trace-time checks of shapes, dtypes and options.
+"""Every argument check of jcce, and the checks it can make at run time.
 
-Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong
-shape or value) with a message of the form ``"<function>: <argument> <what was received>
-<what is accepted>"``. All checks read only static information (shapes, dtypes, Python
-values), so they run once per trace and cost nothing at run time.
+The bottom of the package: it imports nothing of jcce, and every other module calls
+it for its checks (none raises ``TypeError`` or ``ValueError`` itself). Every check
+raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong shape or
+value) with a message of the form ``"<function>: <argument> <what was received> <what
+is accepted>"``. All checks read only static information (shapes, dtypes, Python
+values), so they run once per trace and cost nothing at run time; the few run-time
+checks (label ranges, negative weights, hyper-parameter domains) are
+``jax.experimental.checkify`` checks traced only inside :func:`checks`.
 """
 
 from __future__ import annotations
@@ -12,14 +16,13 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-
-from jcce import _backend
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -494,12 +497,12 @@ def vocab_axis(fn: str, vocab_axis):
 PRECISIONS = ("default", "high", "highest")
 
 
+IMPLEMENTATIONS = ("xla", "xla_cpu")
+
+
 def implementation(fn: str, implementation):
-    """``"xla"``, ``"xla_cpu"``, or ``None`` (chosen by platform) after
-    :func:`jcce.use_implementation`'s default (see :mod:`jcce._backend`)."""
-    if implementation is None:
-        return _backend.default_implementation()
-    if implementation in _backend.IMPLEMENTATIONS:
+    """``None`` (chosen by platform), ``"xla"`` or ``"xla_cpu"``."""
+    if implementation is None or implementation in IMPLEMENTATIONS:
         return implementation
     raise ValueError(
         f"{fn}: implementation must be None (chosen by the platform), 'xla' (the "
@@ -615,3 +618,600 @@ def peer_keywords(fn: str):
         return checked
 
     return decorate
+
+
+# Transform hyper-parameters.
+
+# Each hyper-parameter's domain: a (test, requirement) per value of the transform. The
+# tests use comparisons and ``&`` only, so they serve Python floats (checked when the
+# transform is built) and traced arrays alike (replaced by NaN by :func:`in_domain`).
+DOMAINS = {
+    "label_smoothing": ((lambda v: (v >= 0) & (v < 1), "eps must be in [0, 1)"),),
+    "temperature": ((lambda v: v > 0, "t must be finite and > 0"),),
+    "softcap": ((lambda v: v > 0, "cap must be finite and > 0"),),
+    "z_loss": ((lambda v: v >= 0, "coef must be finite and >= 0"),),
+    "log_base": ((lambda v: (v > 0) & (v != 1), "base must be > 0, finite and != 1"),),
+    "focal": ((lambda v: v >= 0, "gamma must be finite and >= 0"),),
+    "poly": ((lambda v: v >= -1, "epsilon must be finite and >= -1"),),
+    "generalized": ((lambda v: (v > 0) & (v <= 1), "q must be in (0, 1]"),),
+    "symmetric": (
+        (lambda v: v >= 0, "alpha must be >= 0"),
+        (lambda v: v >= 0, "beta must be >= 0"),
+        (lambda v: v < 0, "log_zero must be finite and < 0"),
+    ),
+}
+
+
+def domain_value(kind: str, value, index: int = 0):
+    """The ``index``-th value of transform ``kind``, checked against :data:`DOMAINS` if
+    concrete; traced values are checked by the kernel (:func:`in_domain`)."""
+    ok, requirement = DOMAINS[kind][index]
+    return transform_value(kind, value, lambda v: bool(ok(v)), requirement)
+
+
+def transform_value(kind: str, value, ok, requirement: str):
+    """Validates a concrete hyper-parameter now; traced values are trusted.
+
+    Python and NumPy numbers (even inside ``jax.jit``, where they are still concrete)
+    are checked and kept; JAX arrays are checked unless traced.
+    """
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (np.ndarray, jax.Array)) and value.dtype == np.bool_
+    ):
+        shown = value if isinstance(value, (bool, np.bool_)) else "a boolean array"
+        raise TypeError(f"{kind}: expected a real number, got {shown}")
+    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(
+        value, numbers.Real
+    ):
+        if value.ndim != 0:
+            raise ValueError(
+                f"{kind}: expected a scalar, got an array of shape {value.shape}"
+            )
+        value = value[()]
+    if isinstance(value, numbers.Real):
+        try:
+            v = float(value)
+        except OverflowError:
+            raise ValueError(
+                f"{kind}: {requirement}, got an integer too large for a float"
+            ) from None
+        if not (math.isfinite(v) and ok(v)):
+            raise ValueError(f"{kind}: {requirement}, got {v:g}")
+        return v
+    try:
+        arr = jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(
+            f"{kind}: expected a real number or a scalar array, got "
+            f"{type(value).__name__}"
+        ) from None
+    if arr.ndim != 0:
+        raise ValueError(
+            f"{kind}: expected a scalar, got an array of shape {arr.shape}"
+        )
+    if not (
+        jnp.issubdtype(arr.dtype, jnp.floating)
+        or jnp.issubdtype(arr.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{kind}: expected a real number, got dtype {arr.dtype}")
+    if not isinstance(arr, jax.core.Tracer):
+        v = float(arr)
+        if not (math.isfinite(v) and ok(v)):
+            raise ValueError(f"{kind}: {requirement}, got {v:g}")
+    return arr
+
+
+def transform_vector(kind: str, value, requirement: str):
+    """Validates a per-class vector (``[K]``; concrete values must be finite and >= 0)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{kind}: expected real numbers, got {value}")
+    try:
+        arr = jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(
+            f"{kind}: expected a scalar or a [K] array, got {type(value).__name__}"
+        ) from None
+    if arr.dtype == jnp.bool_ or not (
+        jnp.issubdtype(arr.dtype, jnp.floating)
+        or jnp.issubdtype(arr.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{kind}: expected real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{kind}: expected a [K] vector, got shape {arr.shape}")
+    if not isinstance(arr, jax.core.Tracer):
+        host = np.asarray(arr, np.float64)
+        if not (np.all(np.isfinite(host)) and np.all(host >= 0)):
+            raise ValueError(f"{kind}: {requirement}, got {host}")
+    return arr
+
+
+# The fused linear loss.
+
+LAYOUTS = ("DV", "VD")
+
+
+def linear_shapes(fn, embeddings, classifier, bias, layout):
+    """The vocabulary size ``V``, after checking the three arrays against each other."""
+    floating(fn, "embeddings", embeddings)
+    if embeddings.ndim == 0:
+        raise ValueError(
+            f"{fn}: embeddings has shape () but needs a last axis of hidden size D"
+        )
+    floating(fn, "classifier", classifier)
+    if classifier.ndim != 2:
+        raise ValueError(
+            f"{fn}: classifier has shape {classifier.shape} but must have rank 2"
+        )
+    hidden = embeddings.shape[-1]
+    d_axis = 0 if layout == "DV" else 1
+    named = "[D, V]" if layout == "DV" else "[V, D]"
+    if classifier.shape[d_axis] != hidden:
+        raise ValueError(
+            f"{fn}: classifier has shape {classifier.shape} ({named}, "
+            f"classifier_layout={layout!r}) but embeddings {embeddings.shape} have "
+            f"hidden size D = {hidden}"
+        )
+    vocab = classifier.shape[1 - d_axis]
+    if bias is not None:
+        floating(fn, "bias", bias)
+        if bias.shape != (vocab,):
+            raise ValueError(
+                f"{fn}: bias has shape {bias.shape} but the classifier "
+                f"{classifier.shape} has V = {vocab} classes; bias must have shape "
+                f"({vocab},)"
+            )
+    return vocab
+
+
+def classifier_layout(fn: str, layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"{fn}: classifier_layout must be 'DV' (classifier [D, V], as "
+            f"embeddings @ classifier) or 'VD' ([V, D], a tied embedding table), got "
+            f"{layout!r}"
+        )
+
+
+def block_size(fn: str, block_size) -> None:
+    if block_size is not None and (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, numbers.Integral)
+        or block_size < 1
+    ):
+        raise ValueError(
+            f"{fn}: block_size must be a positive int (tokens per block) or None, "
+            f"got {block_size!r}"
+        )
+
+
+# Vocabulary-parallel losses.
+
+
+def vocab_mesh(fn: str, vocab_axis, axes, mesh, names) -> str:
+    """ "manual" inside ``jax.shard_map`` over ``vocab_axis``, "auto" under ``jax.jit``
+    with a mesh whose automatic axes hold it; anything else is an error."""
+    if len(axes) != 1:
+        raise ValueError(f"{fn}: vocab_axis needs a single class axis, got {axes}")
+    names = set(names)
+    if mesh.empty or not names <= set(mesh.axis_names):
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} is not a mesh axis in scope; call the "
+            "loss inside jax.shard_map over a mesh with that axis, or under jax.jit "
+            "with jax.set_mesh(mesh), on logits whose class axis is sharded over it"
+        )
+    manual = names & set(mesh.manual_axes)
+    if manual == names:
+        return "manual"
+    if manual:
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} mixes mesh axes that shard_map made "
+            f"manual ({sorted(manual)}) with automatic ones"
+        )
+    explicit = [
+        a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if a in names and t == jax.sharding.AxisType.Explicit
+    ]  # fmt: skip
+    if explicit:
+        raise ValueError(
+            f"{fn}: vocab_axis={vocab_axis!r} under jax.jit needs mesh axes of type "
+            f"AxisType.Auto, but {explicit} are Explicit; call the loss inside "
+            "jax.shard_map over the mesh instead"
+        )
+    return "auto"
+
+
+def even_vocab_split(fn: str, num_classes: int, class_axis: int, shards: int,
+                     vocab_axis) -> None:  # fmt: skip
+    if num_classes % shards:
+        padded = -(-num_classes // shards) * shards
+        raise ValueError(
+            f"{fn}: logits have {num_classes} classes on axis {class_axis}, which the "
+            f"{shards} devices of mesh axis {vocab_axis!r} cannot split evenly; pad the "
+            f"class axis to {padded} with -inf logits (a -inf bias entry): the padded "
+            "classes change no loss or gradient (except under softcap, which maps "
+            "-inf to -cap)"
+        )
+
+
+# Chains, class weights and focal's alpha.
+
+
+def not_a_transform(t) -> None:
+    raise TypeError(
+        "chain: arguments must be jcce transforms such as "
+        f"jcce.label_smoothing(0.1), got {type(t).__name__}"
+    )
+
+
+def chain_members(flat, objectives) -> None:
+    """A chain's flattened transforms: each kind once, at most one objective, and no
+    class weights with the symmetric cross-entropy."""
+    seen = {}
+    for t in flat:
+        if t.kind in seen:
+            raise ValueError(
+                f"chain: {t.kind} appears twice ({seen[t.kind]!r} and {t!r}); "
+                f"give one {t.kind} per chain"
+            )
+        seen[t.kind] = t
+    found = [t for t in flat if t.kind in objectives]
+    if len(found) > 1:
+        first, second = found[:2]
+        raise ValueError(
+            f"chain: {first!r} and {second!r} both replace the per-class loss "
+            "-log p; give at most one of focal, poly, generalized, symmetric"
+        )
+    if "symmetric" in seen and "class_weights" in seen:
+        raise ValueError(
+            f"chain: {seen['symmetric']!r} does not define class weights; remove "
+            f"{seen['class_weights']!r} or weight examples with `weights`"
+        )
+
+
+def class_weights_once(fn: str, from_chain, argument):
+    """The class weights, given by the chain or by the argument but not both."""
+    if from_chain is None:
+        return argument
+    if argument is not None:
+        raise ValueError(
+            f"{fn}: class weights given twice, as jcce.class_weights(...) in the "
+            "chain and as the class_weights argument; give one"
+        )
+    return from_chain
+
+
+def no_class_weights_for(fn: str, objective, class_weights) -> None:
+    if class_weights is not None and objective == "symmetric":
+        raise ValueError(
+            f"{fn}: the symmetric cross-entropy does not define class weights; "
+            "remove class_weights or weight examples with `weights`"
+        )
+
+
+def focal_alpha(fn: str, alpha, num_classes: int):
+    if alpha.shape[0] != num_classes:
+        raise ValueError(
+            f"{fn}: focal alpha has shape {alpha.shape} but the logits have "
+            f"{num_classes} classes"
+        )
+    return alpha
+
+
+# optax's argument conventions.
+
+
+def optax_targets(fn: str, labels, batch_shape, logits_shape):
+    """Probability targets as optax takes them: real, of (or broadcast to) the
+    logits' shape; integer class indices are pointed to the integer-labels name."""
+    labels = as_array(fn, "labels", labels)
+    if labels.dtype == jnp.bool_ or not (
+        jnp.issubdtype(labels.dtype, jnp.floating)
+        or jnp.issubdtype(labels.dtype, jnp.integer)
+    ):
+        raise TypeError(
+            f"{fn}: labels must be real probability targets, got {labels.dtype}"
+        )
+    if (
+        jnp.issubdtype(labels.dtype, jnp.integer)
+        and labels.shape == batch_shape
+        and batch_shape != logits_shape
+    ):
+        raise TypeError(
+            f"{fn}: labels has integer dtype {labels.dtype} and shape "
+            f"{labels.shape}; for class indices use "
+            "softmax_cross_entropy_with_integer_labels"
+        )
+    try:
+        return jnp.broadcast_to(labels, logits_shape)
+    except ValueError:
+        raise ValueError(
+            f"{fn}: labels has shape {labels.shape} but must have (or broadcast "
+            f"to) the logits' shape {logits_shape}"
+        ) from None
+
+
+def optax_where(fn: str, where, logits_shape, batch_shape):
+    """``(where, per_logit)``: optax's mask, per logit (the logits' shape, to which a
+    same-rank mask broadcasts) or per example (the batch shape)."""
+    where = as_array(fn, "where", where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"{fn}: where must be a boolean mask, got {where.dtype}")
+    if where.ndim == len(logits_shape) and where.shape != logits_shape:
+        try:  # optax broadcasts a same-rank mask, e.g. (N, 1) or (1, K)
+            where = jnp.broadcast_to(where, logits_shape)
+        except ValueError:
+            pass
+    if where.shape == batch_shape and where.ndim != len(logits_shape):
+        return where, False
+    if where.shape == logits_shape:
+        return where, True
+    raise ValueError(
+        f"{fn}: where has shape {where.shape} but must have (or broadcast to) "
+        f"the logits' shape {logits_shape} (per logit) or have the batch shape "
+        f"{batch_shape}"
+    )
+
+
+def has_classes(fn: str, shape, axes, axis) -> None:
+    if not math.prod(shape[a] for a in axes):
+        raise ValueError(
+            f"{fn}: logits has shape {shape} with no classes on axis "
+            f"{axis!r}; the entropy of a distribution needs at least one class"
+        )
+
+
+# Binary and multi-label losses.
+
+_LABEL_KINDS = "floating targets in [0, 1], or integer or boolean 0/1 labels"
+
+
+def _real(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+
+
+def _broadcasts(src: tuple, dst: tuple) -> bool:
+    """True if ``src`` broadcasts to ``dst`` without changing ``dst`` (NumPy rules)."""
+    return len(src) <= len(dst) and all(
+        a in (1, b) for a, b in zip(reversed(src), reversed(dst), strict=False)
+    )
+
+
+def binary_logits(fn, logits):
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: logits must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {logits.dtype}"
+        )
+    return logits
+
+
+def binary_labels(fn, labels, shape, *, broadcast: bool):
+    if not (labels.dtype == jnp.bool_ or _real(labels.dtype)):
+        raise TypeError(
+            f"{fn}: labels must be real numbers ({_LABEL_KINDS}), got dtype "
+            f"{labels.dtype}"
+        )
+    if broadcast:
+        if not _broadcasts(labels.shape, shape):
+            raise ValueError(
+                f"{fn}: labels has shape {labels.shape} but must have (or broadcast "
+                f"to) the logits' shape {shape}"
+            )
+    elif labels.shape != shape:
+        raise ValueError(
+            f"{fn}: labels has shape {labels.shape} but logits have shape {shape}; "
+            "labels must have the logits' shape"
+        )
+    return labels
+
+
+def binary_weights(fn, name, x, shape, hint=""):
+    """A real-valued array that broadcasts to the logits' ``shape``."""
+    if x.dtype == jnp.bool_:
+        raise TypeError(
+            f"{fn}: {name} has dtype bool; pass a boolean mask as where= and real "
+            f"weights as {name}="
+        )
+    if not _real(x.dtype):
+        raise TypeError(f"{fn}: {name} must be real numbers, got dtype {x.dtype}")
+    if not _broadcasts(x.shape, shape):
+        raise ValueError(
+            f"{fn}: {name} has shape {x.shape} but must broadcast to the logits' "
+            f"shape {shape}{hint}"
+        )
+    return x
+
+
+def binary_where(fn, where, shape):
+    if where.dtype != jnp.bool_:
+        raise TypeError(
+            f"{fn}: where must be a boolean mask, got dtype {where.dtype}; pass "
+            "real-valued weights as weights="
+        )
+    if not _broadcasts(where.shape, shape):
+        hint = ""
+        if len(shape) >= 2:
+            hint = (
+                "; to mask whole rows give where a trailing axis of size 1, e.g. "
+                f"shape {shape[:-1] + (1,)}"
+            )
+        raise ValueError(
+            f"{fn}: where has shape {where.shape} but must broadcast to the logits' "
+            f"shape {shape}{hint}"
+        )
+    return where
+
+
+def binary_hyper(fn, name, value, ok, requirement):
+    """Checks a concrete hyper-parameter (scalar or array) now; traced ones are trusted.
+
+    Python and NumPy values are checked even inside ``jax.jit`` (they are still
+    concrete there); JAX arrays are checked unless traced.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be {requirement}, got {value!r}")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{fn}: {name} must be {requirement}, got {type(value).__name__}"
+        )
+    concrete = isinstance(value, (numbers.Real, np.ndarray, np.generic))
+    arr = np.asarray(value) if concrete else as_array(fn, name, value)
+    if arr.dtype == np.bool_ or not _real(arr.dtype):
+        raise TypeError(f"{fn}: {name} must be real numbers, got dtype {arr.dtype}")
+    if concrete or not isinstance(arr, jax.core.Tracer):
+        vals = np.asarray(arr, np.float64)
+        if not (np.all(np.isfinite(vals)) and np.all(ok(vals))):
+            if vals.ndim == 0:
+                shown = f"{float(vals):g}"
+            else:
+                shown = (
+                    f"an array of shape {vals.shape} with values in "
+                    f"[{np.nanmin(vals):g}, {np.nanmax(vals):g}]"
+                )
+            raise ValueError(f"{fn}: {name} must be {requirement}, got {shown}")
+    return value if concrete and isinstance(value, numbers.Real) else jnp.asarray(arr)
+
+
+# Divergences and smooth_labels.
+
+
+def divergence_axis_static(fn: str, axis):
+    """``axis`` as None, an int or a tuple of ints (hashable, for ``jax.jit``)."""
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    if axis is None:
+        return None
+    if isinstance(axis, numbers.Integral) and not isinstance(axis, (bool, np.bool_)):
+        return int(axis)
+    if isinstance(axis, tuple) and all(
+        isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_))
+        for a in axis
+    ):
+        return tuple(int(a) for a in axis)
+    raise TypeError(f"{fn}: axis must be an int, a tuple of ints or None, got {axis!r}")
+
+
+def divergence_axes(fn: str, axis, shape: tuple, what: str) -> tuple[int, ...]:
+    """The non-negative axes named by a checked ``axis``; ``None`` means all axes."""
+    ndim = len(shape)
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else axis
+    if not axes:
+        raise ValueError(
+            f"{fn}: axis=() names no class axis; pass axis=None to use all axes"
+        )
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: axis={axis!r} is out of range for {what} {shape} (rank {ndim})"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: axis={axis!r} repeats an axis")
+    return tuple(out)
+
+
+def common_shape(fn: str, names: tuple[str, str], a, b) -> tuple:
+    try:
+        return tuple(np.broadcast_shapes(a.shape, b.shape))
+    except ValueError:
+        raise ValueError(
+            f"{fn}: {names[0]} has shape {a.shape} and {names[1]} has shape "
+            f"{b.shape}, which do not broadcast to a common shape"
+        ) from None
+
+
+def divergence_where(fn: str, where, shape: tuple, what: str, example_axes=None):
+    """A boolean mask broadcast to ``shape``; ``example_axes`` adds a hint on failure."""
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"{fn}: where must be a boolean mask, got dtype {where.dtype}")
+    if not _broadcasts(where.shape, shape):
+        hint = ""
+        if example_axes is not None and len(example_axes) < len(shape):
+            example = tuple(1 if a in example_axes else n for a, n in enumerate(shape))
+            hint = (
+                "; to mask whole examples give where size 1 on the summed axes, e.g. "
+                f"shape {example}"
+            )
+        raise ValueError(
+            f"{fn}: where has shape {where.shape} but must broadcast to {what} "
+            f"{shape}{hint}"
+        )
+    return jnp.broadcast_to(where, shape)
+
+
+def smoothing_alpha(fn: str, alpha):
+    """Checks the smoothing factor: a real scalar, in ``[0, 1]`` unless traced."""
+    requirement = f"{fn}: alpha must be a real number in [0, 1]"
+    if isinstance(alpha, (bool, np.bool_)):
+        raise TypeError(f"{requirement}, got {alpha!r}")
+    if alpha is None or isinstance(alpha, (str, bytes)):
+        raise TypeError(f"{requirement}, got {type(alpha).__name__}")
+    if isinstance(alpha, numbers.Number):
+        # NumPy, not jnp: inside a trace jnp.asarray would make a Python number a
+        # tracer, and a concrete value would go unchecked.
+        alpha = np.asarray(alpha)
+    elif not isinstance(alpha, (jax.Array, np.ndarray, np.generic)):
+        alpha = as_array(fn, "alpha", alpha)
+    if alpha.dtype == np.bool_ or not (
+        jnp.issubdtype(alpha.dtype, jnp.floating)
+        or jnp.issubdtype(alpha.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{requirement}, got dtype {alpha.dtype}")
+    if np.ndim(alpha) != 0:
+        raise ValueError(f"{requirement}, got an array of shape {np.shape(alpha)}")
+    if isinstance(alpha, jax.core.Tracer):
+        return alpha
+    value = float(np.asarray(alpha, np.float64))
+    if not 0 <= value <= 1:  # also rejects NaN
+        raise ValueError(f"{requirement}, got {value:g}")
+    # One form for every concrete alpha, so new values never recompile.
+    return np.asarray(value, np.float64)
+
+
+# Calibration.
+
+
+def positive_int(fn: str, name: str, value) -> int:
+    """Checks a static count: a Python (or NumPy) int >= 1."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{fn}: {name} must be a Python int, got a traced value; mark it static, "
+            f"e.g. jax.jit(f, static_argnames='{name}')"
+        )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be a Python int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{fn}: {name} must be >= 1, got {int(value)}")
+    return int(value)
+
+
+def not_differentiated(fn: str, *args) -> None:
+    """Rejects ``jax.grad``/``jax.jvp`` through the solver with a message saying why."""
+    for leaf in jax.tree_util.tree_leaves(args):
+        x = leaf
+        while isinstance(x, jax.core.Tracer):
+            if type(x).__name__ in ("JVPTracer", "LinearizeTracer"):
+                raise TypeError(
+                    f"{fn}: the fitted temperature is not differentiable (an iterative "
+                    "solver computes it); to fit inside a differentiated function, "
+                    "pass jax.lax.stop_gradient(logits) (and of any other "
+                    "differentiated argument)"
+                )
+            x = getattr(x, "primal", getattr(x, "val", None))
+
+
+def tolerance(fn: str, tol) -> None:
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"{fn}: tol must be a real number, got {tol!r}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"{fn}: tol must be finite and >= 0, got {tol!r}")
+
+
+def confidence_level(fn: str, level) -> None:
+    if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real):
+        raise TypeError(f"{fn}: level must be a real number, got {level!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"{fn}: level must be in (0, 1), got {level!r}")

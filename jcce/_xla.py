@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jcce._backend import Ops
-from jcce._xla_cpu import LinearPlan
+from jcce._backend import LinearPlan, Ops
 
 # Bytes of one token block's float32 logits in the fused linear loss: large enough that
 # the block's matmuls fill an accelerator (a handful of blocks at N = 8192, V = 131072),

@@ -19,13 +19,12 @@ performance pages) and is wrong, or pointless, on an accelerator, which uses
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jcce._backend import Ops
+from jcce._backend import LinearPlan, Ops
 
 # XLA:CPU (YNNPACK) reduces rows longer than ~32k elements about 5x slower; reductions
 # over the class axis are split into chunks of at most this many classes when K allows.
@@ -153,21 +152,6 @@ OPS = Ops.collect("xla_cpu", globals(), scatter_labels=True)
 
 
 # The fused linear loss.
-
-
-class LinearPlan(NamedTuple):
-    """How the fused linear loss tiles its work (static).
-
-    ``block``: tokens per block. ``widen``: whether the gradient sweep's matmuls run on
-    operands widened to the accumulation dtype (else on the inputs' dtype, with results
-    in the accumulation dtype). ``logits_chunk`` / ``grad_chunk``: classes per matmul
-    when computing a block's logits and its two gradient products (``V``: one matmul).
-    """
-
-    block: int
-    widen: bool
-    logits_chunk: int
-    grad_chunk: int
 
 
 def default_block_size(num_tokens: int, vocab: int, hidden: int, dtype) -> int:

@@ -17,18 +17,17 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 import statistics
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jcce import _validate as v
-from jcce._kernel import acc_dtype
-from jcce._losses import _arrays, configured_cross_entropy
-from jcce._transforms import _check_value, chain, temperature
+from jcce._config import acc_dtype
+from jcce._losses import configured_cross_entropy
+from jcce._plumbing import convert_arrays
+from jcce._transforms import chain, temperature
 
 __all__ = [
     "ReliabilityDiagram",
@@ -44,35 +43,6 @@ _MAX_STEP = 2.0
 # Step halvings tried before the line search gives up (the loss no longer decreases
 # within float precision, so the current point is the optimum to that precision).
 _MAX_HALVINGS = 30
-
-
-def _positive_int(fn: str, name: str, value) -> int:
-    """Checks a static count: a Python (or NumPy) int >= 1."""
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"{fn}: {name} must be a Python int, got a traced value; mark it static, "
-            f"e.g. jax.jit(f, static_argnames='{name}')"
-        )
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be a Python int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be >= 1, got {int(value)}")
-    return int(value)
-
-
-def _not_differentiated(fn: str, *args) -> None:
-    """Rejects ``jax.grad``/``jax.jvp`` through the solver with a message saying why."""
-    for leaf in jax.tree_util.tree_leaves(args):
-        x = leaf
-        while isinstance(x, jax.core.Tracer):
-            if type(x).__name__ in ("JVPTracer", "LinearizeTracer"):
-                raise TypeError(
-                    f"{fn}: the fitted temperature is not differentiable (an iterative "
-                    "solver computes it); to fit inside a differentiated function, "
-                    "pass jax.lax.stop_gradient(logits) (and of any other "
-                    "differentiated argument)"
-                )
-            x = getattr(x, "primal", getattr(x, "val", None))
 
 
 def _fit(logits, labels, where, weights, init, max_iter, tol):
@@ -262,15 +232,14 @@ def fit_temperature(
       ICML.
     """
     fn = "fit_temperature"
-    max_iter = _positive_int(fn, "max_iter", max_iter)
-    init = _check_value(fn, init, lambda x: x > 0.0, "init must be finite and > 0")
-    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"{fn}: tol must be a real number, got {tol!r}")
-    if not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"{fn}: tol must be finite and >= 0, got {tol!r}")
-    arrays = _arrays(fn, logits=logits, labels=labels, where=where, weights=weights)
+    max_iter = v.positive_int(fn, "max_iter", max_iter)
+    init = v.transform_value(fn, init, lambda x: x > 0.0, "init must be finite and > 0")
+    v.tolerance(fn, tol)
+    arrays = convert_arrays(
+        fn, logits=logits, labels=labels, where=where, weights=weights
+    )
     arrays["logits"] = v.floating_logits(fn, arrays["logits"])
-    _not_differentiated(fn, arrays, init)
+    v.not_differentiated(fn, arrays, init)
     return _fit_jit(
         **arrays, init=init, max_iter=max_iter, tol=jnp.asarray(tol, jnp.float32)
     )
@@ -358,14 +327,7 @@ class ReliabilityDiagram(NamedTuple):
           >>> [round(x, 3) for x in low.tolist()], [round(x, 3) for x in high.tolist()]
           ([0.0, 0.0, 0.826], [1.0, 0.793, 0.945])
         """
-        if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real):
-            raise TypeError(
-                f"accuracy_interval: level must be a real number, got {level!r}"
-            )
-        if not 0 < level < 1:
-            raise ValueError(
-                f"accuracy_interval: level must be in (0, 1), got {level!r}"
-            )
+        v.confidence_level("accuracy_interval", level)
         z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
         a = jnp.asarray(self.accuracy)
         n = jnp.asarray(self.count).astype(a.dtype)
@@ -400,8 +362,8 @@ _calibration_jit = jax.jit(_calibration, static_argnames="num_bins")
 
 
 def _check_ece_inputs(fn, logits, labels, where, num_bins):
-    num_bins = _positive_int(fn, "num_bins", num_bins)
-    arrays = _arrays(fn, logits=logits, labels=labels, where=where)
+    num_bins = v.positive_int(fn, "num_bins", num_bins)
+    arrays = convert_arrays(fn, logits=logits, labels=labels, where=where)
     logits = v.floating_logits(fn, arrays["logits"])
     batch_shape = logits.shape[:-1]
     _, labels = v.labels_kind(
