@@ -289,13 +289,15 @@ def test_half_precision_inputs_accumulate_in_float32(dtype, rtol):
     assert_close_to_scale(grads, want, rtol, dtype)
 
 
-# D and V large enough that the backward matmuls (about 4 MiB float32 slices of the
-# classifier) and, for 16-bit inputs, the logits (about 16 MiB) run over several
-# vocabulary chunks with a shorter last one.
+# D and V large enough that the "xla_cpu" strategy's backward matmuls (about 4 MiB
+# float32 slices of the classifier) and, for 16-bit inputs, its logits (about 16 MiB)
+# run over several vocabulary chunks with a shorter last one (the "xla" strategy runs
+# one matmul each; both run these tests).
 CD, CV = 1100, 4500
 
 
-def test_chunk_sizes_of_the_large_vocabulary_tests():
+def test_xla_cpu_chunk_sizes_of_the_large_vocabulary_tests():
+    """Constants of the "xla_cpu" strategy (tuned on XLA:CPU)."""
     assert vocab_chunk(CV, CD, 4 * 2**20) == 512  # 8 chunks and 404 classes
     assert vocab_chunk(CV, CD, 16 * 2**20) == 2048  # 2 chunks and 404 classes
     assert vocab_chunk(50, 12, 4 * 2**20) == 50
@@ -356,7 +358,9 @@ def test_out_of_range_label_gives_nan_for_that_example_only():
     assert np.isnan(float(jcce.linear_cross_entropy(e, w, y)))
 
 
-def test_default_block_size():
+def test_xla_cpu_default_block_size():
+    """The "xla_cpu" strategy's blocks: about 32 MiB of float32 logits, at least 128
+    tokens (test_backends checks the "xla" strategy's)."""
     assert default_block_size(4096, 32768, 512, jnp.float32) == 256
     assert default_block_size(2048, 262144, 256, jnp.float32) == 128
     assert default_block_size(10, 50, 8, jnp.float32) == 16
