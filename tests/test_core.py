@@ -431,8 +431,10 @@ def test_compiled_temp_memory_is_far_below_one_copy_of_the_logits(dtype, target)
     import optax
 
     n, k = 256, 4096
-    z = jnp.zeros((n, k), dtype)
+    cpu = jax.devices("cpu")[0]  # XLA:CPU's memory, whatever the default device
+    z = jax.device_put(jnp.zeros((n, k), dtype), cpu)
     labels = jnp.zeros(n, jnp.int32) if target == "int" else jnp.zeros((n, k), dtype)
+    labels = jax.device_put(labels, cpu)
 
     def temp(loss):
         f = jax.jit(jax.value_and_grad(loss))

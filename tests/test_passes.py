@@ -34,12 +34,17 @@ _INSTRUCTION = re.compile(r"\s*(?:ROOT )?(%\S+) = (\S+) ([\w-]+)\((.*?)\)")
 _BIG = re.compile(rf"\[{N},{K}\]")
 
 
+# Compiled for the host CPU whatever the default device (an accelerator's compiler
+# makes other choices): these are XLA:CPU facts.
+ON_CPU = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+
 def reads_and_temp(loss, dtype=jnp.float32, probability_targets=False):
-    z = jax.ShapeDtypeStruct((N, K), dtype)
+    z = jax.ShapeDtypeStruct((N, K), dtype, sharding=ON_CPU)
     if probability_targets:
-        y = jax.ShapeDtypeStruct((N, K), jnp.float32)
+        y = jax.ShapeDtypeStruct((N, K), jnp.float32, sharding=ON_CPU)
     else:
-        y = jax.ShapeDtypeStruct((N,), jnp.int32)
+        y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
     with jcce.use_implementation("xla_cpu"):
         compiled = jax.jit(jax.value_and_grad(loss)).lower(z, y).compile()
     text = compiled.as_text()
