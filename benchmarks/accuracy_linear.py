@@ -10,6 +10,8 @@ error ``||g - g64||_F / ||g64||_F`` of ``dE`` and ``dW`` for
 
 * ``jcce.linear_cross_entropy(e, w, y, implementation="xla", block_size=B)``;
 * the same with ``implementation="xla_cpu"``;
+* both with ``lean=True`` (no float32 ``[V, D]`` carry: each chunk of classes gets its
+  classifier gradient from one matmul over every token);
 * the unfused computation in the same dtype, as a user writes it: ``logits = e @ w``
   (a 16-bit matmul with 16-bit logits), then
   ``optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()``, its
@@ -89,7 +91,7 @@ def reference(e, w, y, layout, rows_per_chunk=64):
 
 
 def candidates(block_size, layout):
-    def fused(impl):
+    def fused(impl, lean=False):
         def f(e, w, y):
             return jcce.linear_cross_entropy(
                 e,
@@ -98,6 +100,7 @@ def candidates(block_size, layout):
                 classifier_layout=layout,
                 block_size=block_size,
                 implementation=impl,
+                lean=lean,
             )
 
         return f
@@ -109,6 +112,8 @@ def candidates(block_size, layout):
     return {
         'jcce "xla"': fused("xla"),
         'jcce "xla_cpu"': fused("xla_cpu"),
+        'jcce "xla" lean': fused("xla", lean=True),
+        'jcce "xla_cpu" lean': fused("xla_cpu", lean=True),
         "unfused": unfused,
     }
 

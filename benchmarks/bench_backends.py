@@ -23,6 +23,7 @@ NVIDIA GPU), that needs nothing beyond jax, numpy and optax (plus the repository
 (c) linear: ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` of the mean loss w.r.t.
     the embeddings ``[N, D]`` and the classifier ``[V, D]`` for
     ``jcce.linear_cross_entropy(e, w, y, classifier_layout="VD", implementation=impl)``
+    (and ``lean=True`` with ``implementation=None``)
     against the unfused computation a user writes: ``logits = e @ w.T`` in the inputs'
     dtype, then optax's loss ``.mean()``. Time and temp ratios to the unfused, and the
     classifier gradient's largest difference from the unfused one relative to its
@@ -293,7 +294,7 @@ def make_linear(n, d, v, dtype, seed=0):
 
 
 def linear_losses(block_size):
-    def fused(impl):
+    def fused(impl, lean=False):
         return lambda e, w, y: jcce.linear_cross_entropy(
             e,
             w,
@@ -301,6 +302,7 @@ def linear_losses(block_size):
             classifier_layout="VD",
             block_size=block_size,
             implementation=impl,
+            lean=lean,
         )
 
     def unfused(e, w, y):
@@ -308,6 +310,7 @@ def linear_losses(block_size):
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     losses = {f"jcce {impl_name(i)}": fused(i) for i in IMPLEMENTATIONS}
+    losses[f"jcce {impl_name(None)} lean"] = fused(None, lean=True)
     losses["unfused"] = unfused
     return {name: jax.value_and_grad(f, argnums=(0, 1)) for name, f in losses.items()}
 

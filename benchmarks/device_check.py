@@ -95,23 +95,27 @@ def cases():
         ),
     }
     for dtype in (jnp.float32, jnp.bfloat16):
-        for block in (None, 128):
-            for reduction in ("mean", "none"):
-                name = f"linear {jnp.dtype(dtype).name}, block {block}, {reduction}"
+        for block, reduction, lean in (
+            (None, "mean", False), (None, "none", False), (128, "mean", False),
+            (128, "none", False), (None, "mean", True), (128, "none", True),
+        ):  # fmt: skip
+            name = f"linear {jnp.dtype(dtype).name}, block {block}, {reduction}"
+            name += ", lean" if lean else ""
 
-                def f(e, w, impl, block=block, reduction=reduction):
-                    loss = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-4))
-                    out = loss.linear(
-                        e, w, yl, classifier_layout="VD", block_size=block,
-                        reduction=reduction, precision="highest", implementation=impl,
-                    )  # fmt: skip
-                    return (
-                        jnp.sum(out * jnp.linspace(0.5, 1.5, N_LIN))
-                        if (reduction == "none")
-                        else out
-                    )
+            def f(e, w, impl, block=block, reduction=reduction, lean=lean):
+                loss = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-4))
+                out = loss.linear(
+                    e, w, yl, classifier_layout="VD", block_size=block,
+                    reduction=reduction, precision="highest", implementation=impl,
+                    lean=lean,
+                )  # fmt: skip
+                return (
+                    jnp.sum(out * jnp.linspace(0.5, 1.5, N_LIN))
+                    if (reduction == "none")
+                    else out
+                )
 
-                out[name] = (f, (e.astype(dtype), cls.astype(dtype)))
+            out[name] = (f, (e.astype(dtype), cls.astype(dtype)))
     return out
 
 

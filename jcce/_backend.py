@@ -71,8 +71,11 @@ class Ops(NamedTuple):
     ``sum_exp(x, m)`` is ``sum_k exp(x_k - m)``. ``widen(z)`` turns bfloat16 into
     float32. ``take_label(z, yc)`` gathers each row's label entry (``[..., 1]``).
     ``support(x)`` is ``x > -inf`` as 0 or 1 (NaN for NaN); ``zero_neg_inf(u)`` is ``u``
-    with ``-inf`` replaced by 0. ``scatter_labels``: whether the backward sets the
-    label entries with a scatter instead of a one-hot compare (32/64-bit logits)."""
+    with ``-inf`` replaced by 0. ``keeps_exponentials(num_classes, dtype)``: whether
+    the cross-entropy's VJP saves ``exp(x - m)`` (one ``[..., K]`` array, as optax
+    saves its softmax) instead of recomputing it in the backward, a choice by shape.
+    ``scatter_labels``: whether the backward sets the label entries with a scatter
+    instead of a one-hot compare (32/64-bit logits, when nothing was saved)."""
 
     name: str
     row_reduce: Callable
@@ -81,6 +84,7 @@ class Ops(NamedTuple):
     take_label: Callable
     support: Callable
     zero_neg_inf: Callable
+    keeps_exponentials: Callable
     scatter_labels: bool
 
     @classmethod
@@ -98,12 +102,15 @@ class LinearPlan(NamedTuple):
     operands widened to the accumulation dtype (else on the inputs' dtype, with results
     in the accumulation dtype). ``logits_chunk`` / ``grad_chunk``: classes per matmul
     when computing a block's logits and its two gradient products (``V``: one matmul).
+    ``lean_classes``: in the lean mode, classes per step of the class sweep, whose
+    ``[N, lean_classes]`` logits are computed for every token at once.
     """
 
     block: int
     widen: bool
     logits_chunk: int
     grad_chunk: int
+    lean_classes: int
 
 
 def dispatch(implementation: str | None, fun: Callable, *args):

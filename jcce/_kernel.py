@@ -50,10 +50,32 @@ class Static(NamedTuple):
     # "xla", "xla_cpu", or None: chosen by the platform the program is lowered for,
     # inside the forward and the backward rule (see jcce._backend).
     implementation: str | None = None
+    # Set by the VJP's forward when an implementation it may run keeps the
+    # exponentials (Ops.keeps_exponentials): the residuals then hold an [..., K] slot.
+    keep_exponentials: bool = False
+    # The logits are a slice of the classes (the lean linear loss's class sweep), the
+    # labels shifted to it, the residuals those of every class: labels may lie
+    # outside the slice, so the label entries are set by a one-hot compare.
+    vocab_slice: bool = False
 
     @property
     def ops(self) -> Ops:
         return OPS[self.implementation]
+
+    def keeps(self, z) -> bool:
+        """Whether this (resolved) implementation saves ``exp(x - m)`` for ``z``."""
+        return self.vocab_axis is None and self.ops.keeps_exponentials(
+            z.shape[-1], z.dtype
+        )
+
+
+def _keep_slot(static: Static, z) -> bool:
+    """Whether the residuals hold an exponentials slot: some implementation that
+    ``static.implementation`` may resolve to keeps them for ``z`` (the slot must be
+    there whichever platform runs; one that keeps nothing fills it with zeros, which
+    XLA removes as unused)."""
+    names = OPS if static.implementation is None else (static.implementation,)
+    return any(static._replace(implementation=n).keeps(z) for n in names)
 
 
 def vocab_sum(vocab_axis, x):
@@ -309,7 +331,8 @@ def _combine(static, ov, eps, t: _Terms):
 
 
 class _Res(NamedTuple):
-    """Per-example scalars saved for the backward rule (no ``[..., K]`` arrays)."""
+    """Per-example scalars saved for the backward rule (no ``[..., K]`` arrays but
+    ``e`` where the implementation keeps the exponentials)."""
 
     lse: jax.Array
     log_se: jax.Array
@@ -317,12 +340,14 @@ class _Res(NamedTuple):
     ce_y: jax.Array | None  # log_se - d_y (class indices), the label's surprisal
     terms: _Terms
     loss: jax.Array  # per-example loss before the example weight
+    e: jax.Array | None = None  # exp(x - m), [..., K], where kept (Static.keeps)
 
 
-def _log_sum_exp(ops: Ops, spec: Spec, zc, map_values, vocab_axis=None):
-    """Mapped logits shifted by their max, ``d = x - m``, with ``m`` and
-    ``log_se = log sum exp d`` (so ``lse = m + log_se``), per example; over every
-    vocabulary shard with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token)."""
+def _log_sum_exp(ops: Ops, spec: Spec, zc, map_values, vocab_axis=None, keep=False):
+    """Mapped logits shifted by their max, ``d = x - m``, with ``m``,
+    ``log_se = log sum exp d`` (so ``lse = m + log_se``) per example, and with
+    ``keep`` the exponentials ``exp(d)`` (else None); over every vocabulary shard
+    with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token)."""
     acc = acc_dtype(zc.dtype)
     x = _apply_maps(spec, zc, map_values)
     # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
@@ -332,7 +357,11 @@ def _log_sum_exp(ops: Ops, spec: Spec, zc, map_values, vocab_axis=None):
         m_raw = lax.pmax(m_raw, vocab_axis)
     m = lax.stop_gradient(_apply_maps(spec, m_raw, map_values))
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
-    if spec.maps:
+    e = None
+    if keep:
+        e = jnp.exp(x - m[..., None])
+        se = jnp.sum(e, axis=-1)
+    elif spec.maps:
         # The mapped logits are recomputed from the raw ones inside the reduction (pinned,
         # so nothing of shape [..., K] is shared with the backward or materialized).
         se = ops.row_reduce(
@@ -353,7 +382,7 @@ def _log_sum_exp(ops: Ops, spec: Spec, zc, map_values, vocab_axis=None):
     # logit) keeps log_se = -inf and NaN stays NaN; a select, not a max, so the
     # derivative at se = 1 is se's own.
     log_se = jnp.log(jnp.where((se > 0) & (se < 1), jnp.ones((), se.dtype), se))
-    return x - m[..., None], m, log_se
+    return x - m[..., None], m, log_se, e
 
 
 def _support_size(ops: Ops, spec: Spec, zc, row, map_values):
@@ -402,9 +431,13 @@ def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values):
 def _focal_arith(l_, gamma):
     """Focal's ``phi(l)`` and ``phi'(l)`` for ``l >= 0`` by arithmetic only (fusible
     into XLA:CPU reductions): ``(1 - p)^gamma = exp(gamma log max(1 - p, tiny))`` keeps
-    every derivative finite at ``p = 1``, where ``phi`` and (for ``gamma > 0``) ``phi'``
-    vanish to within ``tiny^gamma``."""
-    omp = jnp.maximum(-jnp.expm1(-l_), jnp.asarray(1e-30, l_.dtype))
+    the first and second derivatives finite at ``p = 1``, where ``phi`` and (for
+    ``gamma > 0``) ``phi'`` vanish to within ``tiny^gamma``. ``tiny = 1e-18``: the
+    derivative of ``l / (1 - p)`` holds ``tiny^-2``, which must stay finite in float32
+    (a -inf class has ``l = 0`` here, and ``0 * inf`` made every Hessian entry NaN).
+    In floating point ``l`` is exactly 0 or far above ``tiny``, so the clamp changes
+    no other value."""
+    omp = jnp.maximum(-jnp.expm1(-l_), jnp.asarray(1e-18, l_.dtype))
     mod = jnp.exp(gamma * jnp.log(omp))
     return mod * l_, mod * (1 + gamma * jnp.exp(-l_) * (l_ / omp))
 
@@ -450,7 +483,12 @@ def forward(static: Static, z, target, s, cw, params: Params):
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
-    d, m, log_se = _log_sum_exp(static.ops, spec, zc, params.maps, static.vocab_axis)
+    keep = static.keep_exponentials and static.keeps(z)
+    d, m, log_se, e = _log_sum_exp(
+        static.ops, spec, zc, params.maps, static.vocab_axis, keep
+    )
+    if static.keep_exponentials and e is None:  # another platform's slot
+        e = jnp.zeros(d.shape, d.dtype)
     lse = m + log_se
 
     ce_y = w_y = None
@@ -485,7 +523,7 @@ def forward(static: Static, z, target, s, cw, params: Params):
     if spec.log_base:
         loss = loss / jnp.log(params.log_base)
     out = loss if s is None else jnp.where(live, s * loss, jnp.zeros((), acc))
-    return out, _Res(lse, log_se, m, ce_y, terms, loss)
+    return out, _Res(lse, log_se, m, ce_y, terms, loss, e)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -521,6 +559,7 @@ def on_platform(fun, static: Static, *args):
 
 
 def _fwd(static, z, target, s, cw, params):
+    static = static._replace(keep_exponentials=_keep_slot(static, z))
     out, res = on_platform(forward, static, z, target, s, cw, params)
     return out, (z, target, s, cw, params, res)
 
@@ -551,10 +590,13 @@ def _col(v):
 
 
 def _bwd(static, saved, ct):
-    return on_platform(_backward, static, saved, ct)
+    return on_platform(backward, static, saved, ct)
 
 
-def _backward(static, saved, ct):
+def backward(static, saved, ct):
+    """The backward rule for a resolved ``static.implementation``: the cotangents of
+    ``(z, target, s, cw, params)`` from ``saved = (z, target, s, cw, params, res)``,
+    ``res`` the :class:`_Res` of :func:`forward`, and the per-example cotangent."""
     z, target, s, cw, params, r = saved
     spec = static.spec
     kind, ov = spec.objective, params.objective
@@ -589,7 +631,11 @@ def _backward(static, saved, ct):
             lambda z_, mv: _apply_maps(spec, z_, mv), zc, params.maps
         )
     d = x - r.m[..., None]
-    p = jnp.exp(d - r.log_se[..., None])
+    kept = r.e is not None and static.keeps(z)
+    if kept:
+        p = r.e * jnp.exp(-r.log_se)[..., None]
+    else:
+        p = jnp.exp(d - r.log_se[..., None])
     phi = partial(_phi, kind, ov)
     linear = kind in (None, "symmetric")
     scale = ov[0] if kind == "symmetric" else None
@@ -602,6 +648,8 @@ def _backward(static, saved, ct):
     # sharded vocabulary, where only one shard holds each label.
     scatter = (
         static.ops.scatter_labels
+        and not kept
+        and not static.vocab_slice
         and static.integer_labels
         and jnp.dtype(z.dtype).itemsize >= 4
         and not _explicitly_sharded(z)
@@ -815,7 +863,7 @@ def fused_entropy(implementation: str, z, s):
 def _entropy_forward(implementation, z, s):
     acc = acc_dtype(z.dtype)
     live = _live(s)
-    d, m, log_se = _log_sum_exp(OPS[implementation], Spec(), _clean(z, live), ())
+    d, m, log_se, _ = _log_sum_exp(OPS[implementation], Spec(), _clean(z, live), ())
     p = jnp.exp(d - log_se[..., None])
     # 0 log 0 = 0 for -inf logits; a +inf logit makes p NaN (inf - inf), and so H:
     # the entropy of such a row is indeterminate (it depends on how the logit grows;

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ from jcce import _validate as v
 from jcce._config import PLAIN, acc_dtype
 from jcce._kernel import (
     Static,
+    backward,
     forward,
     fused_cross_entropy,
     on_platform,
@@ -65,6 +67,17 @@ from jcce._plumbing import (
     weighted_mean,
 )
 from jcce._xla_cpu import widened_slice
+
+
+class Tiling(NamedTuple):
+    """How the user asked for the work to be tiled (static): ``block_size`` (tokens
+    per block, or None for the implementation's), the matmuls' ``precision``, the
+    classifier's ``layout`` (``"DV"`` or ``"VD"``) and ``lean`` (the lean mode)."""
+
+    block_size: int | None
+    precision: object
+    layout: str
+    lean: bool
 
 
 def _logits(e, w, b, layout, acc, precision=None):
@@ -117,14 +130,13 @@ def _chunked_logits(e_b, take, b, vocab, chunk, layout, acc, precision):
     return z if b is None else z + b.astype(acc)[None, :]
 
 
-def _backprop(dz, e_b, take, dw, chunk, layout, precision):
+def _backprop(dz, e_b, take, dw, chunk, layout, precision, acc):
     """``dz W^T`` (the block's embedding gradient, ``[B, D]``) and ``dw + dz^T e_b``, a
     chunk of classes at a time (one chunk: two matmuls): the block's ``[V, D]`` product
     is never held whole, and each chunk's share is added to ``dw`` while it is still in
-    cache. ``dz`` is cast to the matmul operands' dtype (``e_b``'s); the products are
-    in ``dw``'s dtype."""
+    cache (``dw`` None: the embedding gradient only). ``dz`` is cast to the matmul
+    operands' dtype (``e_b``'s); the products are in ``acc``."""
     v_axis = 1 if layout == "DV" else 0
-    acc = dw.dtype
     dz = dz.astype(e_b.dtype)
 
     def mm(x, y, contract):
@@ -136,6 +148,8 @@ def _backprop(dz, e_b, take, dw, chunk, layout, precision):
         de, dw = carry
         dz_c = lax.dynamic_slice_in_dim(dz, start, size, 1)
         de = de + mm(dz_c, take(start, size), ((1,), (v_axis,)))
+        if dw is None:
+            return de, None
         dw_c = mm(dz_c, e_b, ((0,), (0,)))
         dw_c = dw_c + lax.dynamic_slice_in_dim(dw, start, size, 0)
         return de, lax.dynamic_update_slice_in_dim(dw, dw_c, start, 0)
@@ -145,20 +159,19 @@ def _backprop(dz, e_b, take, dw, chunk, layout, precision):
     return _over_chunks(dz.shape[1], chunk, one, (de, dw))
 
 
-def _sweep(static, block_size, precision, layout, e, w, b, y, s, cw, params, g):
+def _sweep(static, tiling, e, w, b, y, s, cw, params, g):
     """Per-example losses over token blocks; with per-example cotangents ``g``, also
-    the cotangents of ``(e, w, b, s, cw, params)`` for ``sum_i g_i loss_i``.
+    the cotangents of ``(e, w, b, s, cw, params)`` for ``sum_i g_i loss_i``. In the
+    lean mode the classifier's is left to :func:`_class_sweep`: its slot holds the
+    kernel's per-token residuals that sweep needs instead.
 
     ``e`` is ``[N, D]``; ``y``, ``s`` (or None) and ``g`` (or None) are ``[N]``. The
     implementation (resolved here, by platform, if ``static`` leaves it None) tiles
     the work: see its ``linear_plan``."""
 
     def run(static, e, w, b, y, s, cw, params, g):
-        strategy = _xla_cpu if static.implementation == "xla_cpu" else _xla
-        n, hidden = e.shape
-        vocab = w.shape[1 if layout == "DV" else 0]
-        acc = acc_dtype(e.dtype)
-        plan = strategy.linear_plan(n, vocab, hidden, e.dtype, acc, block_size)
+        plan = _plan(static, tiling, e, w)
+        n, acc = e.shape[0], acc_dtype(e.dtype)
         pad = -n % plan.block
         if pad:  # padded tokens are masked examples: zero loss, zero gradient
             if s is None:
@@ -167,31 +180,73 @@ def _sweep(static, block_size, precision, layout, e, w, b, y, s, cw, params, g):
                 jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (e, y, s)
             )
             g = None if g is None else jnp.pad(g, (0, pad))
-        losses, grads = _tiled_sweep(
-            static, plan, precision, layout, e, w, b, y, s, cw, params, g
-        )
+        sweep = _lean_token_sweep if tiling.lean and g is not None else _tiled_sweep
+        losses, grads = sweep(static, plan, tiling, e, w, b, y, s, cw, params, g)
         if not pad:
             return losses, grads
         if grads is not None:
             de, dw, db, ds, dcw, dparams = grads
+            if tiling.lean:  # the residuals of the real tokens
+                dw = jax.tree.map(lambda r: r[:n], dw)
             grads = (de[:n], dw, db, None if ds is None else ds[:n], dcw, dparams)
         return losses[:n], grads
 
     return on_platform(run, static, e, w, b, y, s, cw, params, g)
 
 
-def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
-    """:func:`_sweep` for a resolved implementation and its ``plan`` (a
-    :class:`jcce._xla_cpu.LinearPlan`); ``N`` is a multiple of ``plan.block``."""
-    acc = acc_dtype(e.dtype)
+def _plan(static, tiling, e, w):
+    """The resolved implementation's :class:`jcce._backend.LinearPlan` for ``e @ w``."""
+    strategy = _xla_cpu if static.implementation == "xla_cpu" else _xla
     n, hidden = e.shape
-    block = plan.block
-    steps = n // block
-    v_axis = 1 if layout == "DV" else 0
+    vocab = w.shape[1 if tiling.layout == "DV" else 0]
+    return strategy.linear_plan(
+        n, vocab, hidden, e.dtype, acc_dtype(e.dtype), tiling.block_size, tiling.lean
+    )
+
+
+class _Blocks(NamedTuple):
+    """What both sweeps share: the plan's accessors of the classifier and the blocks."""
+
+    acc: object
+    steps: int
+    v_axis: int
+    vocab: int
+    take: object  # take(start, size): classes [start, start + size) of the classifier
+
+    def split(self, x):
+        """``x`` (``[N, ...]``) as ``[steps, block, ...]`` (None stays None)."""
+        return None if x is None else x.reshape((self.steps, -1) + x.shape[1:])
+
+
+def _blocks(plan, tiling, e, w) -> _Blocks:
+    acc = acc_dtype(e.dtype)
+    v_axis = 1 if tiling.layout == "DV" else 0
     vocab = w.shape[v_axis]
 
-    def blocks(x):
-        return None if x is None else x.reshape((steps, block) + x.shape[1:])
+    def take(start, size):
+        if plan.widen:
+            return widened_slice(w, start, size, v_axis, acc)
+        if size == vocab:
+            return w
+        return lax.dynamic_slice_in_dim(w, start, size, v_axis)
+
+    return _Blocks(acc, e.shape[0] // plan.block, v_axis, vocab, take)
+
+
+def _zeros(x, shape=None, dtype=None):
+    """Zeros of ``x``'s shape and dtype (or those given), typed as ``x`` (varying as it
+    does inside ``jax.shard_map``)."""
+    shape = x.shape if shape is None else shape
+    return _zeros_like_product(shape, dtype or x.dtype, x)
+
+
+def _tiled_sweep(static, plan, tiling, e, w, b, y, s, cw, params, g):
+    """:func:`_sweep` for a resolved implementation and its ``plan`` (a
+    :class:`jcce._backend.LinearPlan`); ``N`` is a multiple of ``plan.block``."""
+    layout, precision = tiling.layout, tiling.precision
+    n, hidden = e.shape
+    bl = _blocks(plan, tiling, e, w)
+    acc, vocab, take = bl.acc, bl.vocab, bl.take
 
     def loss_of(z, s_b, cw_, params_, y_b):
         return fused_cross_entropy(static, z, y_b, s_b, cw_, params_)
@@ -206,25 +261,14 @@ def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
             # differentiates in forward mode.
             return None, forward(static, z, y_b, s_b, cw, params)[0]
 
-        _, losses = lax.scan(step, None, (blocks(e), blocks(y), blocks(s)))
+        _, losses = lax.scan(step, None, (bl.split(e), bl.split(y), bl.split(s)))
         return losses.reshape(n), None
 
-    def zeros(x, shape=None, dtype=None):  # typed as x (varying as it does)
-        shape = x.shape if shape is None else shape
-        return _zeros_like_product(shape, dtype or x.dtype, x)
-
-    def take(start, size):  # classes [start, start + size) of the classifier
-        if plan.widen:
-            return widened_slice(w, start, size, v_axis, acc)
-        if size == vocab:
-            return w
-        return lax.dynamic_slice_in_dim(w, start, size, v_axis)
-
     carry0 = (
-        zeros(w, (vocab, hidden), acc),  # dW as [V, D] whatever the layout
-        None if b is None else zeros(b, dtype=acc),
-        jax.tree.map(zeros, cw),
-        jax.tree.map(zeros, params),
+        _zeros(w, (vocab, hidden), acc),  # dW as [V, D] whatever the layout
+        None if b is None else _zeros(b, dtype=acc),
+        jax.tree.map(_zeros, cw),
+        jax.tree.map(_zeros, params),
     )
 
     def step(carry, xs):
@@ -239,13 +283,8 @@ def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
         dz, ds_b, dcw_b, dparams_b = pull(
             vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
         )
-        de_b, dw = _backprop(dz, e_b, take, dw, plan.grad_chunk, layout, precision)
-        # With a sharded vocabulary each shard holds part of the sum over classes;
-        # under shard_map(check_vma=False) that part is the shard's share of the
-        # replicated embeddings' cotangent, which shard_map's transpose sums.
-        if not vocab_shares(static.vocab_axis):
-            de_b = vocab_sum(static.vocab_axis, de_b)
-        de_b = de_b.astype(e.dtype)
+        de_b, dw = _backprop(dz, e_b, take, dw, plan.grad_chunk, layout, precision, acc)
+        de_b = _whole_embedding_grad(static, de_b).astype(e.dtype)
         add = partial(jax.tree.map, jnp.add)
         carry = (
             dw,
@@ -256,7 +295,7 @@ def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
         return carry, (loss, de_b, ds_b)
 
     (dw, db, dcw, dparams), (losses, de, ds) = lax.scan(
-        step, carry0, (blocks(e), blocks(y), blocks(s), blocks(g))
+        step, carry0, (bl.split(e), bl.split(y), bl.split(s), bl.split(g))
     )
     grads = (
         de.reshape(e.shape),
@@ -269,61 +308,189 @@ def _tiled_sweep(static, plan, precision, layout, e, w, b, y, s, cw, params, g):
     return losses.reshape(n), grads
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def linear_sum(static, block_size, precision, layout, e, w, b, y, s, cw, params):
-    """``sum_i s_i loss_i`` over token blocks; its gradients are computed in the forward
-    sweep and scaled by the cotangent (a scalar) in the backward rule."""
-    return jnp.sum(
-        _sweep(static, block_size, precision, layout, e, w, b, y, s, cw, params, None)[
-            0
-        ]
+def _whole_embedding_grad(static, de_b):
+    """A block's embedding gradient summed over the vocabulary shards: with a sharded
+    vocabulary each shard holds part of the sum over classes; under
+    ``shard_map(check_vma=False)`` that part is the shard's share of the replicated
+    embeddings' cotangent, which shard_map's transpose sums."""
+    if vocab_shares(static.vocab_axis):
+        return de_b
+    return vocab_sum(static.vocab_axis, de_b)
+
+
+def _lean_token_sweep(static, plan, tiling, e, w, b, y, s, cw, params, g):
+    """The lean mode's token sweep: :func:`_tiled_sweep` without the classifier's
+    gradient. Each block's logits (every class) go through the kernel's forward and
+    backward for the embeddings' gradient ``dz W`` and the per-example and per-class
+    cotangents; the kernel's per-token residuals (a few scalars a token) are returned
+    in the classifier gradient's slot, for :func:`_class_sweep`."""
+    layout, precision = tiling.layout, tiling.precision
+    n = e.shape[0]
+    bl = _blocks(plan, tiling, e, w)
+    acc, vocab, take = bl.acc, bl.vocab, bl.take
+
+    carry0 = (
+        None if b is None else _zeros(b, dtype=acc),
+        jax.tree.map(_zeros, cw),
+        jax.tree.map(_zeros, params),
     )
 
+    def step(carry, xs):
+        db, dcw, dparams = carry
+        e_b, y_b, s_b, g_b = xs
+        if plan.widen:
+            e_b = e_b.astype(acc)
+        z = _chunked_logits(
+            e_b, take, b, vocab, plan.logits_chunk, layout, acc, precision
+        )
+        loss, res = forward(static, z, y_b, s_b, cw, params)
+        g_b = vary_like(jax.typeof(loss), g_b.astype(loss.dtype))
+        dz, _, ds_b, dcw_b, dparams_b = backward(
+            static, (z, y_b, s_b, cw, params, res), g_b
+        )
+        de_b, _ = _backprop(
+            dz, e_b, take, None, plan.grad_chunk, layout, precision, acc
+        )
+        de_b = _whole_embedding_grad(static, de_b).astype(e.dtype)
+        add = partial(jax.tree.map, jnp.add)
+        carry = (
+            None if db is None else db + jnp.sum(dz, axis=0, dtype=acc),
+            add(dcw, dcw_b),
+            add(dparams, dparams_b),
+        )
+        return carry, (loss, de_b, ds_b, res)
 
-def _sum_fwd(static, block_size, precision, layout, e, w, b, y, s, cw, params):
+    (db, dcw, dparams), (losses, de, ds, res) = lax.scan(
+        step, carry0, (bl.split(e), bl.split(y), bl.split(s), bl.split(g))
+    )
+    res = jax.tree.map(lambda r: r.reshape((n,) + r.shape[2:]), res)
+    grads = (
+        de.reshape(e.shape),
+        res,
+        None if b is None else db.astype(b.dtype),
+        None if s is None else ds.reshape(s.shape),
+        dcw,
+        dparams,
+    )
+    return losses.reshape(n), grads
+
+
+def _class_sweep(static, tiling, e, w, b, y, s, cw, params, res, g_whole, scale=1):
+    """The lean mode's classifier gradient for per-example cotangents
+    ``scale * g_whole`` (whole, not shares), from the token sweep's per-token
+    residuals ``res``. ``scale`` multiplies each chunk's float32 product before it is
+    rounded: a mean's ``1 / N`` applied to the logit gradient itself would push a
+    16-bit operand into its subnormals.
+
+    A chunk of classes at a time: the chunk's ``[N, chunk]`` logits for every token
+    at once, recomputed; the kernel's backward on that slice of the classes (labels
+    shifted to it, row statistics from ``res``); and the chunk's classifier gradient
+    from one matmul over every token, with float32 results cast once. Nothing is
+    summed across token blocks, so there is no float32 ``[V, D]`` carry and no
+    rounding error that grows with the number of blocks."""
+
+    def run(static, e, w, b, y, s, cw, params, res, g_whole, scale):
+        plan = _plan(static, tiling, e, w)
+        layout, precision = tiling.layout, tiling.precision
+        bl = _blocks(plan, tiling, e, w)
+        acc, vocab, take, v_axis = bl.acc, bl.vocab, bl.take, bl.v_axis
+        e_all = e.astype(acc) if plan.widen else e
+        offset = 0
+        if static.vocab_axis is not None:  # this shard's first class
+            offset = lax.axis_index(static.vocab_axis) * vocab
+        # The slice's kernel runs no collective: row statistics come from res.
+        sliced = static._replace(vocab_axis=None, vocab_slice=True)
+        hidden = e.shape[1]
+        shape = (hidden, vocab) if layout == "DV" else (vocab, hidden)
+
+        def one(dw, start, size):
+            z_c = _logits(e_all, take(start, size), None, layout, acc, precision)
+            if b is not None:
+                b_c = lax.dynamic_slice_in_dim(b, start, size).astype(acc)
+                z_c = z_c + b_c[None, :]
+            cw_c = None if cw is None else lax.dynamic_slice_in_dim(cw, start, size)
+            y_c = y - (offset + start)
+            dz_c = backward(sliced, (z_c, y_c, s, cw_c, params, res), g_whole)[0]
+            # [D, size] or [size, D]: one matmul over every token, float32 results.
+            x, x2 = (e_all, dz_c) if layout == "DV" else (dz_c, e_all)
+            dw_c = lax.dot_general(
+                x.astype(e_all.dtype),
+                x2.astype(e_all.dtype),
+                (((0,), (0,)), ((), ())),
+                precision,
+                preferred_element_type=acc,
+            )
+            return lax.dynamic_update_slice_in_dim(
+                dw, (scale * dw_c).astype(w.dtype), start, v_axis
+            )
+
+        dw0 = _zeros_like_product(shape, w.dtype, w, e)
+        return _over_chunks(vocab, plan.lean_classes, one, dw0)
+
+    scale = jnp.asarray(scale, acc_dtype(e.dtype))
+    return on_platform(run, static, e, w, b, y, s, cw, params, res, g_whole, scale)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def linear_sum(static, tiling, e, w, b, y, s, cw, params):
+    """``sum_i s_i loss_i`` over token blocks; its gradients are computed in the forward
+    sweep and scaled by the cotangent (a scalar) in the backward rule."""
+    return jnp.sum(_sweep(static, tiling, e, w, b, y, s, cw, params, None)[0])
+
+
+def _sum_fwd(static, tiling, e, w, b, y, s, cw, params):
     # The gradients for a cotangent of 1: under shard_map(check_vma=False) split into
     # equal shares over the vocabulary shards, as the kernel expects (vocab_shares).
     unit = 1 / vocab_shards(static.vocab_axis) if vocab_shares(static.vocab_axis) else 1
     g = jnp.full(e.shape[:1], unit, acc_dtype(e.dtype))
-    losses, grads = _sweep(
-        static, block_size, precision, layout, e, w, b, y, s, cw, params, g
-    )
-    return jnp.sum(losses), grads
+    losses, grads = _sweep(static, tiling, e, w, b, y, s, cw, params, g)
+    # Lean: the classifier's gradient is computed in the backward rule, straight into
+    # its output (saved here, it would be a [V, D] residual).
+    inputs = (e, w, b, y, s, cw, params) if tiling.lean else None
+    return jnp.sum(losses), (grads, inputs)
 
 
-def _sum_bwd(static, block_size, precision, layout, grads, ct):
+def _sum_bwd(static, tiling, saved, ct):
+    grads, inputs = saved
     ct = vocab_cotangent(static.vocab_axis, ct)  # summed if it came in shares
+    lean_dw = None
+    if tiling.lean:
+        e, w, b, y, s, cw, params = inputs
+        # Unit cotangents, as the forward sweep's (see _class_sweep's scale).
+        g = jnp.ones(e.shape[:1], acc_dtype(e.dtype))
+        res = grads[1]
+        lean_dw = _class_sweep(
+            static, tiling, e, w, b, y, s, cw, params, res, g, ct.astype(g.dtype)
+        )
+        grads = grads[:1] + (None,) + grads[2:]
     de, dw, db, ds, dcw, dparams = jax.tree.map(
         lambda x: (ct * x).astype(x.dtype), grads
     )
-    return de, dw, db, None, ds, dcw, dparams
+    return de, dw if lean_dw is None else lean_dw, db, None, ds, dcw, dparams
 
 
 linear_sum.defvjp(_sum_fwd, _sum_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def linear_each(static, block_size, precision, layout, e, w, b, y, s, cw, params):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def linear_each(static, tiling, e, w, b, y, s, cw, params):
     """Per-example ``s_i loss_i``; the backward rule recomputes the logits block by
     block and applies the per-example cotangents."""
-    return _sweep(
-        static, block_size, precision, layout, e, w, b, y, s, cw, params, None
-    )[0]
+    return _sweep(static, tiling, e, w, b, y, s, cw, params, None)[0]
 
 
-def _each_fwd(static, block_size, precision, layout, e, w, b, y, s, cw, params):
-    out = _sweep(
-        static, block_size, precision, layout, e, w, b, y, s, cw, params, None
-    )[0]
+def _each_fwd(static, tiling, e, w, b, y, s, cw, params):
+    out = _sweep(static, tiling, e, w, b, y, s, cw, params, None)[0]
     return out, (e, w, b, y, s, cw, params)
 
 
-def _each_bwd(static, block_size, precision, layout, saved, ct):
+def _each_bwd(static, tiling, saved, ct):
     e, w, b, y, s, cw, params = saved
-    _, grads = _sweep(
-        static, block_size, precision, layout, e, w, b, y, s, cw, params, ct
-    )
+    _, grads = _sweep(static, tiling, e, w, b, y, s, cw, params, ct)
     de, dw, db, ds, dcw, dparams = grads
+    if tiling.lean:
+        g = vocab_cotangent(static.vocab_axis, ct.astype(acc_dtype(e.dtype)))
+        dw = _class_sweep(static, tiling, e, w, b, y, s, cw, params, dw, g)
     return de, dw, db, None, ds, dcw, dparams
 
 
@@ -348,6 +515,7 @@ def _native_linear(
     vocab_axis,
     precision=None,
     implementation=None,
+    lean=False,
 ):
     vocab = v.linear_shapes(fn, embeddings, classifier, bias, layout)
     v_axis = 1 if layout == "DV" else 0
@@ -356,7 +524,7 @@ def _native_linear(
         body = partial(
             _native_linear, fn, ignore_index=ignore_index, reduction=reduction,
             layout=layout, block_size=block_size, vocab_axis=vocab_axis,
-            precision=precision, implementation=implementation,
+            precision=precision, implementation=implementation, lean=lean,
         )  # fmt: skip
         return auto_vocab_parallel(
             lambda chain, e, w, y, b, **kw: body(chain, e, w, y, bias=b, **kw),
@@ -413,7 +581,8 @@ def _native_linear(
     bias = None if bias is None else vary_like(logits_type, bias)
     e = vary_like(logits_type, e, exclude=axis_names(vocab_axis))
     static = Static(spec, True, vocab_axis, implementation)
-    args = (static, block_size, precision, layout, e, w, bias, y, s_k, cw_k, params)
+    tiling = Tiling(block_size, precision, layout, lean)
+    args = (static, tiling, e, w, bias, y, s_k, cw_k, params)
     if reduction == "none":
         return linear_each(*args).reshape(batch_shape)
     total = linear_sum(*args)
@@ -436,6 +605,7 @@ _native_linear_jit = v.jit_keyed_on_checks(
         "vocab_axis",
         "precision",
         "implementation",
+        "lean",
     ),
 )
 
@@ -458,6 +628,7 @@ def configured_linear_cross_entropy(
     vocab_axis=None,
     precision=None,
     implementation=None,
+    lean=False,
 ):
     """The entry point shared by :func:`linear_cross_entropy` and ``Chain.linear``."""
     arrays = convert_arrays(
@@ -485,6 +656,7 @@ def configured_linear_cross_entropy(
         vocab_axis=v.vocab_axis(fn, vocab_axis),
         precision=v.precision(fn, precision),
         implementation=_backend.resolve(v.implementation(fn, implementation)),
+        lean=v.lean(fn, lean),
     )
 
 
@@ -505,6 +677,7 @@ def linear_cross_entropy(
     vocab_axis: str | tuple[str, ...] | None = None,
     precision: str | jax.lax.Precision | None = None,
     implementation: str | None = None,
+    lean: bool = False,
 ) -> jax.Array:
     r"""Cross-entropy of ``embeddings @ classifier (+ bias)`` without the logits.
 
@@ -549,6 +722,13 @@ def linear_cross_entropy(
         matmuls with float32 results and accumulates the classifier's gradient in
         float32 across blocks; ``"xla_cpu"`` widens to float32 and walks cache-sized
         chunks of the vocabulary.
+      lean: the lean mode, for when a float32 ``[V, D]`` array does not fit. By
+        default the classifier's gradient is summed over token blocks in a float32
+        ``[V, D]`` carry (three matmuls, gradients from the forward sweep). Lean
+        sweeps the tokens for the loss, the embeddings' gradient and per-token
+        statistics, then the classes in chunks, each chunk's classifier gradient one
+        matmul over every token: no ``[V, D]`` carry, the same accuracy, one more
+        matmul (the logits are computed twice). See the large-vocabulary page.
 
     Returns:
       float32 (float64 for float64 inputs) loss: a scalar, or ``[*batch]`` for
@@ -589,4 +769,5 @@ def linear_cross_entropy(
         vocab_axis=vocab_axis,
         precision=precision,
         implementation=implementation,
+        lean=lean,
     )

@@ -135,6 +135,7 @@ class Chain(Configuration):
         vocab_axis=None,
         precision=None,
         implementation=None,
+        lean=False,
     ) -> jax.Array:
         """This chain's loss of ``embeddings @ classifier (+ bias)``, without the logits.
 
@@ -166,6 +167,7 @@ class Chain(Configuration):
             vocab_axis=vocab_axis,
             precision=precision,
             implementation=implementation,
+            lean=lean,
         )
 
     def _call(self, fn: str, logits, labels, **options) -> jax.Array:

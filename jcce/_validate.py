@@ -772,6 +772,13 @@ def classifier_layout(fn: str, layout) -> None:
         )
 
 
+def lean(fn: str, lean) -> bool:
+    """``lean`` of the linear losses: a Python bool (static)."""
+    if not isinstance(lean, bool):
+        raise TypeError(f"{fn}: lean must be True or False, got {lean!r}")
+    return lean
+
+
 def block_size(fn: str, block_size) -> None:
     if block_size is not None and (
         isinstance(block_size, bool)

@@ -18,6 +18,10 @@ from jcce._backend import LinearPlan, Ops
 # the block's matmuls fill an accelerator (a handful of blocks at N = 8192, V = 131072),
 # small next to an accelerator's memory and next to the float32 [V, D] gradient carry.
 LOGITS_BUDGET = 512 * 2**20
+# The lean mode's budget, for a token block's logits and for the class sweep's
+# [N, chunk] logits alike: with their gradients and the float32 [N, D] embedding
+# gradient, a few hundred MiB where the default holds the float32 [V, D] carry.
+LEAN_BUDGET = 128 * 2**20
 
 
 def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
@@ -49,25 +53,49 @@ def _zero_neg_inf(u):
     return jnp.where(u > -jnp.inf, u, jnp.zeros((), u.dtype))
 
 
+def _keeps_exponentials(num_classes, dtype):
+    # Memory traffic is what costs here: reading the logits again is cheaper than
+    # writing a saved array and reading it back.
+    del num_classes, dtype
+    return False
+
+
 OPS = Ops.collect("xla", globals(), scatter_labels=False)
 
 
-def default_block_size(num_tokens: int, vocab: int) -> int:
+def _fit(budget: int, row: int, floor: int) -> int:
+    """The largest power of two ``n >= floor`` with ``n * row`` float32s within
+    ``budget`` bytes (``floor`` if none)."""
+    n = floor
+    while n * 2 * max(row, 1) * 4 <= budget:
+        n *= 2
+    return n
+
+
+def default_block_size(num_tokens: int, vocab: int, lean: bool = False) -> int:
     """Tokens per block: the largest power of two (at least 128) whose float32 logits
-    fit :data:`LOGITS_BUDGET`, never more than the tokens rounded up to 8."""
-    block = 128
-    while block * 2 * max(vocab, 1) * 4 <= LOGITS_BUDGET:
-        block *= 2
+    fit :data:`LOGITS_BUDGET` (:data:`LEAN_BUDGET` when lean), never more than the
+    tokens rounded up to 8."""
+    block = _fit(LEAN_BUDGET if lean else LOGITS_BUDGET, vocab, 128)
     return max(8, min(block, -(-num_tokens // 8) * 8))
 
 
-def linear_plan(num_tokens, vocab, hidden, dtype, acc, block_size) -> LinearPlan:
+def linear_plan(num_tokens, vocab, hidden, dtype, acc, block_size, lean) -> LinearPlan:
     """Whole-vocabulary matmuls on the inputs' dtype (float32 results), token blocks
-    from :data:`LOGITS_BUDGET`."""
-    del hidden, dtype, acc
+    from :data:`LOGITS_BUDGET`; lean: blocks and class chunks from
+    :data:`LEAN_BUDGET`."""
+    del dtype, acc
     return LinearPlan(
-        block=block_size or default_block_size(num_tokens, vocab),
+        block=block_size or default_block_size(num_tokens, vocab, lean),
         widen=False,
         logits_chunk=vocab,
         grad_chunk=vocab,
+        lean_classes=lean_classes(num_tokens, vocab, hidden),
     )
+
+
+def lean_classes(num_tokens: int, vocab: int, hidden: int) -> int:
+    """Classes per step of the lean class sweep: the chunk's ``[N, chunk]`` float32
+    logits and its ``[chunk, D]`` float32 classifier gradient within
+    :data:`LEAN_BUDGET`, at least 128 classes, at most ``vocab``."""
+    return min(vocab, _fit(LEAN_BUDGET, num_tokens + hidden, 128))

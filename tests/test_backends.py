@@ -243,11 +243,25 @@ def test_xla_blocks_fill_a_memory_budget_not_a_cache():
     assert _xla.default_block_size(16384, 262144) == 512
     assert _xla.default_block_size(100, 1000) == 104
     assert _xla.default_block_size(8192, 2**24) == 128  # at least 128
-    plan = _xla.linear_plan(8192, 131072, 4096, jnp.bfloat16, jnp.float32, None)
-    assert plan == _xla_cpu.LinearPlan(1024, False, 131072, 131072)
+    args = (8192, 131072, 4096, jnp.bfloat16, jnp.float32, None, False)
+    assert _xla.linear_plan(*args) == _xla_cpu.LinearPlan(
+        1024, False, 131072, 131072, 2048
+    )
     # The XLA:CPU plan, for contrast: 32 MiB blocks, widened operands, 4 MiB chunks.
-    cpu = _xla_cpu.linear_plan(8192, 131072, 4096, jnp.bfloat16, jnp.float32, None)
-    assert cpu == _xla_cpu.LinearPlan(128, True, 1024, 512)
+    assert _xla_cpu.linear_plan(*args) == _xla_cpu.LinearPlan(128, True, 1024, 512, 512)
+
+
+def test_lean_chunks_are_sized_from_a_memory_budget():
+    """Both strategies: a chunk's ``[N, chunk]`` float32 logits and ``[chunk, D]``
+    float32 gradient within their budget (128 MiB on "xla", 32 MiB on "xla_cpu"), at
+    least 128 classes, at most V."""
+    assert _xla.lean_classes(8192, 131072, 4096) == 2048
+    assert _xla.lean_classes(16384, 262144, 2048) == 1024
+    assert _xla.lean_classes(10**6, 262144, 64) == 128
+    assert _xla.lean_classes(100, 50, 8) == 50
+    assert _xla_cpu.lean_classes(2048, 65536, 2048) == 2048
+    plan = _xla.linear_plan(8192, 131072, 4096, jnp.bfloat16, jnp.float32, None, True)
+    assert plan.block == 256 and plan.lean_classes == 2048  # 128 MiB of logits
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -293,3 +307,129 @@ def test_linear_paths_agree_with_float64_over_many_blocks(dtype, reduction):
             ref_ = np.asarray(ref_)
             err = np.abs(np.asarray(ours, np.float64) - ref_).max()
             assert err <= tol * np.abs(ref_).max(), (impl, err, np.abs(ref_).max())
+
+
+# ----------------------------------- XLA:CPU keeps the exponentials at small K
+
+
+def _kernel_residuals(loss, z):
+    """Shapes of the ``[N, K]`` residuals ``jax.vjp`` of ``loss`` saves, but ``z``."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    res = saved_residuals(loss, z)
+    return [r for r in res if r[0].shape == z.shape and "argument" not in r[1]]
+
+
+@pytest.mark.parametrize(
+    "k, dtype, implementation, kept",
+    [
+        (128, jnp.float32, "xla_cpu", True),
+        (2048, jnp.float32, "xla_cpu", True),
+        (2056, jnp.float32, "xla_cpu", False),
+        (128, jnp.float32, None, True),  # a slot whichever platform runs
+        (128, jnp.float32, "xla", False),
+        (64, jnp.bfloat16, "xla_cpu", True),
+        (128, jnp.bfloat16, "xla_cpu", False),
+    ],
+)
+def test_xla_cpu_keeps_the_exponentials_only_at_small_class_counts(
+    k, dtype, implementation, kept
+):
+    """An XLA:CPU choice by shape: up to _xla_cpu._KEEP_EXPONENTIALS classes the VJP
+    saves exp(x - m) (as optax saves its softmax) rather than computing it twice."""
+    z = jnp.zeros((16, k), dtype)
+    y = jnp.zeros(16, jnp.int32)
+    big = _kernel_residuals(
+        lambda z: jcce.cross_entropy(z, y, implementation=implementation), z
+    )
+    assert len(big) == int(kept), big
+    if kept:
+        assert big[0][0].dtype == jnp.float32
+
+
+def test_kept_exponentials_cost_no_more_scratch_than_optax():
+    import optax
+
+    n, k = 512, 1000
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    z = jax.ShapeDtypeStruct((n, k), jnp.float32, sharding=on_cpu)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=on_cpu)
+
+    def temp(loss):
+        f = jax.jit(jax.value_and_grad(lambda z, y: loss(z, y).mean()))
+        return f.lower(z, y).compile().memory_analysis().temp_size_in_bytes
+
+    ours = temp(lambda z, y: jcce.cross_entropy(z, y, implementation="xla_cpu"))
+    theirs = temp(optax.losses.softmax_cross_entropy_with_integer_labels)
+    assert ours <= theirs, (ours, theirs)
+
+
+KEPT_CASES = {
+    **CHAINS,
+    "every_transform": lambda k: jcce.chain(
+        jcce.softcap(20.0),
+        jcce.temperature(0.7),
+        jcce.label_smoothing(0.1),
+        jcce.focal(1.5),
+        jcce.class_weights(jnp.linspace(0.5, 2, k)),
+        jcce.z_loss(1e-3),
+        jcce.log_base(2.0),
+    ),
+    "symmetric": lambda k: jcce.chain(jcce.symmetric(), jcce.label_smoothing(0.1)),
+}
+
+
+def _kept_case_outputs(name, targets, dtype):
+    k = 40
+    z, y = _inputs(n=6, k=k, seed=7, dtype=dtype)
+    z = z.at[2].set(jnp.nan)  # a masked row holding NaN
+    where = jnp.arange(6) != 2
+    if targets == "probabilities":
+        y = jax.nn.softmax(jax.random.normal(jax.random.key(1), (6, k)))
+        y = y.at[0, 3].set(0.0)  # no mass on the -inf class
+    loss = KEPT_CASES[name](k)
+
+    def f(z):
+        return loss(z, y, where=where, implementation="xla_cpu")
+
+    value, grad = jax.value_and_grad(f)(z)
+    v = jnp.sin(jnp.arange(z.size, dtype=jnp.float32).reshape(z.shape)).astype(dtype)
+    v = jnp.where(jnp.isfinite(z), v, 0)
+    hvp = jax.jvp(jax.grad(f), (z,), (v,))[1]
+    return [np.asarray(a, np.float64) for a in (value, grad, hvp)]
+
+
+def test_kept_and_recomputed_exponentials_agree(monkeypatch):
+    """Every kernel path the kept exponentials reach (maps, smoothing, objectives,
+    class weights, masks with NaN, both target kinds, 16-bit logits), value, gradient
+    and a Hessian-vector product, against the same path recomputing them."""
+    cases = [
+        (name, targets, dtype)
+        for name in KEPT_CASES
+        for targets in ("labels", "probabilities")
+        for dtype in (jnp.float32, jnp.bfloat16)
+        if not (name == "symmetric" and targets == "probabilities")
+        and (dtype == jnp.float32 or name in ("smooth_cap_temp_z", "focal_smooth"))
+    ]
+    kept = {case: _kept_case_outputs(*case) for case in cases}
+    z, y = _inputs(n=6, k=40)
+    assert _kernel_residuals(
+        lambda z: jcce.cross_entropy(z, y, implementation="xla_cpu"), z
+    )
+    monkeypatch.setattr(_xla_cpu, "_KEEP_EXPONENTIALS", {2: 0, 4: 0, 8: 0})
+    jax.clear_caches()  # traces made with the other choice
+    try:
+        assert not _kernel_residuals(
+            lambda z: jcce.cross_entropy(z, y, implementation="xla_cpu"), z
+        )
+        for case in cases:
+            recomputed = _kept_case_outputs(*case)
+            tol = 1e-5 if case[2] == jnp.float32 else 1e-2
+            for a, b in zip(kept[case], recomputed, strict=True):
+                assert np.isfinite(a).all(), case
+                np.testing.assert_allclose(
+                    a, b, rtol=tol, atol=tol * 1e-2, err_msg=str(case)
+                )
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()

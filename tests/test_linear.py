@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jcce
+from jcce import _xla, _xla_cpu
 from jcce._xla_cpu import default_block_size, vocab_chunk
 from tests.reference import assert_close_to_scale, numpy_cross_entropy
 
@@ -58,7 +59,9 @@ def make(seed=0, n=N, d=D, v=V, dtype=np.float32, batch=None):
     return e, w, b, y
 
 
-def fused_and_unfused(chain, reduction="mean", layout="DV", block=8, **options):
+def fused_and_unfused(
+    chain, reduction="mean", layout="DV", block=8, lean=False, **options
+):
     def fused(e, w, b, y):
         return chain.linear(
             e,
@@ -68,6 +71,7 @@ def fused_and_unfused(chain, reduction="mean", layout="DV", block=8, **options):
             reduction=reduction,
             classifier_layout=layout,
             block_size=block,
+            lean=lean,
             **options,
         )
 
@@ -452,6 +456,7 @@ ERRORS = [
     (dict(embeddings=np.float32(1)), ValueError, r"embeddings has shape \(\)"),
     (dict(classifier_layout="dv"), ValueError, "classifier_layout must be 'DV'"),
     (dict(block_size=0), ValueError, "block_size must be a positive int"),
+    (dict(lean="yes"), TypeError, "lean must be True or False, got 'yes'"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (
         dict(weights=np.ones(N + 1, np.float32)),
@@ -483,3 +488,252 @@ def test_forward_mode_is_rejected_with_a_pointer_to_reverse_mode():
     e, w, _, y = make()
     with pytest.raises(TypeError, match="forward-mode autodiff"):
         jax.jvp(lambda e: jcce.linear_cross_entropy(e, w, y), (e,), (e,))
+
+
+# ------------------------------------------------------------------ the lean mode
+#
+# lean=True: token blocks for the loss, the embeddings' gradient and per-token
+# statistics, then chunks of classes, each chunk's classifier gradient one matmul over
+# every token. The chunk sizes come from a memory budget (whole vocabularies at these
+# sizes); the fixture makes them 16 classes, so V = 50 runs three chunks and a shorter
+# rest, and labels fall in every chunk.
+
+
+@pytest.fixture(scope="module")
+def lean_chunks():
+    """16 classes a chunk, for the rest of this module. Only ``lean=True`` reads the
+    chunk size, and only the tests below trace it, so no cache needs clearing."""
+    patch = pytest.MonkeyPatch()
+
+    def sixteen(num_tokens, vocab, hidden):
+        return min(16, vocab)
+
+    patch.setattr(_xla, "lean_classes", sixteen)
+    patch.setattr(_xla_cpu, "lean_classes", sixteen)
+    yield
+    patch.undo()
+
+
+@pytest.mark.parametrize("name", CHAINS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lean_matches_the_unfused_loss(name, reduction, lean_chunks):
+    e, w, b, y = make()
+    fused, unfused = fused_and_unfused(CHAINS[name], reduction, lean=True)
+    # The class sweep recomputes the logits by another matmul (all tokens, a chunk of
+    # classes), whose float32 rounding differs from the token blocks' in the last bit.
+    assert_close(
+        value_and_grads(fused, e, w, b, y),
+        value_and_grads(unfused, e, w, b, y),
+        atol=3e-6,
+    )
+
+
+@pytest.mark.parametrize(("layout", "block"), [("DV", 1), ("VD", 37), ("VD", None)])
+def test_lean_layouts_and_block_sizes(layout, block, lean_chunks):
+    e, w, b, y = make(1)
+    chain = CHAINS["everything"]
+    fused, unfused = fused_and_unfused(chain, "sum", layout, block, lean=True)
+    assert_close(
+        value_and_grads(fused, e, w, b, y), value_and_grads(unfused, e, w, b, y)
+    )
+    # Without a bias, with batch axes.
+    e, w, _, y = make(2, batch=(3, 5))
+    wl = w if layout == "DV" else w.T
+    got = jax.grad(
+        lambda e, w: chain.linear(e, w, y, classifier_layout=layout, lean=True),
+        argnums=(0, 1),
+    )(e, wl)
+    want = jax.grad(lambda e, w: chain(e @ w, y), argnums=(0, 1))(e, w)
+    assert_close((got[0], got[1] if layout == "DV" else got[1].T), want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lean_weights_masks_and_ignore_index(reduction, lean_chunks):
+    e, w, b, y = make(4)
+    rng = np.random.default_rng(4)
+    weights = rng.uniform(0, 2, N).astype(np.float32)
+    where = rng.uniform(size=N) > 0.3
+    y = np.where(rng.uniform(size=N) > 0.8, -100, y).astype(np.int32)
+    e[~where] = np.nan  # NaN in masked rows must not reach anything
+    opts = dict(weights=weights, where=where, ignore_index=-100, class_weights=CW)
+    fused, unfused = fused_and_unfused(
+        CHAINS["label_smoothing"], reduction, lean=True, **opts
+    )
+    got = value_and_grads(fused, e, w, b, y)
+    want = value_and_grads(unfused, np.where(where[:, None], e, 0), w, b, y)
+    assert_close(got, want)
+    assert np.all(np.asarray(got[1][0])[~where] == 0)
+    # Every token masked: zero loss, zero gradients.
+    loss, grads = jax.value_and_grad(
+        lambda e, w, b: jcce.linear_cross_entropy(
+            e, w, y, bias=b, where=np.zeros(N, bool), lean=True
+        ),
+        argnums=(0, 1, 2),
+    )(e, w, b)
+    assert float(loss) == 0.0 and all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+def test_lean_gradients_of_weights_class_weights_and_hyper_parameters(lean_chunks):
+    e, w, b, y = make(6)
+    weights = np.random.default_rng(6).uniform(0.5, 2, N).astype(np.float32)
+
+    def grads(lean):
+        def loss(weights, cw, t, eps):
+            chain = jcce.chain(jcce.temperature(t), jcce.label_smoothing(eps))
+            return chain.linear(
+                e, w, y, bias=b, weights=weights, class_weights=cw, lean=lean
+            )
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(weights, CW, 1.5, 0.1)
+
+    assert_close(grads(True), grads(False))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lean_second_order_matches_autodiff_of_the_naive_formula(
+    reduction, lean_chunks
+):
+    with jax.enable_x64(True):
+        e, w, b, y = make(7, n=9, d=4, v=40, dtype=np.float64)
+        scale = jnp.arange(9.0)
+
+        def naive(e, w, b):
+            logp = jax.nn.log_softmax(biased(e @ w, b))
+            per = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+            return per.mean() if reduction == "mean" else jnp.sum(per * scale)
+
+        def fused(e, w, b):
+            out = jcce.linear_cross_entropy(
+                e, w, y, bias=b, reduction=reduction, block_size=4, lean=True
+            )
+            return out if reduction == "mean" else jnp.sum(out * scale)
+
+        for argnum in (0, 2):
+            assert_close(
+                jax.hessian(fused, argnums=argnum)(e, w, b),
+                jax.hessian(naive, argnums=argnum)(e, w, b),
+                rtol=1e-10,
+                atol=1e-12,
+            )
+        # A mixed second derivative: d/dW of the gradient in the embeddings.
+        assert_close(
+            jax.jacrev(jax.grad(fused), argnums=1)(e, w, b),
+            jax.jacrev(jax.grad(naive), argnums=1)(e, w, b),
+            1e-10,
+            1e-12,
+        )
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+def test_lean_half_precision_inputs(dtype, rtol, lean_chunks):
+    e, w, b, y = make(9)
+    e, w, b = (jnp.asarray(x, dtype) for x in (e, w, b))
+
+    def fused(e, w, b):
+        return jcce.linear_cross_entropy(e, w, y, bias=b, block_size=8, lean=True)
+
+    loss, grads = jax.value_and_grad(fused, argnums=(0, 1, 2))(e, w, b)
+    assert loss.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
+    e32, w32, b32 = (x.astype(jnp.float32) for x in (e, w, b))
+    want_loss, want = jax.value_and_grad(
+        lambda e, w, b: jcce.cross_entropy(biased(e @ w, b), y), argnums=(0, 1, 2)
+    )(e32, w32, b32)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_close_to_scale(grads, want, rtol, dtype)
+
+
+def test_lean_jit_vmap_extremes_and_out_of_range_labels(lean_chunks):
+    e, w, b, y = make(8, batch=(4, 9))
+    g = jax.jit(
+        jax.vmap(
+            jax.grad(
+                lambda e, y: jcce.linear_cross_entropy(
+                    e, w, y, bias=b, block_size=4, lean=True
+                )
+            )
+        )
+    )(e, y)
+    want = jax.vmap(jax.grad(lambda e, y: jcce.cross_entropy(biased(e @ w, b), y)))(
+        e, y
+    )
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+
+    e, w, b, y = make(10, n=6, d=3, v=40)
+    e, w = e * np.float32(1e15), w * np.float32(1e15)  # logits of order 1e30
+    b = np.zeros(40, np.float32)
+    b[[1, 4, 20]] = -np.inf  # classes masked out by the bias, in two chunks
+    y = np.array([0, 2, 17, 35, 6, 0], np.int32)
+
+    def fused(e, w, b, y):
+        return jcce.linear_cross_entropy(e, w, y, bias=b, reduction="none", lean=True)
+
+    def unfused(e, w, b, y):
+        return jcce.cross_entropy(biased(e @ w, b), y, reduction="none")
+
+    got = value_and_grads(fused, e, w, b, y)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in got[1][:2])
+    assert_close(got, value_and_grads(unfused, e, w, b, y))
+
+    y = y.copy()
+    y[3] = 40
+    grads = jax.grad(lambda e, w: jnp.sum(fused(e, w, b, y)), argnums=(0, 1))(e, w)
+    assert np.isnan(np.asarray(grads[0])[3]).all()  # that example, and ...
+    assert np.isfinite(np.delete(np.asarray(grads[0]), 3, axis=0)).all()
+    assert np.isnan(np.asarray(grads[1])).any()  # ... what it reaches
+
+
+def test_lean_holds_no_float32_classifier_gradient():
+    """The default's scratch holds the float32 [V, D] gradient carry of a bfloat16
+    classifier; lean's is too small to hold any float32 [V, D] array. (The "xla_cpu"
+    path: XLA:CPU widens a bfloat16 classifier that the "xla" path multiplies whole
+    to float32 before its loops, which no accelerator does.)"""
+    n, d, v = 128, 2048, 8192
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=on_cpu),
+        jax.ShapeDtypeStruct((v, d), jnp.bfloat16, sharding=on_cpu),
+    )
+    y = jnp.zeros(n, jnp.int32)
+
+    def temp(lean):
+        f = jax.value_and_grad(
+            lambda e, w: jcce.linear_cross_entropy(
+                e, w, y, classifier_layout="VD", lean=lean, implementation="xla_cpu"
+            ),
+            argnums=(0, 1),
+        )
+        return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    carry = 4 * v * d
+    default, lean = temp(False), temp(True)
+    assert default >= carry, default
+    assert lean < carry, (lean, default)
+
+
+def test_lean_is_as_accurate_as_the_default_in_float16():
+    """A mean over many tokens scales the logit gradient by 1 / N; applied before the
+    16-bit matmul it pushes the operand into float16's subnormals (lean's classifier
+    gradient was then no better than the unfused op's). Errors against float64 on the
+    same rounded inputs, as benchmarks/accuracy_linear.py measures them."""
+    n, d, v = 1024, 16, 4096
+    rng = np.random.default_rng(21)
+    e = jnp.asarray(rng.standard_normal((n, d)), jnp.float16)
+    w = jnp.asarray(rng.standard_normal((d, v)) * 2.5 / np.sqrt(d), jnp.float16)
+    y = rng.integers(0, v, n)
+    e64, w64 = np.asarray(e, np.float64), np.asarray(w, np.float64)
+    p = np.exp(e64 @ w64 - (e64 @ w64).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p[np.arange(n), y] -= 1
+    dw64 = e64.T @ p / n
+
+    def error(lean):
+        dw = jax.grad(
+            lambda w: jcce.linear_cross_entropy(e, w, y, block_size=128, lean=lean)
+        )(w)
+        dw = np.asarray(dw, np.float64)
+        return np.linalg.norm(dw - dw64) / np.linalg.norm(dw64)
+
+    default, lean = error(False), error(True)
+    assert default < 5e-4, default  # float16 rounding of the gradient itself
+    assert lean <= 1.25 * default, (lean, default)

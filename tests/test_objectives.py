@@ -673,6 +673,55 @@ def test_minus_inf_classes_get_no_mass_and_zero_gradient(case, target):
 @pytest.mark.parametrize(
     ("case", "target"),
     [
+        ("focal2", "int"),
+        ("focal0.5", "prob"),
+        ("poly2", "int"),
+        ("gce0.3", "prob"),
+        ("sce", "int"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minus_inf_classes_second_order_is_that_of_the_support(
+    x64, case, target, dtype
+):
+    """The Hessian with -inf classes and label smoothing is the Hessian of the loss over
+    the support (the finite columns, where the smoothing mass goes), and exactly 0 in
+    the -inf rows and columns. (Focal's (1 - p)^gamma clamp once overflowed in its
+    second derivative at the -inf classes, making every entry NaN.)"""
+    kind, hp = CASES[case]
+    z, y, t, cw = _masked_columns_inputs(12)
+    z, t, cw = z[:3].astype(np.float64), t[:3].astype(np.float64), cw.astype(np.float64)
+    support = np.array([0, 2, 4])
+    y = y[:3]
+    labels = y if target == "int" else t
+    support_labels = np.searchsorted(support, y) if target == "int" else t[:, support]
+    loss = jcce.chain(_objective(kind, hp), jcce.label_smoothing(0.2))
+    kw = {} if kind == "symmetric" else {"class_weights": cw}
+    hess = jax.hessian(lambda z: loss(z, labels, reduction="sum", **kw))(
+        z.astype(dtype)
+    )
+    hess = np.asarray(hess, np.float64)
+    assert np.all(np.isfinite(hess))
+    assert np.all(hess[:, [1, 3]] == 0) and np.all(hess[:, :, :, [1, 3]] == 0)
+    ref_kw = {} if kind == "symmetric" else {"class_weights": cw[support]}
+    want = jax.hessian(
+        lambda x: naive_jax_objective(
+            x,
+            support_labels,
+            objective=_ref_objective(kind, hp),
+            eps=0.2,
+            reduction="sum",
+            **ref_kw,
+        )
+    )(z[:, support])
+    got = hess[:, support][:, :, :, support]
+    tol = 1e-9 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize(
+    ("case", "target"),
+    [
         ("focal2-aK", "int"),
         ("gce0.3", "prob"),
         ("sce", "prob"),

@@ -262,11 +262,13 @@ def _linear_data():
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "reduction", "layout"),
-    [((8, 1), "sum", "DV"), ((4, 2), "none", "VD"), ((2, 4), "sum", "VD"),
-     ((1, 8), "none", "DV"), ((2, 4), "none", "DV")],
+    ("mesh_shape", "reduction", "layout", "lean"),
+    [((8, 1), "sum", "DV", False), ((4, 2), "none", "VD", False),
+     ((2, 4), "sum", "VD", False), ((1, 8), "none", "DV", False),
+     ((2, 4), "none", "DV", False), ((2, 4), "sum", "DV", True),
+     ((4, 2), "none", "VD", True)],
 )  # fmt: skip
-def test_linear_with_a_sharded_classifier(mesh_shape, reduction, layout):
+def test_linear_with_a_sharded_classifier(mesh_shape, reduction, layout, lean):
     """Tokens over "data", the classifier's vocabulary over "model" (2-D mesh)."""
     mesh = _mesh(mesh_shape)
     e, w, b = _linear_data()
@@ -277,7 +279,7 @@ def test_linear_with_a_sharded_classifier(mesh_shape, reduction, layout):
     def body(e, w, b, cw):
         out = loss.linear(
             e, w, y_local(), bias=b, class_weights=cw, reduction=reduction,
-            vocab_axis="model", block_size=3, classifier_layout=layout,
+            vocab_axis="model", block_size=3, classifier_layout=layout, lean=lean,
         )  # fmt: skip
         return jax.lax.psum(out, "data") if reduction == "sum" else out
 

@@ -218,19 +218,21 @@ def test_cross_entropy_gradients_under_either_check_vma(kind, target, cw):
     )
 
 
-# (loss, classifier layout, class weights, tokens per block: 3 pads each device's 4)
+# (loss, classifier layout, class weights, tokens per block: 3 pads each device's 4,
+# lean mode)
 LINEAR_CASES = [
-    ("cross_entropy", "DV", "slice", None),
-    ("chain", "VD", "whole", 3),
+    ("cross_entropy", "DV", "slice", None, False),
+    ("chain", "VD", "whole", 3, False),
+    ("chain", "DV", "slice", 3, True),
 ]
 
 
 @pytest.mark.parametrize(
-    ("kind", "layout", "cw", "block"),
+    ("kind", "layout", "cw", "block", "lean"),
     LINEAR_CASES,
-    ids=[f"{k}-{lay}-{cw}" for k, lay, cw, _ in LINEAR_CASES],
+    ids=[f"{k}-{lay}-{cw}-lean{lean}" for k, lay, cw, _, lean in LINEAR_CASES],
 )
-def test_linear_gradients_under_either_check_vma(kind, layout, cw, block):
+def test_linear_gradients_under_either_check_vma(kind, layout, cw, block, lean):
     mesh = _mesh()
     classifier = DATA["classifier"] if layout == "DV" else DATA["classifier"].T
     diff = dict(
@@ -262,7 +264,7 @@ def test_linear_gradients_under_either_check_vma(kind, layout, cw, block):
         return _linear_loss(
             kind, h, e, w, y, bias=b, weights=weights, class_weights=class_weights,
             reduction=reduction, vocab_axis="model", classifier_layout=layout,
-            block_size=block,
+            block_size=block, lean=lean,
         )  # fmt: skip
 
     in_specs = (
