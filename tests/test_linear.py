@@ -145,8 +145,9 @@ def test_matches_float64_numpy():
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_weights_masks_and_ignore_index(reduction):
+def check_weights_masks_and_ignore_index(reduction, **linear_kw):
+    """Fused against unfused with weights, a mask, ignored labels and class weights;
+    NaN embeddings in masked rows reach nothing. Returns the labels used."""
     e, w, b, y = make(4)
     rng = np.random.default_rng(4)
     weights = rng.uniform(0, 2, N).astype(np.float32)
@@ -154,12 +155,19 @@ def test_weights_masks_and_ignore_index(reduction):
     y = np.where(rng.uniform(size=N) > 0.8, -100, y).astype(np.int32)
     e[~where] = np.nan  # NaN in masked rows must not reach anything
     opts = dict(weights=weights, where=where, ignore_index=-100, class_weights=CW)
-    fused, unfused = fused_and_unfused(CHAINS["label_smoothing"], reduction, **opts)
+    fused, unfused = fused_and_unfused(
+        CHAINS["label_smoothing"], reduction, **linear_kw, **opts
+    )
     got = value_and_grads(fused, e, w, b, y)
-    e_clean = np.where(where[:, None], e, 0)
-    want = value_and_grads(unfused, e_clean, w, b, y)
+    want = value_and_grads(unfused, np.where(where[:, None], e, 0), w, b, y)
     assert_close(got, want)
     assert np.all(np.asarray(got[1][0])[~where] == 0)
+    return e, w, b, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weights_masks_and_ignore_index(reduction):
+    check_weights_masks_and_ignore_index(reduction)
 
 
 def test_all_masked_batch_is_zero_with_zero_gradients():
@@ -549,20 +557,7 @@ def test_lean_layouts_and_block_sizes(layout, block, lean_chunks):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lean_weights_masks_and_ignore_index(reduction, lean_chunks):
-    e, w, b, y = make(4)
-    rng = np.random.default_rng(4)
-    weights = rng.uniform(0, 2, N).astype(np.float32)
-    where = rng.uniform(size=N) > 0.3
-    y = np.where(rng.uniform(size=N) > 0.8, -100, y).astype(np.int32)
-    e[~where] = np.nan  # NaN in masked rows must not reach anything
-    opts = dict(weights=weights, where=where, ignore_index=-100, class_weights=CW)
-    fused, unfused = fused_and_unfused(
-        CHAINS["label_smoothing"], reduction, lean=True, **opts
-    )
-    got = value_and_grads(fused, e, w, b, y)
-    want = value_and_grads(unfused, np.where(where[:, None], e, 0), w, b, y)
-    assert_close(got, want)
-    assert np.all(np.asarray(got[1][0])[~where] == 0)
+    e, w, b, y = check_weights_masks_and_ignore_index(reduction, lean=True)
     # Every token masked: zero loss, zero gradients.
     loss, grads = jax.value_and_grad(
         lambda e, w, b: jcce.linear_cross_entropy(
