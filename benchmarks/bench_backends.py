@@ -1,4 +1,4 @@
-"""jcce's two implementations ("xla", "xla_cpu", and None) against optax, on any backend.
+"""jcce's implementations ("xla", "xla_cpu", None; "pallas" on a GPU) against optax, on any backend.
 
 One script, one run, on whatever backend JAX has (the CPU, or an accelerator such as an
 NVIDIA GPU), that needs nothing beyond jax, numpy and optax (plus the repository on
@@ -106,7 +106,10 @@ CPU_LINEAR_SHAPES = [  # bench_linear.py's FULL
 ]
 QUICK_LINEAR_SHAPES = [(512, 64, 4096, F32), (256, 32, 16384, BF16)]
 
-IMPLEMENTATIONS = ("xla", "xla_cpu", None)
+# "pallas" runs its kernels on NVIDIA GPUs only; elsewhere it is "xla" (not repeated).
+IMPLEMENTATIONS = ("xla", "xla_cpu", None) + (
+    ("pallas",) if jax.default_backend() == "gpu" else ()
+)
 
 ERRORS: list[str] = []
 

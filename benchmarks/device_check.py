@@ -6,7 +6,8 @@ For a lent GPU or TPU session, run before the benchmark (both fit in one call):
 
 Each case computes a loss and its gradients twice in this process: on the default
 device with ``implementation=None`` (``"xla"`` on an accelerator) and on the host CPU
-with ``implementation="xla_cpu"``, from the same inputs, and prints the relative
+with ``implementation="xla_cpu"``, from the same inputs (on a GPU each case runs once
+more with ``implementation="pallas"``, the Pallas kernels), and prints the relative
 difference of the values and of each gradient (max |a - b| / max |b|). float32 matmuls
 run with ``precision="highest"`` in the linear cases, so TF32 does not count as a
 difference. The script exits with status 1 if any difference exceeds its tolerance.
@@ -16,6 +17,7 @@ On a CPU-only machine both sides run on the CPU, with ``implementation="xla"`` a
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -147,8 +149,10 @@ def main():
           f"implementation='xla_cpu'\n")  # fmt: skip
     rows, failed = [], False
     # None resolves to "xla" on an accelerator; on the CPU, ask for it.
-    impl = "xla" if device.platform == "cpu" else None
-    for name, (f, args) in cases().items():
+    impls = ["xla"] if device.platform == "cpu" else [None, "pallas"]
+    for (name, (f, args)), impl in itertools.product(cases().items(), impls):
+        if impl == "pallas":
+            name = f"{name} [pallas]"
         value, grads = _run(f, args, impl, device)
         ref_value, ref_grads = _run(f, args, "xla_cpu", cpu)
         diffs = [rel(value, ref_value)] + [

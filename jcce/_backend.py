@@ -8,6 +8,9 @@ Every loss takes ``implementation``, as ``jax.nn.dot_product_attention`` does:
 * ``"xla_cpu"``: the path tuned on XLA:CPU (:mod:`jcce._xla_cpu`): class-axis chunking,
   optimization barriers and reduction layouts that keep XLA:CPU from materializing a
   shared ``[..., K]`` temporary, bit-level widening, cache-sized vocabulary chunks.
+* ``"pallas"``: two Pallas kernels (:mod:`jcce._pallas`) that read the logits once in
+  the forward and once in the backward for any chain they support, on NVIDIA GPUs; the
+  ``"xla"`` path on other platforms and for what the kernels do not cover.
 * ``None`` (the default): ``"xla_cpu"`` where the computation is lowered for the CPU,
   ``"xla"`` everywhere else. The choice is made by :func:`jax.lax.platform_dependent`,
   so it follows the platform the program is lowered for, not the host: ``jax.export``
@@ -113,9 +116,36 @@ class LinearPlan(NamedTuple):
     lean_classes: int
 
 
+_INTERPRET_PALLAS = contextvars.ContextVar("jcce_interpret_pallas", default=False)
+
+
+@contextlib.contextmanager
+def interpret_pallas(enabled: bool = True):
+    """Within this context ``implementation="pallas"`` runs its kernels in Pallas's
+    interpret mode on any platform (the CPU tests' way to check them), instead of
+    running the ``"xla"`` path where Pallas does not lower (``enabled=False`` restores
+    that). Read at trace time."""
+    token = _INTERPRET_PALLAS.set(enabled)
+    try:
+        yield
+    finally:
+        _INTERPRET_PALLAS.reset(token)
+
+
+def interpreting_pallas() -> bool:
+    """Whether :func:`interpret_pallas` is in effect."""
+    return _INTERPRET_PALLAS.get()
+
+
 def dispatch(implementation: str | None, fun: Callable, *args):
     """``fun(implementation, *args)``; with ``implementation=None``, ``"xla_cpu"`` when
-    lowered for the CPU and ``"xla"`` for any other platform."""
+    lowered for the CPU and ``"xla"`` for any other platform; ``"pallas"`` where
+    Pallas lowers its kernels (``cuda``, or anywhere under :func:`interpret_pallas`)
+    and ``"xla"`` elsewhere."""
+    if implementation == "pallas" and not interpreting_pallas():
+        return lax.platform_dependent(
+            *args, cuda=partial(fun, "pallas"), default=partial(fun, "xla")
+        )
     if implementation is not None:
         return fun(implementation, *args)
     return lax.platform_dependent(

@@ -37,7 +37,7 @@ def poly_loss_cross_entropy(
       axis: class axis, tuple of axes, or ``None`` for all axes.
       where: bool mask of the logits' shape (per logit) or of the batch shape.
 
-      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+      implementation: ``None``, ``"xla"``, ``"xla_cpu"`` or ``"pallas"``, as in
         :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.

@@ -31,12 +31,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
-from jcce import _xla, _xla_cpu
+from jcce import _pallas, _xla, _xla_cpu
 from jcce._backend import Ops, dispatch
 from jcce._config import Params, Spec, acc_dtype
 
-OPS = {ops.name: ops for ops in (_xla.OPS, _xla_cpu.OPS)}
+OPS = {ops.name: ops for ops in (_xla.OPS, _xla_cpu.OPS, _pallas.OPS)}
 
 
 class Static(NamedTuple):
@@ -230,12 +231,13 @@ class _Terms(NamedTuple):
 
 
 def _terms(
-    static, ov, eps, zc, m, map_values, d, log_se, ce_y, w_y, target, cw
+    static, ov, eps, zc, m, map_values, d, log_se, ce_y, w_y, target, cw, sums=None
 ) -> _Terms:
     """The target terms of the loss from the shifted logits ``d`` and ``log_se``.
 
     For the cross-entropy (``phi`` linear) every sum is separable, ``sum w q (lse - x)
-    = log_se sum(w q) - sum(w q d)``, and needs no pass after the log-sum-exp."""
+    = log_se sum(w q) - sum(w q d)``, and needs no pass after the log-sum-exp. The
+    smoothing sums come from :class:`RowSums` ``sums`` where given."""
     kind = static.spec.objective
     acc = log_se.dtype
     cw_row = _as_row(cw, d.ndim)
@@ -266,24 +268,28 @@ def _terms(
 
     b = wq_b = ks = None
     support = d > -jnp.inf
-    if eps is not None:
-        if linear:
+    if eps is not None and kind != "focal":
+        if sums is None:
             ks, ws, wd = map(
                 vsum, _smoothing_sums(static.ops, static.spec, zc, m, cw, map_values)
             )
+        else:
+            ks, ws, wd = sums.ks, sums.ws, sums.wd
+    if eps is not None:
+        if linear:
             b, wq_b = scaled((log_se * ws - wd) / ks), scaled(ws / ks)
         elif kind in ("poly", "generalized"):
             # Separable too: sum_S w p^a = sum_k w exp(a d_k) / se^a needs only m.
-            ks, ws, wd = map(
-                vsum, _smoothing_sums(static.ops, static.spec, zc, m, cw, map_values)
-            )
-            power = 1 if kind == "poly" else ov[0]
-            if kind == "poly" and cw is None:
+            power = _smoothing_power(kind, ov, cw)
+            if power is None:
                 wpa = jnp.ones((), acc)  # the probabilities sum to 1
             else:
-                wpa = vsum(
-                    _exp_sum(static.ops, static.spec, zc, m, cw, map_values, power)
-                )
+                if sums is None:
+                    wpa = vsum(
+                        _exp_sum(static.ops, static.spec, zc, m, cw, map_values, power)
+                    )
+                else:
+                    wpa = sums.wpa
                 wpa = wpa * jnp.exp(-power * log_se)
             if kind == "poly":
                 f_sum = log_se * ws - wd + ov[0] * (ws - wpa)
@@ -318,6 +324,14 @@ def _terms(
     return _Terms(a, wq_a, b, wq_b, ks, r, r_coef)
 
 
+def _smoothing_power(kind, ov, cw):
+    """``a`` of the power sum ``sum_k w_k p_k^a`` that poly (1) and generalized (``q``)
+    label smoothing need; None where it is 1 (poly without class weights)."""
+    if kind == "poly":
+        return None if cw is None else 1
+    return ov[0] if kind == "generalized" else None
+
+
 def _smoothed(t, eps, support, ks):
     return t if eps is None else (1 - eps) * t + eps * support / ks[..., None]
 
@@ -343,13 +357,34 @@ class _Res(NamedTuple):
     e: jax.Array | None = None  # exp(x - m), [..., K], where kept (Static.keeps)
 
 
-def _log_sum_exp(ops: Ops, spec: Spec, zc, map_values, vocab_axis=None, keep=False):
+class RowSums(NamedTuple):
+    """Reductions over the classes computed by a kernel of their own (the ``"pallas"``
+    implementation's :func:`jcce._pallas.row_sums`) rather than by the strategy's
+    reductions: the max ``m`` (0 where not finite), ``se = sum exp(x - m)``, the label's
+    mapped logit, and where asked the smoothing sums ``K_S``, ``sum_S w``,
+    ``sum_S w (x - m)`` and the power sum ``sum w exp(a (x - m))``."""
+
+    m: jax.Array
+    se: jax.Array
+    x_y: jax.Array
+    ks: jax.Array | None = None
+    ws: jax.Array | None = None
+    wd: jax.Array | None = None
+    wpa: jax.Array | None = None
+
+
+def _log_sum_exp(
+    ops: Ops, spec: Spec, zc, map_values, vocab_axis=None, keep=False, sums=None
+):
     """Mapped logits shifted by their max, ``d = x - m``, with ``m``,
     ``log_se = log sum exp d`` (so ``lse = m + log_se``) per example, and with
     ``keep`` the exponentials ``exp(d)`` (else None); over every vocabulary shard
-    with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token)."""
+    with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token). With
+    :class:`RowSums` ``sums``, ``m`` and the sum come from there."""
     acc = acc_dtype(zc.dtype)
     x = _apply_maps(spec, zc, map_values)
+    if sums is not None:
+        return x - sums.m[..., None], sums.m, _log_of_sum(sums.se), None
     # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
     # (no converted or mapped [..., K] copy is needed for the max).
     m_raw = lax.stop_gradient(ops.row_reduce(jnp.max, zc))
@@ -375,14 +410,18 @@ def _log_sum_exp(ops: Ops, spec: Spec, zc, map_values, vocab_axis=None, keep=Fal
         se = ops.sum_exp(x, m)
     if vocab_axis is not None:
         se = lax.psum(se, vocab_axis)
+    return x - m[..., None], m, _log_of_sum(se), e
+
+
+def _log_of_sum(se):
+    """``log se`` for ``se = sum exp(x - m)``, at least 0 where ``se > 0``."""
     # A finite max contributes exp(0) = 1, so se >= 1 and log_se >= 0, but an exp that
     # rounds low (an accelerator's fast exp) can give se just below 1. Every loss here
     # is a sum of terms log_se - d_k with d_k <= 0, so raising such an se to 1 keeps
     # each loss >= 0 in floating point, as it is in exact arithmetic. se = 0 (no finite
     # logit) keeps log_se = -inf and NaN stays NaN; a select, not a max, so the
     # derivative at se = 1 is se's own.
-    log_se = jnp.log(jnp.where((se > 0) & (se < 1), jnp.ones((), se.dtype), se))
-    return x - m[..., None], m, log_se, e
+    return jnp.log(jnp.where((se > 0) & (se < 1), jnp.ones((), se.dtype), se))
 
 
 def _support_size(ops: Ops, spec: Spec, zc, row, map_values):
@@ -479,13 +518,102 @@ def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
 
 
 def forward(static: Static, z, target, s, cw, params: Params):
+    """The per-example losses and the :class:`_Res` residuals, for a resolved
+    ``static.implementation``."""
+    if _pallas_runs(static, z):
+        return _pallas_forward(static, z, target, s, cw, params)
+    return _forward(static, z, target, s, cw, params)
+
+
+def _pallas_runs(static: Static, z) -> bool:
+    """Whether the ``"pallas"`` kernels compute this configuration: class indices, an
+    unsharded vocabulary, no sum that needs the log-sum-exp first (focal's label
+    smoothing), and a class count they can walk (:func:`jcce._pallas.class_block`).
+    Everything else on ``"pallas"`` runs the ``"xla"`` path."""
+    return (
+        static.implementation == "pallas"
+        and static.integer_labels
+        and static.vocab_axis is None
+        and not (static.spec.objective == "focal" and static.spec.label_smoothing)
+        and _pallas.class_block(z.shape[-1]) is not None
+    )
+
+
+def _as_xla(static: Static) -> Static:
+    return static._replace(implementation="xla")
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _pallas_forward(static, z, target, s, cw, params):
+    """:func:`_forward` with every reduction over the classes in one Pallas kernel.
+    Its derivatives (for second order through the backward rule) are those of the
+    ``"xla"`` path, which computes the same function."""
+    spec, kind = static.spec, static.spec.objective
+    batch, k = z.shape[:-1], z.shape[-1]
+    live = jnp.ones(batch, bool) if s is None else _live(s)
+
+    def mapped(v, values):
+        return _apply_maps(spec, v, values["maps"])
+
+    power = None
+    if (
+        spec.label_smoothing
+        and _smoothing_power(kind, params.objective, cw) is not None
+    ):
+
+        def power(values):
+            return _smoothing_power(kind, values["objective"], cw)
+
+    values = {"maps": params.maps, "objective": params.objective}
+    sums = _pallas.row_sums(
+        mapped,
+        z.reshape(-1, k),
+        target.reshape(-1),
+        live.reshape(-1),
+        cw,
+        values,
+        smoothing=spec.label_smoothing,
+        power=power,
+    )
+    sums = RowSums(*(None if v is None else v.reshape(batch) for v in sums))
+    return _forward(static, z, target, s, cw, params, sums)
+
+
+def _pallas_forward_jvp(static, primals, tangents):
+    t_out = _tangent(partial(_forward, _as_xla(static)), primals, tangents)
+    return _pallas_forward(static, *primals), t_out
+
+
+_pallas_forward.defjvp(_pallas_forward_jvp, symbolic_zeros=True)
+
+
+def _tangent(fun, primals, tangents):
+    """The output tangent of ``fun`` at ``primals`` along the tangents that are not
+    symbolic zeros (the others stay constants: an instantiated zero tangent of a
+    hyper-parameter times an infinite logit would be NaN, where autodiff drops it)."""
+    p_leaves, tree = jax.tree.flatten(primals)
+    t_leaves = jax.tree.leaves(tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))
+    active = [i for i, t in enumerate(t_leaves) if not isinstance(t, SymbolicZero)]
+
+    def on_active(*values):
+        leaves = list(p_leaves)
+        for i, v in zip(active, values, strict=True):
+            leaves[i] = v
+        return fun(*jax.tree.unflatten(tree, leaves))
+
+    return jax.jvp(
+        on_active, [p_leaves[i] for i in active], [t_leaves[i] for i in active]
+    )[1]
+
+
+def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
     spec = static.spec
     acc = acc_dtype(z.dtype)
     live = _live(s)
     zc = _clean(z, live)
     keep = static.keep_exponentials and static.keeps(z)
     d, m, log_se, e = _log_sum_exp(
-        static.ops, spec, zc, params.maps, static.vocab_axis, keep
+        static.ops, spec, zc, params.maps, static.vocab_axis, keep, sums
     )
     if static.keep_exponentials and e is None:  # another platform's slot
         e = jnp.zeros(d.shape, d.dtype)
@@ -499,10 +627,13 @@ def forward(static: Static, z, target, s, cw, params: Params):
         if live is not None:
             valid = valid | ~live
         yc, owned = label_slot(static.vocab_axis, y, num_classes)
-        z_y = static.ops.take_label(z, yc)
-        if live is not None:
-            z_y = jnp.where(live[..., None], z_y, jnp.zeros((), z.dtype))
-        d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
+        if sums is not None:
+            d_y = sums.x_y - m
+        else:
+            z_y = static.ops.take_label(z, yc)
+            if live is not None:
+                z_y = jnp.where(live[..., None], z_y, jnp.zeros((), z.dtype))
+            d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
         if static.vocab_axis is not None:  # the label's shard sends it to the others
             d_y = lax.psum(jnp.where(owned, d_y, 0), static.vocab_axis)
         ce_y = jnp.where(valid, log_se - d_y, jnp.nan)
@@ -515,7 +646,7 @@ def forward(static: Static, z, target, s, cw, params: Params):
     eps = params.label_smoothing if spec.label_smoothing else None
     ov = params.objective
     terms = _terms(
-        static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw
+        static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw, sums
     )
     loss = _combine(static, ov, eps, terms)
     if spec.z_loss:
@@ -597,6 +728,51 @@ def backward(static, saved, ct):
     """The backward rule for a resolved ``static.implementation``: the cotangents of
     ``(z, target, s, cw, params)`` from ``saved = (z, target, s, cw, params, res)``,
     ``res`` the :class:`_Res` of :func:`forward`, and the per-example cotangent."""
+    if _pallas_runs(static, saved[0]):
+        # The logits' cotangent from the kernel; the others (per example, per class,
+        # hyper-parameters) from the "xla" rule, whose own logit gradient XLA removes.
+        others = _backward(_as_xla(static), saved, ct)[1:]
+        return (_pallas_logit_gradient(static, saved, ct), *others)
+    return _backward(static, saved, ct)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _pallas_logit_gradient(static, saved, ct):
+    """The logits' cotangent of :func:`backward`, one block of classes at a time in a
+    Pallas kernel (one read of the logits, one write). Differentiated as the
+    ``"xla"`` rule, which computes the same function."""
+    z, target, s, cw, params, r = saved
+    batch, k = z.shape[:-1], z.shape[-1]
+    sliced = _as_xla(static)._replace(vocab_slice=True)
+
+    def block_gradient(zb, yb, rows, cwb, values):
+        saved_b = (zb, yb, rows["s"], cwb, values, rows["res"])
+        return _backward(sliced, saved_b, rows["ct"], logits_only=True)
+
+    def flat(v):
+        return jnp.broadcast_to(v, batch).reshape(-1)
+
+    rows = jax.tree.map(flat, {"s": s, "ct": ct, "res": r})
+    dz = _pallas.column_map(
+        block_gradient, z.reshape(-1, k), target.reshape(-1), rows, cw, params, z.dtype
+    )
+    return dz.reshape(z.shape)
+
+
+def _pallas_logit_gradient_jvp(static, primals, tangents):
+    def logit_gradient(saved, ct):
+        return _backward(_as_xla(static), saved, ct, logits_only=True)
+
+    t_out = _tangent(logit_gradient, primals, tangents)
+    return _pallas_logit_gradient(static, *primals), t_out
+
+
+_pallas_logit_gradient.defjvp(_pallas_logit_gradient_jvp, symbolic_zeros=True)
+
+
+def _backward(static, saved, ct, logits_only=False):
+    """:func:`backward` on the strategy's reductions; ``logits_only``: the logits'
+    cotangent alone."""
     z, target, s, cw, params, r = saved
     spec = static.spec
     kind, ov = spec.objective, params.objective
@@ -657,11 +833,6 @@ def backward(static, saved, ct):
     )
     if static.integer_labels:
         yc, owned = label_slot(static.vocab_axis, target, num_classes)
-        w_y = (
-            jnp.ones((), acc)
-            if cw is None
-            else label_weight(static.vocab_axis, cw, yc, owned)
-        )
         # An out-of-range label poisons its example's gradient as it does its loss.
         c_row = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c_k)
         iota = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
@@ -699,6 +870,14 @@ def backward(static, saved, ct):
     if live is not None:
         grad = jnp.where(live[..., None], grad, 0)
     dz, dmaps = pull_maps(grad)
+    if logits_only:
+        return dz
+    if static.integer_labels:
+        w_y = (
+            jnp.ones((), acc)
+            if cw is None
+            else label_weight(static.vocab_axis, cw, yc, owned)
+        )
     if scatter:
         dz, dmaps = _set_label_entries(
             static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz, dmaps

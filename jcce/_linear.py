@@ -717,11 +717,12 @@ def linear_cross_entropy(
         GPUs, one bfloat16 pass on TPU), ``"high"`` or ``"highest"`` (full float32
         everywhere), or a ``jax.lax.Precision``. Compare against an unfused float32
         loss with the same precision.
-      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+      implementation: ``None``, ``"xla"``, ``"xla_cpu"`` or ``"pallas"``, as in
         :func:`jcce.cross_entropy`. ``"xla"`` multiplies 16-bit inputs in 16-bit
         matmuls with float32 results and accumulates the classifier's gradient in
         float32 across blocks; ``"xla_cpu"`` widens to float32 and walks cache-sized
-        chunks of the vocabulary.
+        chunks of the vocabulary; ``"pallas"`` is ``"xla"`` with each block's
+        loss and gradient in the Pallas kernels.
       lean: the lean mode, for when a float32 ``[V, D]`` array does not fit. By
         default the classifier's gradient is summed over token blocks in a float32
         ``[V, D]`` carry (three matmuls, gradients from the forward sweep). Lean

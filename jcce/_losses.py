@@ -186,10 +186,13 @@ def cross_entropy(
         exchanges three numbers over the axis (max, sum of exponentials, label logit);
         the loss equals the unsharded loss and the gradient stays sharded. The
         reduction is over this device's examples (psum over data axes yourself).
-      implementation: ``None`` (default), ``"xla"`` or ``"xla_cpu"``: how the work
-        is laid out, never the numbers (see the backends page). ``None`` takes
-        ``"xla_cpu"`` where the program is lowered for the CPU and ``"xla"`` (the
-        portable path, written for accelerators) everywhere else.
+      implementation: ``None`` (default), ``"xla"``, ``"xla_cpu"`` or ``"pallas"``:
+        how the work is laid out, never the numbers (see the backends page).
+        ``None`` takes ``"xla_cpu"`` where the program is lowered for the CPU and
+        ``"xla"`` (the portable path, written for accelerators) everywhere else.
+        ``"pallas"`` runs two Pallas kernels on NVIDIA GPUs (one read of the logits
+        forward, one read and one write backward, for any chain with class-index
+        labels), and ``"xla"`` elsewhere.
 
     Returns:
       float32 (float64 for float64 logits) loss: a scalar, or ``[*batch]`` for
@@ -325,7 +328,7 @@ def softmax_cross_entropy(
         softmax and the sum) or of the batch shape (per example); a fully masked example
         costs 0.
 
-      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+      implementation: ``None``, ``"xla"``, ``"xla_cpu"`` or ``"pallas"``, as in
         :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.
@@ -371,7 +374,7 @@ def softmax_cross_entropy_with_integer_labels(
       axis: class axis or tuple of axes.
       where: bool mask of the logits' shape (per logit) or the batch shape.
 
-      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+      implementation: ``None``, ``"xla"``, ``"xla_cpu"`` or ``"pallas"``, as in
         :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.
@@ -417,7 +420,7 @@ def safe_softmax_cross_entropy(
       logits: float ``[*batch, K]``.
       labels: ``[*batch, K]`` probability targets (or broadcastable to the logits).
 
-      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+      implementation: ``None``, ``"xla"``, ``"xla_cpu"`` or ``"pallas"``, as in
         :func:`cross_entropy` (a keyword jcce adds to optax's signature).
     Returns:
       float32 (float64 for float64 logits) ``[*batch]`` losses.
@@ -481,7 +484,7 @@ def entropy(
       weights: float ``[*batch]`` per-example weights; zero masks the example.
       reduction: ``"mean"`` (weighted mean over unmasked examples, 0 if none),
         ``"sum"`` or ``"none"``.
-      implementation: ``None``, ``"xla"`` or ``"xla_cpu"``, as in
+      implementation: ``None``, ``"xla"``, ``"xla_cpu"`` or ``"pallas"``, as in
         :func:`cross_entropy`.
 
     Returns:

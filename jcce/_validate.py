@@ -497,17 +497,17 @@ def vocab_axis(fn: str, vocab_axis):
 PRECISIONS = ("default", "high", "highest")
 
 
-IMPLEMENTATIONS = ("xla", "xla_cpu")
+IMPLEMENTATIONS = ("xla", "xla_cpu", "pallas")
 
 
 def implementation(fn: str, implementation):
-    """``None`` (chosen by platform), ``"xla"`` or ``"xla_cpu"``."""
+    """``None`` (chosen by platform), ``"xla"``, ``"xla_cpu"`` or ``"pallas"``."""
     if implementation is None or implementation in IMPLEMENTATIONS:
         return implementation
     raise ValueError(
         f"{fn}: implementation must be None (chosen by the platform), 'xla' (the "
-        f"portable path, for GPU and TPU) or 'xla_cpu' (tuned for XLA:CPU), got "
-        f"{implementation!r}"
+        f"portable path, for GPU and TPU), 'xla_cpu' (tuned for XLA:CPU) or 'pallas' "
+        f"(Pallas kernels on NVIDIA GPUs, else 'xla'), got {implementation!r}"
     )
 
 

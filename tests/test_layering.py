@@ -19,6 +19,7 @@ LAYERS = [
     {"_backend"},  # the seam: implementation names, the per-platform switch
     {"_config"},  # Spec, Params, domains, the dtype policy
     {"_xla", "_xla_cpu"},  # the strategies: how each backend lays the work out
+    {"_pallas"},  # the Pallas kernels (the "xla" path around them)
     {"_kernel"},  # the one custom_vjp kernel
     {"_plumbing"},  # weights, masks, the kernel call, reductions, vocab routing
     {"_losses", "_linear", "_binary", "_divergence"},  # the public losses

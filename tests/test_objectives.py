@@ -697,7 +697,7 @@ def test_minus_inf_classes_second_order_is_that_of_the_support(
     support_labels = np.searchsorted(support, y) if target == "int" else t[:, support]
     loss = jcce.chain(_objective(kind, hp), jcce.label_smoothing(0.2))
     kw = {} if kind == "symmetric" else {"class_weights": cw}
-    hess = jax.hessian(lambda z: loss(z, labels, reduction="sum", **kw))(
+    hess = jax.jit(jax.hessian(lambda z: loss(z, labels, reduction="sum", **kw)))(
         z.astype(dtype)
     )
     hess = np.asarray(hess, np.float64)

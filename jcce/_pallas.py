@@ -1,0 +1,252 @@
+"""The ``"pallas"`` implementation: two Pallas kernels that own the passes over the logits.
+
+XLA decides how many times a chain reads the logits; these kernels decide it
+themselves. Each program of a kernel takes one row of the ``[N, K]`` logits and walks
+its classes ``COLUMNS`` at a time (:func:`class_block`), so ``value_and_grad`` of any
+supported chain reads the logits twice and writes the gradient once, whatever the
+transforms:
+
+* :func:`row_sums` (the forward): one read. Per row, the running max of the mapped
+  logits and the sum of exponentials below it, rescaled whenever the max grows (the
+  online log-sum-exp), the label's mapped logit, and the label-smoothing sums (support
+  size, class weights over the support, ``sum_S w_k (x_k - m)``) and the power sum
+  ``sum_k w_k exp(a (x_k - m))`` of poly and generalized smoothing, rescaled likewise.
+* :func:`column_map` (the backward): one read and one write. Each block of classes gets
+  its gradient from a function of the block and the per-example residuals; the kernel
+  (:mod:`jcce._kernel`) passes its own closed form, so no math is written twice.
+
+This module knows nothing of losses: the logit maps and the gradient come in as
+functions. Pallas lowers these kernels through Triton on NVIDIA GPUs (``cuda``); on any
+other platform the ``"pallas"`` implementation runs the ``"xla"`` path
+(:func:`jcce._backend.dispatch`), except inside :func:`jcce._backend.interpret_pallas`,
+where the kernels run in Pallas's interpret mode (how the CPU tests check them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jcce import _backend, _xla
+
+# Classes per step of a program's walk along its row: 8192 ran fastest on an H200 for a
+# two-pass kernel of one row per program (../shared/ACCELERATOR.md; 2048: 3% slower).
+COLUMNS = 8192
+# The smallest block worth a kernel; a class count with no power-of-two divisor this
+# large (and not itself a power of two) runs the "xla" path.
+MIN_COLUMNS = 128
+
+# Outside the two kernels (and for what they do not cover) the "xla" path's layout.
+OPS = _xla.OPS._replace(name="pallas")
+
+
+def class_block(num_classes: int) -> int | None:
+    """Classes per step: the largest power of two up to :data:`COLUMNS` dividing
+    ``num_classes`` (Triton blocks are powers of two, and an exact division needs no
+    masked loads), or None where that is below :data:`MIN_COLUMNS` and not every
+    class."""
+    block = num_classes & -num_classes  # the largest power of two dividing it
+    block = min(block, COLUMNS)
+    return block if block >= min(MIN_COLUMNS, num_classes) else None
+
+
+def _pack(tree, dtype):
+    """The scalar leaves of ``tree`` as one vector (Pallas kernels take arrays, not
+    closed-over values) and how to rebuild the tree from a ref to it."""
+    leaves, treedef = jax.tree.flatten(tree)
+    vector = jnp.stack(
+        [jnp.asarray(v, dtype) for v in leaves] or [jnp.zeros((), dtype)]
+    )
+
+    def unpack(ref):
+        return jax.tree.unflatten(treedef, [ref[i] for i in range(len(leaves))])
+
+    return vector, unpack
+
+
+def _spec(shape, index_map):
+    return pl.BlockSpec(shape, index_map)
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape):
+    interpreting = _backend.interpreting_pallas()
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpreting,
+        # Triton, not Mosaic GPU (whose resource estimator rejects custom_jvp calls,
+        # as the logit maps are).
+        compiler_params=None if interpreting else pltriton.CompilerParams(num_warps=4),
+    )
+
+
+def _rescaled(total, factor):
+    """``total * factor`` where ``total`` is nonzero: a sum of nothing stays 0 when the
+    shift jumps (``0 * exp(huge)`` would be NaN); NaN stays NaN."""
+    return jnp.where(total != 0, total * factor, total)
+
+
+def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power):
+    """Per-row sums of the mapped logits in one read of ``z`` ``[N, K]``.
+
+    Args:
+      mapped: ``mapped(z_block, scalars) -> x_block``, the logit maps (increasing),
+        returning the accumulation dtype.
+      z: ``[N, K]`` logits; ``y``: ``[N]`` int32 labels (any value; one out of range
+        matches no class); ``live``: ``[N]`` bool, False rows read as zero logits.
+      cw: ``[K]`` class weights or None. ``scalars``: a pytree of scalars for ``mapped``
+        and the power.
+      smoothing: also compute the label-smoothing sums. ``power``: None, or a function
+        of ``scalars`` giving ``a`` for ``sum_k w_k exp(a (x_k - m))``.
+
+    Returns:
+      ``(m, se, x_y, ks, ws, wd, wpa)``, each ``[N]`` in the accumulation dtype (None
+      where not asked): ``m`` the max of the mapped logits (0 where not finite),
+      ``se = sum exp(x - m)``, ``x_y`` the label's mapped logit, ``ks`` the support size
+      (``x > -inf``, NaN for a NaN logit), ``ws = sum_S w``, ``wd = sum_S w (x - m)``,
+      ``wpa = sum w exp(a (x - m))``.
+    """
+    n, k = z.shape
+    block = class_block(k)
+    acc = jax.eval_shape(mapped, jax.ShapeDtypeStruct((1, block), z.dtype), scalars)
+    acc = acc.dtype
+    vector, unpack = _pack(scalars, acc)
+    weighted = cw is not None
+    names = ["m", "se", "x_y"] + (["ks", "ws", "wd"] if smoothing else [])
+    names += ["wpa"] if power is not None else []
+
+    def kernel(scalar_ref, z_ref, y_ref, live_ref, *refs):
+        cw_ref = refs[0] if weighted else None
+        out_refs = dict(zip(names, refs[int(weighted) :], strict=True))
+        values = unpack(scalar_ref)
+        a = None if power is None else power(values)
+        label, keep = y_ref[...], live_ref[...]
+        zero = jnp.zeros((1,), acc)
+
+        def step(j, carry):
+            start = pl.multiple_of(j * block, block)
+            zb = z_ref[:, pl.ds(start, block)]
+            zb = jnp.where(keep[:, None], zb, jnp.zeros((), zb.dtype))
+            x = mapped(zb, values)
+            cols = start + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+            w = cw_ref[pl.ds(start, block)][None, :] if weighted else None
+            m = jnp.maximum(carry["m"], jnp.max(x, axis=1))
+            old, new = carry["shift"], jnp.where(jnp.isfinite(m), m, 0)
+            d = x - new[:, None]
+            out = dict(m=m, shift=new)
+            out["se"] = _rescaled(carry["se"], jnp.exp(old - new)) + jnp.sum(
+                jnp.exp(d), axis=1
+            )
+            out["x_y"] = carry["x_y"] + jnp.sum(
+                jnp.where(cols == label[:, None], x, 0), axis=1
+            )
+            if smoothing:
+                on = _xla.OPS.support(x)
+                out["ks"] = carry["ks"] + jnp.sum(on, axis=1)
+                ws = jnp.sum(on if w is None else on * w, axis=1)
+                # sum_S w (x - m): the sum so far moves with the shift, by its weight.
+                moved = jnp.where(
+                    carry["ws"] > 0,
+                    carry["wd"] + (old - new) * carry["ws"],
+                    carry["wd"],
+                )
+                dw = _xla.OPS.zero_neg_inf(d)
+                out["wd"] = moved + jnp.sum(dw if w is None else dw * w, axis=1)
+                out["ws"] = carry["ws"] + ws
+            if power is not None:
+                e = jnp.exp(a * d)
+                out["wpa"] = _rescaled(carry["wpa"], jnp.exp(a * (old - new))) + (
+                    jnp.sum(e if w is None else e * w, axis=1)
+                )
+            return out
+
+        init = {name: zero for name in names}
+        init["m"] = jnp.full((1,), -jnp.inf, acc)
+        init["shift"] = zero
+        final = lax.fori_loop(0, k // block, step, init)
+        final["m"] = final["shift"]
+        for name in names:
+            out_refs[name][...] = final[name]
+
+    row = _spec((1,), lambda i: (i,))
+    in_specs = [
+        _spec(vector.shape, lambda i: (0,)),
+        _spec((1, k), lambda i: (i, 0)),
+        row,
+        row,
+    ] + ([_spec((k,), lambda i: (0,))] if weighted else [])
+    args = [vector, z, y.astype(jnp.int32), live] + ([cw] if weighted else [])
+    results = _call(
+        kernel,
+        (n,),
+        in_specs,
+        [row] * len(names),
+        [jax.ShapeDtypeStruct((n,), acc)] * len(names),
+    )(*args)
+    found = dict(zip(names, results, strict=True))
+    return tuple(
+        found.get(name) for name in ("m", "se", "x_y", "ks", "ws", "wd", "wpa")
+    )
+
+
+def column_map(fun, z, y, rows, cols, scalars, dtype):
+    """``fun`` applied block by block along each row of ``z`` ``[N, K]``, in one read of
+    ``z`` and one write of the result.
+
+    ``fun(z_block, y_block, rows_block, cols_block, scalars)`` gets a ``[1, B]`` block
+    of classes ``[s, s + B)``, the labels shifted by ``-s``, the row's slice of the
+    pytree ``rows`` (leaves ``[N]``), the block of the pytree ``cols`` (leaves ``[K]``)
+    and ``scalars`` (a pytree of scalars); it returns the ``[1, B]`` block of the
+    result, of dtype ``dtype``.
+    """
+    n, k = z.shape
+    block = class_block(k)
+    row_leaves, row_def = jax.tree.flatten(rows)
+    col_leaves, col_def = jax.tree.flatten(cols)
+    acc = jnp.result_type(*row_leaves) if row_leaves else jnp.float32
+    vector, unpack = _pack(scalars, acc)
+    n_rows, n_cols = len(row_leaves), len(col_leaves)
+
+    def kernel(scalar_ref, z_ref, y_ref, *refs):
+        row_refs, col_refs = refs[:n_rows], refs[n_rows : n_rows + n_cols]
+        out_ref = refs[-1]
+        values = unpack(scalar_ref)
+        row_block = jax.tree.unflatten(row_def, [r[...] for r in row_refs])
+        label = y_ref[...]
+
+        def step(j, carry):
+            start = pl.multiple_of(j * block, block)
+            cols_block = jax.tree.unflatten(
+                col_def, [r[pl.ds(start, block)] for r in col_refs]
+            )
+            out = fun(
+                z_ref[:, pl.ds(start, block)],
+                label - start,
+                row_block,
+                cols_block,
+                values,
+            )
+            out_ref[:, pl.ds(start, block)] = out.astype(dtype)
+            return carry
+
+        lax.fori_loop(0, k // block, step, 0)
+
+    row = _spec((1,), lambda i: (i,))
+    in_specs = (
+        [_spec(vector.shape, lambda i: (0,)), _spec((1, k), lambda i: (i, 0)), row]
+        + [row] * n_rows
+        + [_spec((k,), lambda i: (0,))] * n_cols
+    )
+    return _call(
+        kernel,
+        (n,),
+        in_specs,
+        _spec((1, k), lambda i: (i, 0)),
+        jax.ShapeDtypeStruct((n, k), dtype),
+    )(vector, z, y.astype(jnp.int32), *row_leaves, *col_leaves)

@@ -1,0 +1,335 @@
+"""``implementation="pallas"``: the two Pallas kernels of :mod:`jcce._pallas`.
+
+On the CPU the kernels run in Pallas's interpret mode (``_backend.interpret_pallas``),
+against the same references as the other implementations: float64 NumPy values, the
+``"xla"`` path's gradients and Hessians (themselves checked against references in
+``test_core``), dtypes, extremes, masks, vmap and the fused linear loss. What the
+accelerator runs is checked too: lowered for ``cuda`` from this machine, a chain's
+``value_and_grad`` touches the logits in exactly two Triton kernels, one of which writes
+the gradient (the pass count of issue 15). Speed is for ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcce
+from jcce import _backend, _pallas
+from tests.reference import numpy_objective
+
+N, K = 6, 384  # three blocks of 128 classes a row
+CW = np.linspace(0.5, 1.5, K).astype(np.float32)  # as the chains hold them
+
+# name: (chain, numpy_objective keywords)
+CHAINS = {
+    "plain": (jcce.chain(), {}),
+    "softcap_temperature": (
+        jcce.chain(jcce.softcap(5.0), jcce.temperature(1.5)),
+        {"maps": (("softcap", 5.0), ("temperature", 1.5))},
+    ),
+    "four_and_log_base": (
+        jcce.chain(
+            jcce.softcap(30.0),
+            jcce.temperature(2.0),
+            jcce.label_smoothing(0.1),
+            jcce.z_loss(1e-3),
+            jcce.log_base(2.0),
+        ),
+        {
+            "maps": (("softcap", 30.0), ("temperature", 2.0)),
+            "eps": 0.1,
+            "z_loss": 1e-3,
+            "base": 2.0,
+        },
+    ),
+    "smoothing_class_weights": (
+        jcce.chain(jcce.label_smoothing(0.2), jcce.class_weights(CW)),
+        {"eps": 0.2, "class_weights": CW},
+    ),
+    "poly_smoothing_class_weights": (
+        jcce.chain(jcce.poly(2.0), jcce.label_smoothing(0.1), jcce.class_weights(CW)),
+        {"objective": ("poly", 2.0), "eps": 0.1, "class_weights": CW},
+    ),
+    "generalized_smoothing": (
+        jcce.chain(jcce.generalized(0.7), jcce.label_smoothing(0.1)),
+        {"objective": ("generalized", 0.7), "eps": 0.1},
+    ),
+    "focal": (
+        jcce.chain(jcce.focal(2.0, 0.25)),
+        {"objective": ("focal", 2.0, 0.25)},
+    ),
+    "symmetric_smoothing": (
+        jcce.chain(jcce.symmetric(0.5, 1.0), jcce.label_smoothing(0.1)),
+        {"objective": ("symmetric", 0.5, 1.0, -4.0), "eps": 0.1},
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def interpreted():
+    with _backend.interpret_pallas():
+        yield
+
+
+def _inputs(dtype=jnp.float32, n=N, k=K, seed=0):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, (n, k))
+    z[0, [3, 200]] = -np.inf  # masked classes, in two blocks
+    y = rng.integers(0, k, n)
+    y[1] = k - 1  # the last class of the last block
+    return jnp.asarray(z, dtype), jnp.asarray(y, jnp.int32)
+
+
+def _loss(name, implementation, **kw):
+    chain = CHAINS[name][0]
+    return lambda z, y: chain(z, y, implementation=implementation, **kw)
+
+
+def _pallas_calls(fun, *args) -> int:
+    return str(jax.make_jaxpr(fun)(*args)).count("pallas_call")
+
+
+# ------------------------------------------------------------ values and derivatives
+
+
+@pytest.mark.parametrize("name", CHAINS)
+def test_values_match_float64_and_gradients_and_hessians_match_xla(name):
+    with jax.enable_x64(True):
+        z, y = _inputs(jnp.float64)
+        loss = _loss(name, "pallas", reduction="none")
+        got = loss(z, y)
+        want = numpy_objective(np.asarray(z), np.asarray(y), **CHAINS[name][1])
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        grads = {
+            impl: jax.grad(lambda z, impl=impl: _loss(name, impl)(z, y))(z)
+            for impl in ("pallas", "xla")
+        }
+        np.testing.assert_allclose(
+            grads["pallas"], grads["xla"], rtol=1e-12, atol=1e-15
+        )
+        assert _pallas_calls(jax.grad(lambda z: _loss(name, "pallas")(z, y)), z) == 2
+        hessians = {
+            impl: jax.hessian(lambda z, impl=impl: _loss(name, impl)(z, y[:2]))(z[:2])
+            for impl in ("pallas", "xla")
+        }
+        np.testing.assert_allclose(
+            hessians["pallas"], hessians["xla"], rtol=1e-11, atol=1e-14
+        )
+
+
+def test_gradients_of_weights_class_weights_and_hyper_parameters():
+    """The logits' gradient comes from the kernel; the others from the "xla" rule."""
+    z, y = _inputs()
+    s = jnp.linspace(0.5, 2.0, N)
+
+    def grads(impl):
+        def loss(z, s, cw, t, eps):
+            chain = jcce.chain(
+                jcce.temperature(t), jcce.label_smoothing(eps), jcce.class_weights(cw)
+            )
+            return chain(z, y, weights=s, implementation=impl)
+
+        return jax.grad(loss, argnums=range(5))(z, s, jnp.asarray(CW), 1.5, 0.1)
+
+    for got, want in zip(grads("pallas"), grads("xla"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)],
+)
+def test_dtypes_agree_with_xla(dtype, rtol):
+    z, y = _inputs(dtype)
+    out = {}
+    for impl in ("pallas", "xla"):
+        loss = _loss("four_and_log_base", impl)
+        value, grad = jax.value_and_grad(loss)(z, y)
+        assert value.dtype == jnp.float32 and grad.dtype == dtype
+        out[impl] = value, np.asarray(grad, np.float32)
+    np.testing.assert_allclose(out["pallas"][0], out["xla"][0], rtol=rtol)
+    np.testing.assert_allclose(
+        out["pallas"][1], out["xla"][1], rtol=rtol, atol=rtol / K
+    )
+
+
+# ------------------------------------------------------------------ extreme inputs
+
+
+@pytest.mark.parametrize("name", ["plain", "four_and_log_base", "focal"])
+def test_extremes_masks_and_nan_in_masked_rows(name):
+    z, y = _inputs()
+    z = z.at[2].set(jnp.where(jnp.arange(K) % 2 == 0, 1e30, -1e30))
+    z = z.at[3].set(-jnp.inf).at[3, int(y[3])].set(7.0)  # one finite logit
+    z = z.at[4].set(jnp.nan)  # masked below: must reach nothing
+    where = jnp.arange(N) != 4
+    out = {}
+    for impl in ("pallas", "xla"):
+        loss = _loss(name, impl, where=where, reduction="none")
+        per_example = loss(z, y)
+        grad = jax.grad(lambda z, loss=loss: jnp.sum(loss(z, y)))(z)
+        out[impl] = per_example, grad
+    per_example, grad = out["pallas"]
+    assert np.all(np.isfinite(per_example)) and np.all(np.isfinite(grad))
+    assert np.all(per_example >= 0) and float(per_example[4]) == 0.0
+    assert np.all(grad[4] == 0)
+    np.testing.assert_allclose(per_example, out["xla"][0], rtol=1e-6)
+    np.testing.assert_allclose(grad, out["xla"][1], rtol=1e-5, atol=1e-7)
+
+
+def test_all_ignored_batch_is_zero_with_zero_gradient():
+    z, _ = _inputs()
+    y = jnp.full((N,), -100, jnp.int32)
+    loss, grad = jax.value_and_grad(
+        lambda z: jcce.cross_entropy(z, y, ignore_index=-100, implementation="pallas")
+    )(z)
+    assert float(loss) == 0.0 and np.all(np.asarray(grad) == 0)
+
+
+def test_an_out_of_range_label_is_nan_for_its_example_only():
+    z, y = _inputs()
+    y = y.at[2].set(K)
+    loss = jcce.cross_entropy(z, y, reduction="none", implementation="pallas")
+    assert np.isnan(loss[2]) and np.all(np.isfinite(np.delete(np.asarray(loss), 2)))
+
+
+# ----------------------------------------------------------------- transformations
+
+
+def test_jit_and_vmap_over_a_leading_axis():
+    z, y = _inputs()
+    zs, ys = jnp.stack([z, -z]), jnp.stack([y, y[::-1]])
+    out = {}
+    for impl in ("pallas", "xla"):
+        loss = _loss("four_and_log_base", impl)
+        out[impl] = jax.jit(jax.vmap(jax.value_and_grad(loss)))(zs, ys)
+    np.testing.assert_allclose(out["pallas"][0], out["xla"][0], rtol=1e-6)
+    np.testing.assert_allclose(out["pallas"][1], out["xla"][1], rtol=1e-5, atol=1e-8)
+
+
+def test_batch_dimensions_are_rows():
+    z, y = _inputs(n=12)
+    z3, y3 = z.reshape(3, 4, K), y.reshape(3, 4)
+    got = jcce.cross_entropy(z3, y3, reduction="none", implementation="pallas")
+    want = jcce.cross_entropy(z3, y3, reduction="none", implementation="xla")
+    assert got.shape == (3, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_linear_cross_entropy_blocks_run_the_kernels(lean):
+    rng = np.random.default_rng(3)
+    e = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 256)) / 3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 256, 16), jnp.int32)
+    chain = jcce.chain(jcce.softcap(20.0), jcce.label_smoothing(0.1))
+
+    def grads(impl):
+        def loss(e, w):
+            return chain.linear(e, w, y, block_size=8, lean=lean, implementation=impl)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(e, w)
+
+    (v1, g1), (v0, g0) = grads("pallas"), grads("xla")
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    jaxpr = str(
+        jax.make_jaxpr(lambda e: chain.linear(e, w, y, implementation="pallas"))(e)
+    )
+    assert "pallas_call" in jaxpr
+
+
+# ------------------------------------------------ what the kernels do not cover
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["probabilities", "focal_smoothing", "odd_class_count", "entropy"],
+)
+def test_what_the_kernels_do_not_cover_runs_the_xla_path(case):
+    z, y = _inputs()
+    if case == "probabilities":
+        t = jax.nn.one_hot(y, K)
+        call = lambda z, impl: jcce.cross_entropy(z, t, implementation=impl)  # noqa: E731
+    elif case == "focal_smoothing":
+        chain = jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1))
+        call = lambda z, impl: chain(z, y, implementation=impl)  # noqa: E731
+    elif case == "odd_class_count":  # 100 = 4 x 25: no block of 128 divides it
+        z = z[:, :100]
+        call = lambda z, impl: jcce.cross_entropy(z, y % 100, implementation=impl)  # noqa: E731
+    else:
+        call = lambda z, impl: jcce.entropy(z, implementation=impl)  # noqa: E731
+    value_and_grad = {
+        impl: jax.value_and_grad(lambda z, impl=impl: call(z, impl))(z)
+        for impl in ("pallas", "xla")
+    }
+    assert _pallas_calls(jax.value_and_grad(lambda z: call(z, "pallas")), z) == 0
+    np.testing.assert_allclose(value_and_grad["pallas"][0], value_and_grad["xla"][0])
+    np.testing.assert_allclose(value_and_grad["pallas"][1], value_and_grad["xla"][1])
+
+
+def test_class_blocks():
+    assert _pallas.class_block(131072) == 8192
+    assert _pallas.class_block(50304) == 128  # 2^7 x 393
+    assert _pallas.class_block(384) == 128
+    assert _pallas.class_block(64) == 64  # every class in one block
+    assert _pallas.class_block(100) is None
+    assert _pallas.class_block(1000) is None  # 8 x 125
+
+
+# ------------------------------------------------- what an NVIDIA GPU would run
+
+
+def test_on_the_cpu_without_interpret_mode_it_is_the_xla_path():
+    z, y = _inputs()
+    loss = _loss("four_and_log_base", "pallas")
+    with _backend.interpret_pallas(False):
+        got = jax.jit(jax.value_and_grad(loss))(z, y)
+        text = jax.jit(jax.value_and_grad(loss)).lower(z, y).as_text()
+    want = jax.value_and_grad(_loss("four_and_log_base", "xla"))(z, y)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-8)
+    assert "triton" not in text
+
+
+def _cuda_program(loss, n=64, k=16384, dtype=jnp.bfloat16):
+    """The StableHLO of ``jit(value_and_grad(loss))`` lowered for ``cuda`` on this
+    CPU-only machine (the Triton kernels compile to Triton IR here; only running them
+    needs the GPU), with each kernel's IR elided."""
+    with _backend.interpret_pallas(False):
+        exported = jax.export.export(
+            jax.jit(jax.value_and_grad(loss)),
+            platforms=("cuda",),
+            disabled_checks=[
+                jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+            ],
+        )(
+            jax.ShapeDtypeStruct((n, k), dtype),
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+        )
+    return re.sub(r'ir = "[^"]*"', "ir = ...", exported.mlir_module())
+
+
+@pytest.mark.parametrize("name", ["plain", "four_and_log_base", "symmetric_smoothing"])
+def test_lowered_for_cuda_two_triton_kernels_are_all_that_touch_the_logits(name):
+    """The pass count of the accelerator program: every operation with an ``[N, K]``
+    operand or result is a function call or return carrying the logits or the
+    gradient, or one of two Triton kernels: the forward reads the logits, the backward
+    reads them and writes the gradient. Nothing else reads them, and XLA gets no
+    ``[N, K]`` work to fuse or to leave unfused."""
+    text = _cuda_program(_loss(name, "pallas"))
+    big = "tensor<64x16384xbf16>"
+    touching = [line.strip() for line in text.splitlines() if big in line]
+    kernels = [line for line in touching if "__gpu$xla.gpu.triton" in line]
+    assert len(kernels) == 2
+    reads_and_writes = [line.split("->")[-1].count(big) for line in kernels]
+    assert sorted(reads_and_writes) == [0, 1]  # one kernel returns [N, K]: the gradient
+    others = [line for line in touching if line not in kernels]
+    allowed = ("func.func", "call @", "return", "}) :", "stablehlo.return")
+    assert all(line.startswith(allowed) or " call @" in line for line in others), others
