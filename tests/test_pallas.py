@@ -298,38 +298,63 @@ def test_on_the_cpu_without_interpret_mode_it_is_the_xla_path():
     assert "triton" not in text
 
 
-def _cuda_program(loss, n=64, k=16384, dtype=jnp.bfloat16):
-    """The StableHLO of ``jit(value_and_grad(loss))`` lowered for ``cuda`` on this
-    CPU-only machine (the Triton kernels compile to Triton IR here; only running them
-    needs the GPU), with each kernel's IR elided."""
+def _cuda_program(fun, *args):
+    """The StableHLO of ``jit(fun)`` lowered for ``cuda`` on this CPU-only machine
+    (the Triton kernels compile to Triton IR here; only running them needs the GPU),
+    with each kernel's IR elided."""
     with _backend.interpret_pallas(False):
         exported = jax.export.export(
-            jax.jit(jax.value_and_grad(loss)),
+            jax.jit(fun),
             platforms=("cuda",),
             disabled_checks=[
                 jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
             ],
-        )(
-            jax.ShapeDtypeStruct((n, k), dtype),
-            jax.ShapeDtypeStruct((n,), jnp.int32),
-        )
+        )(*args)
     return re.sub(r'ir = "[^"]*"', "ir = ...", exported.mlir_module())
 
 
-@pytest.mark.parametrize("name", ["plain", "four_and_log_base", "symmetric_smoothing"])
-def test_lowered_for_cuda_two_triton_kernels_are_all_that_touch_the_logits(name):
-    """The pass count of the accelerator program: every operation with an ``[N, K]``
-    operand or result is a function call or return carrying the logits or the
-    gradient, or one of two Triton kernels: the forward reads the logits, the backward
-    reads them and writes the gradient. Nothing else reads them, and XLA gets no
-    ``[N, K]`` work to fuse or to leave unfused."""
-    text = _cuda_program(_loss(name, "pallas"))
-    big = "tensor<64x16384xbf16>"
+TRITON = "__gpu$xla.gpu.triton("
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("name", CHAINS)
+def test_lowered_for_cuda_two_triton_kernels_are_all_that_touch_the_logits(
+    name, dtype
+):
+    """The pass count of the accelerator program, for every chain: each operation with
+    an ``[N, K]`` operand or result is a function call or return carrying the logits
+    or the gradient, or one of two Triton kernels: the forward reads the logits, the
+    backward reads them and writes the gradient. Nothing else reads them, and XLA gets
+    no ``[N, K]`` work to fuse or to leave unfused."""
+    text = _cuda_program(
+        jax.value_and_grad(_loss(name, "pallas")),
+        jax.ShapeDtypeStruct((8, K), dtype),
+        jax.ShapeDtypeStruct((8,), jnp.int32),
+    )
+    big = f"tensor<8x{K}x{dict(bfloat16='bf16', float16='f16', float32='f32')[dtype]}>"
     touching = [line.strip() for line in text.splitlines() if big in line]
-    kernels = [line for line in touching if "__gpu$xla.gpu.triton" in line]
+    kernels = [line for line in touching if TRITON in line]
     assert len(kernels) == 2
-    reads_and_writes = [line.split("->")[-1].count(big) for line in kernels]
-    assert sorted(reads_and_writes) == [0, 1]  # one kernel returns [N, K]: the gradient
+    writes = sorted(line.split("->")[-1].count(big) for line in kernels)
+    assert writes == [0, 1]  # one kernel returns [N, K]: the gradient
     others = [line for line in touching if line not in kernels]
     allowed = ("func.func", "call @", "return", "}) :", "stablehlo.return")
     assert all(line.startswith(allowed) or " call @" in line for line in others), others
+
+
+@pytest.mark.parametrize(("lean", "kernels"), [(False, 2), (True, 3)])
+def test_lowered_for_cuda_the_linear_loss_runs_the_kernels(lean, kernels):
+    """Default: the forward sweep's two kernels (loss, then the block's gradient);
+    lean: those and the class sweep's gradient kernel."""
+    chain = jcce.chain(jcce.softcap(20.0), jcce.label_smoothing(0.1))
+
+    def loss(e, w, y):
+        return chain.linear(e, w, y, lean=lean, implementation="pallas")
+
+    text = _cuda_program(
+        jax.value_and_grad(loss, argnums=(0, 1)),
+        jax.ShapeDtypeStruct((256, 64), jnp.bfloat16),
+        jax.ShapeDtypeStruct((64, 4096), jnp.bfloat16),
+        jax.ShapeDtypeStruct((256,), jnp.int32),
+    )
+    assert text.count(TRITON) == kernels
