@@ -4,6 +4,7 @@ Import from ``jcce`` only; the underscore modules are private and may change.
 """
 
 from jcce import calibration as calibration
+from jcce import samplers as samplers
 from jcce._backend import use_implementation as use_implementation
 from jcce._binary import binary_cross_entropy as binary_cross_entropy
 from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
@@ -23,6 +24,9 @@ from jcce._losses import safe_softmax_cross_entropy as safe_softmax_cross_entrop
 from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
 from jcce._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+from jcce._sampled import (
+    sampled_softmax_cross_entropy as sampled_softmax_cross_entropy,
 )
 from jcce._transforms import Chain as Chain
 from jcce._transforms import Transform as Transform
@@ -64,6 +68,8 @@ __all__ = [
     "linear_cross_entropy",
     "log_base",
     "safe_softmax_cross_entropy",
+    "sampled_softmax_cross_entropy",
+    "samplers",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "smooth_labels",

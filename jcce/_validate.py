@@ -1222,3 +1222,104 @@ def confidence_level(fn: str, level) -> None:
         raise TypeError(f"{fn}: level must be a real number, got {level!r}")
     if not 0 < level < 1:
         raise ValueError(f"{fn}: level must be in (0, 1), got {level!r}")
+
+
+# Candidate samplers (jcce.samplers) and the sampled losses.
+
+
+def num_classes(fn: str, num_classes) -> int:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, numbers.Integral)
+        or num_classes < 1
+    ):
+        raise ValueError(
+            f"{fn}: num_classes must be a positive int, got {num_classes!r}"
+        )
+    return int(num_classes)
+
+
+def unigram_counts(fn: str, counts, distortion):
+    """``counts`` as a float32 ``[V]`` array of non-negative values (checked where
+    concrete), ``distortion`` a real number."""
+    if not isinstance(distortion, numbers.Real) or isinstance(distortion, bool):
+        raise TypeError(f"{fn}: distortion must be a real number, got {distortion!r}")
+    counts = jnp.asarray(counts, jnp.float32)
+    if counts.ndim != 1 or counts.shape[0] < 1:
+        raise ValueError(
+            f"{fn}: counts must have shape [num_classes], got shape {counts.shape}"
+        )
+    if not isinstance(counts, jax.core.Tracer):
+        if bool(jnp.any(counts < 0)) or not bool(jnp.any(counts > 0)):
+            raise ValueError(
+                f"{fn}: counts must be non-negative with at least one positive count"
+            )
+    return counts
+
+
+def num_samples(fn: str, num_samples, num_classes: int, unique: bool) -> int:
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, numbers.Integral)
+        or num_samples < 1
+    ):
+        raise ValueError(
+            f"{fn}: num_samples must be a positive int, got {num_samples!r}"
+        )
+    if not isinstance(unique, bool):
+        raise TypeError(f"{fn}: unique must be True or False, got {unique!r}")
+    if unique and num_samples > num_classes:
+        raise ValueError(
+            f"{fn}: num_samples={num_samples} unique samples from a vocabulary of "
+            f"{num_classes} classes is impossible; sample with unique=False or fewer"
+        )
+    return int(num_samples)
+
+
+def sampled_inputs(fn, embeddings, classifier, labels, layout, key, num_samples):
+    """``(embeddings, classifier, int labels, V)`` of a sampled loss, checked."""
+    if key is None:
+        raise TypeError(f"{fn}: key is required (a jax.random key for the samples)")
+    if num_samples is None:
+        raise TypeError(f"{fn}: num_samples is required (how many classes to draw)")
+    classifier_layout(fn, layout)
+    e = as_array(fn, "embeddings", embeddings)
+    w = as_array(fn, "classifier", classifier)
+    vocab = linear_shapes(fn, e, w, None, layout)
+    batch_shape = e.shape[:-1]
+    _, y = labels_kind(
+        fn, as_labels(fn, labels), batch_shape, batch_shape + (vocab,), allow=("int",)
+    )
+    return e, w, class_indices(y), vocab
+
+
+def sampler_for(fn: str, sampler, vocab: int) -> None:
+    kind = getattr(sampler, "kind", None)
+    if kind not in ("uniform", "log_uniform", "unigram"):
+        raise TypeError(
+            f"{fn}: sampler must be a jcce.samplers.Sampler (uniform, log_uniform or "
+            f"unigram), got {type(sampler).__name__}"
+        )
+    if sampler.num_classes != vocab:
+        raise ValueError(
+            f"{fn}: sampler draws from {sampler.num_classes} classes but the "
+            f"classifier has V = {vocab}; the sampler must have num_classes={vocab}"
+        )
+
+
+def flag(fn: str, name: str, value) -> bool:
+    """A static Python bool option."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def bias_for(fn: str, bias, vocab: int) -> jax.Array:
+    b = as_array(fn, "bias", bias)
+    floating(fn, "bias", b)
+    if b.shape != (vocab,):
+        raise ValueError(
+            f"{fn}: bias has shape {b.shape} but the classifier has V = {vocab} "
+            f"classes; bias must have shape ({vocab},)"
+        )
+    return b

@@ -17,12 +17,13 @@ PACKAGE = pathlib.Path(jcce.__file__).parent
 LAYERS = [
     {"_validate"},  # every argument check and its message
     {"_backend"},  # the seam: implementation names, the per-platform switch
-    {"_config"},  # Spec, Params, domains, the dtype policy
+    {"_config", "samplers"},  # Spec, Params, domains, the dtype policy
     {"_xla", "_xla_cpu"},  # the strategies: how each backend lays the work out
     {"_pallas"},  # the Pallas kernels (the "xla" path around them)
     {"_kernel"},  # the one custom_vjp kernel
     {"_plumbing"},  # weights, masks, the kernel call, reductions, vocab routing
     {"_losses", "_linear", "_binary", "_divergence"},  # the public losses
+    {"_sampled"},  # sampled losses, on cross_entropy
     {"_transforms"},  # Transform and Chain (a chain is called as a loss)
     {"_family", "calibration"},  # built on chains
     {"__init__"},

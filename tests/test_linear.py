@@ -528,7 +528,14 @@ def lean_chunks():
 # The class sweep runs the kernel's own backward on slices: one chain per way a
 # transform enters it (a map, the smoothing sums, an objective, the reverse term,
 # class weights, all of them), not every transform.
-LEAN_CHAINS = ["plain", "softcap", "label_smoothing", "focal", "symmetric", "everything"]
+LEAN_CHAINS = [
+    "plain",
+    "softcap",
+    "label_smoothing",
+    "focal",
+    "symmetric",
+    "everything",
+]
 
 
 @pytest.mark.parametrize("name", LEAN_CHAINS)

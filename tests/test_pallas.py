@@ -318,9 +318,7 @@ TRITON = "__gpu$xla.gpu.triton("
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("name", CHAINS)
-def test_lowered_for_cuda_two_triton_kernels_are_all_that_touch_the_logits(
-    name, dtype
-):
+def test_lowered_for_cuda_two_triton_kernels_are_all_that_touch_the_logits(name, dtype):
     """The pass count of the accelerator program, for every chain: each operation with
     an ``[N, K]`` operand or result is a function call or return carrying the logits
     or the gradient, or one of two Triton kernels: the forward reads the logits, the

@@ -1,0 +1,137 @@
+"""Sampled softmax: the cross-entropy over the true class and a sample of the others.
+
+With millions of classes the log-sum-exp over all of them is the cost of a step. Sampled
+softmax (Jean et al. 2015; TensorFlow's ``sampled_softmax_loss``) scores the true class
+and ``S`` classes drawn from a proposal ``q`` (:mod:`jcce.samplers`), subtracts from
+each logit the log of its expected count among the draws (the "log-Q correction", which
+makes the sampled loss's gradient an estimate of the full one's), masks a sampled class
+equal to the example's label (an accidental hit) with ``-inf``, and runs jcce's kernel
+on the ``[N, 1 + S]`` logits with the true class at index 0. The ``[N, V]`` logits are
+never formed: one ``[N, D] x [D, S]`` matmul and a gather of the labels' ``[N, D]``
+classifier rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jcce import _losses, samplers
+from jcce import _validate as v
+
+
+def sampled_softmax_cross_entropy(
+    embeddings: jax.typing.ArrayLike,
+    classifier: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    key: jax.Array | None = None,
+    num_samples: int | None = None,
+    sampler: samplers.Sampler | None = None,
+    unique: bool = True,
+    remove_accidental_hits: bool = True,
+    subtract_log_q: bool = True,
+    bias: jax.typing.ArrayLike | None = None,
+    classifier_layout: str = "DV",
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+    implementation: str | None = None,
+) -> jax.Array:
+    r"""Sampled softmax cross-entropy of ``embeddings @ classifier (+ bias)``.
+
+    For each example the logits of its label and of ``num_samples`` classes drawn from
+    ``sampler`` (shared by the batch), each minus ``log`` of its expected count
+    (:func:`jcce.samplers.expected_count`), a sampled class equal to the label set to
+    ``-inf``; then :func:`jcce.cross_entropy` with the label at index 0. As
+    ``num_samples`` grows toward the vocabulary (``unique=True``) the loss and its
+    gradients tend to the exact :func:`jcce.linear_cross_entropy`'s. A training-time
+    estimate: evaluate with the exact loss.
+
+    Args:
+      embeddings: float ``[*batch, D]``.
+      classifier: float ``[D, V]`` (``classifier_layout="DV"``) or ``[V, D]``
+        (``"VD"``).
+      labels: int ``[*batch]`` in ``[0, V)``; an out-of-range label gives NaN for its
+        example.
+      key: a ``jax.random`` key (required): the draw of the sampled classes.
+      num_samples: how many classes to draw (required).
+      sampler: a :class:`jcce.samplers.Sampler` over the ``V`` classes; default
+        :func:`jcce.samplers.log_uniform` (classes sorted by frequency).
+      unique: draw distinct classes (default) or with replacement.
+      remove_accidental_hits: mask a sampled class that is the example's label.
+      subtract_log_q: subtract the log expected counts (the correction; default).
+      bias: optional float ``[V]``.
+      classifier_layout: ``"DV"`` or ``"VD"``.
+      where, weights, ignore_index, reduction, implementation: as in
+        :func:`jcce.cross_entropy`.
+
+    Returns:
+      float32 (float64 for float64 inputs) loss: a scalar, or ``[*batch]`` for
+      ``reduction="none"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jcce
+      >>> e = jax.random.normal(jax.random.key(0), (4, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 1000))
+      >>> y = jnp.array([0, 5, 17, 999])
+      >>> loss = jcce.sampled_softmax_cross_entropy(
+      ...     e, w, y, key=jax.random.key(2), num_samples=64)
+      >>> loss.shape, bool(jnp.isfinite(loss))
+      ((), True)
+    """
+    fn = "sampled_softmax_cross_entropy"
+    e, w, y, vocab = v.sampled_inputs(
+        fn, embeddings, classifier, labels, classifier_layout, key, num_samples
+    )
+    sampler = samplers.log_uniform(vocab) if sampler is None else sampler
+    v.sampler_for(fn, sampler, vocab)
+    for name, flag in (
+        ("unique", unique),
+        ("remove_accidental_hits", remove_accidental_hits),
+        ("subtract_log_q", subtract_log_q),
+    ):
+        v.flag(fn, name, flag)
+    b = None if bias is None else v.bias_for(fn, bias, vocab)
+
+    keep = None if where is None else jnp.asarray(where)
+    if ignore_index is not None:
+        kept = y != ignore_index
+        keep = kept if keep is None else keep & kept
+    if keep is not None:  # NaN in a masked row must reach no gradient (dW = e^T g)
+        e = jnp.where(keep[..., None], e, jnp.zeros((), e.dtype))
+    drawn = samplers.sample(sampler, key, num_samples, unique=unique)
+    s_idx = jax.lax.stop_gradient(drawn.classes)
+    rows = w.T if classifier_layout == "DV" else w  # [V, D] view: gathers rows
+    acc = jnp.promote_types(jnp.result_type(e, w), jnp.float32)
+    y_c = jnp.clip(y, 0, vocab - 1)
+    true = jnp.einsum("...d,...d->...", e, rows[y_c], preferred_element_type=acc)
+    sampled = jnp.einsum("...d,sd->...s", e, rows[s_idx], preferred_element_type=acc)
+
+    def per_sample(a):  # [S] shaped to broadcast against [*batch, S]
+        return a.reshape((1,) * y.ndim + a.shape)
+
+    if b is not None:
+        true = true + b[y_c].astype(acc)
+        sampled = sampled + per_sample(b[s_idx].astype(acc))
+    if subtract_log_q:  # a constant of the draw: no gradient flows into it
+        log_e_true = jnp.log(samplers.expected_count(sampler, drawn, y_c))
+        log_e_sampled = jnp.log(samplers.expected_count(sampler, drawn, s_idx))
+        true = true - jax.lax.stop_gradient(log_e_true).astype(acc)
+        sampled = sampled - per_sample(jax.lax.stop_gradient(log_e_sampled).astype(acc))
+    if remove_accidental_hits:
+        hit = per_sample(s_idx) == y[..., None]
+        sampled = jnp.where(hit, -jnp.inf, sampled)
+    # An out-of-range label is NaN for its example, as in the exact losses.
+    valid = (y >= 0) & (y < vocab)
+    true = jnp.where(valid, true, jnp.nan)
+    logits = jnp.concatenate([true[..., None], sampled], axis=-1)
+    return _losses.cross_entropy(
+        logits,
+        jnp.zeros(y.shape, jnp.int32),
+        where=keep,
+        weights=weights,
+        reduction=reduction,
+        implementation=implementation,
+    )
