@@ -9,6 +9,7 @@ from jcce._backend import use_implementation as use_implementation
 from jcce._binary import binary_cross_entropy as binary_cross_entropy
 from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jcce._binary import sigmoid_focal_loss as sigmoid_focal_loss
+from jcce._contrastive import info_nce_loss as info_nce_loss
 from jcce._divergence import kl_divergence as kl_divergence
 from jcce._divergence import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
@@ -25,6 +26,7 @@ from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
 from jcce._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from jcce._sampled import nce_loss as nce_loss
 from jcce._sampled import (
     sampled_softmax_cross_entropy as sampled_softmax_cross_entropy,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "class_weights",
     "focal",
     "generalized",
+    "info_nce_loss",
     "generalized_cross_entropy",
     "poly",
     "poly_loss_cross_entropy",
@@ -67,6 +70,7 @@ __all__ = [
     "label_smoothing",
     "linear_cross_entropy",
     "log_base",
+    "nce_loss",
     "safe_softmax_cross_entropy",
     "sampled_softmax_cross_entropy",
     "samplers",

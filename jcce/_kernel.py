@@ -616,7 +616,7 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
         static.ops, spec, zc, params.maps, static.vocab_axis, keep, sums
     )
     if static.keep_exponentials and e is None:  # another platform's slot
-        e = jnp.zeros(d.shape, d.dtype)
+        e = jnp.zeros_like(d)  # varying over the mesh axes that d varies over
     lse = m + log_se
 
     ce_y = w_y = None
@@ -636,6 +636,11 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
             d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
         if static.vocab_axis is not None:  # the label's shard sends it to the others
             d_y = lax.psum(jnp.where(owned, d_y, 0), static.vocab_axis)
+        # x_y <= max x, so d_y <= 0; where XLA computes the label's logit and the max
+        # from two fusions of the same producer (a matmul divided by a temperature),
+        # their rounding can differ and d_y come out a hair above 0, the loss below.
+        # A select, so at d_y = 0 (the label is the max) the derivative is d_y's own.
+        d_y = jnp.where(d_y > 0, jnp.zeros((), d_y.dtype), d_y)
         ce_y = jnp.where(valid, log_se - d_y, jnp.nan)
         w_y = (
             jnp.ones((), acc)

@@ -13,11 +13,14 @@ classifier rows.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-from jcce import _losses, samplers
+from jcce import _binary, _losses, samplers
 from jcce import _validate as v
+from jcce._plumbing import example_scale, reduce_losses
 
 
 def sampled_softmax_cross_entropy(
@@ -81,7 +84,76 @@ def sampled_softmax_cross_entropy(
       >>> loss.shape, bool(jnp.isfinite(loss))
       ((), True)
     """
-    fn = "sampled_softmax_cross_entropy"
+    return _sampled_loss(
+        "sampled_softmax_cross_entropy", embeddings, classifier, labels, key,
+        num_samples, sampler, unique, remove_accidental_hits, subtract_log_q, bias,
+        classifier_layout, where, weights, ignore_index, reduction, implementation,
+    )  # fmt: skip
+
+
+def nce_loss(
+    embeddings: jax.typing.ArrayLike,
+    classifier: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    key: jax.Array | None = None,
+    num_samples: int | None = None,
+    sampler: samplers.Sampler | None = None,
+    unique: bool = True,
+    remove_accidental_hits: bool = False,
+    subtract_log_q: bool = True,
+    bias: jax.typing.ArrayLike | None = None,
+    classifier_layout: str = "DV",
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Noise-contrastive estimation (Gutmann and Hyvarinen 2010; Mnih and Teh 2012).
+
+    The same logits as :func:`sampled_softmax_cross_entropy` (the label's and a shared
+    sample's, each minus ``log`` of its expected count among the draws), but a binary
+    objective: the label is data (target 1), each sampled class noise (target 0), and
+    the example's loss is the sum of the ``1 + S`` sigmoid cross-entropies, on jcce's
+    binary kernel. At its optimum the corrected logit of a class is its log
+    probability (self-normalised): ``exp`` of the uncorrected logit estimates
+    ``p(class | input)`` without a partition function. TensorFlow's ``nce_loss``
+    computes the same, with ``remove_accidental_hits=False`` by default as here.
+
+    Args:
+      embeddings, classifier, labels, key, num_samples, sampler, unique, bias,
+        classifier_layout: as in :func:`sampled_softmax_cross_entropy`.
+      remove_accidental_hits: drop a sampled class equal to the label (default False).
+      subtract_log_q: subtract the log expected counts (default True).
+      where, weights, ignore_index, reduction: as in :func:`jcce.cross_entropy`
+        (``"mean"`` is over the examples that count).
+
+    Returns:
+      float32 (float64 for float64 inputs) loss: a scalar, or ``[*batch]`` for
+      ``reduction="none"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jcce
+      >>> e = jax.random.normal(jax.random.key(0), (4, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 1000))
+      >>> loss = jcce.nce_loss(e, w, jnp.array([0, 5, 17, 999]),
+      ...                      key=jax.random.key(2), num_samples=64)
+      >>> bool(loss > 0)
+      True
+    """
+    return _sampled_loss(
+        "nce_loss", embeddings, classifier, labels, key, num_samples, sampler,
+        unique, remove_accidental_hits, subtract_log_q, bias, classifier_layout,
+        where, weights, ignore_index, reduction, None,
+    )  # fmt: skip
+
+
+def _sampled_loss(
+    fn, embeddings, classifier, labels, key, num_samples, sampler, unique,
+    remove_accidental_hits, subtract_log_q, bias, classifier_layout, where, weights,
+    ignore_index, reduction, implementation,
+):  # fmt: skip
+    """Checks every argument (at trace time, outside jit), then the compiled loss."""
     e, w, y, vocab = v.sampled_inputs(
         fn, embeddings, classifier, labels, classifier_layout, key, num_samples
     )
@@ -93,9 +165,33 @@ def sampled_softmax_cross_entropy(
         ("subtract_log_q", subtract_log_q),
     ):
         v.flag(fn, name, flag)
+    v.num_samples("sample", num_samples, sampler.num_drawable(), unique)
+    _, ignore_index = v.static_options(fn, -1, reduction, ignore_index)
     b = None if bias is None else v.bias_for(fn, bias, vocab)
+    batch_shape = y.shape
+    keep = None if where is None else v.mask(fn, "where", where, batch_shape)
+    if weights is not None:
+        weights = v.example_weights(fn, weights, batch_shape)
+    return _sampled_jit(
+        e, w, y, key, sampler, b, keep, weights, fn=fn, num_samples=int(num_samples),
+        unique=unique, hits=remove_accidental_hits, log_q=subtract_log_q,
+        layout=classifier_layout, ignore_index=ignore_index, reduction=reduction,
+        implementation=v.implementation(fn, implementation),
+    )  # fmt: skip
 
-    keep = None if where is None else jnp.asarray(where)
+
+@partial(
+    jax.jit,
+    static_argnames=(
+        "fn", "num_samples", "unique", "hits", "log_q", "layout", "ignore_index",
+        "reduction", "implementation",
+    ),
+)  # fmt: skip
+def _sampled_jit(
+    e, w, y, key, sampler, b, keep, weights, *, fn, num_samples, unique, hits,
+    log_q, layout, ignore_index, reduction, implementation,
+):  # fmt: skip
+    vocab = w.shape[1 if layout == "DV" else 0]
     if ignore_index is not None:
         kept = y != ignore_index
         keep = kept if keep is None else keep & kept
@@ -103,7 +199,7 @@ def sampled_softmax_cross_entropy(
         e = jnp.where(keep[..., None], e, jnp.zeros((), e.dtype))
     drawn = samplers.sample(sampler, key, num_samples, unique=unique)
     s_idx = jax.lax.stop_gradient(drawn.classes)
-    rows = w.T if classifier_layout == "DV" else w  # [V, D] view: gathers rows
+    rows = w.T if layout == "DV" else w  # [V, D] view: gathers rows
     acc = jnp.promote_types(jnp.result_type(e, w), jnp.float32)
     y_c = jnp.clip(y, 0, vocab - 1)
     true = jnp.einsum("...d,...d->...", e, rows[y_c], preferred_element_type=acc)
@@ -115,23 +211,30 @@ def sampled_softmax_cross_entropy(
     if b is not None:
         true = true + b[y_c].astype(acc)
         sampled = sampled + per_sample(b[s_idx].astype(acc))
-    if subtract_log_q:  # a constant of the draw: no gradient flows into it
+    if log_q:  # a constant of the draw: no gradient flows into it
         log_e_true = jnp.log(samplers.expected_count(sampler, drawn, y_c))
         log_e_sampled = jnp.log(samplers.expected_count(sampler, drawn, s_idx))
         true = true - jax.lax.stop_gradient(log_e_true).astype(acc)
         sampled = sampled - per_sample(jax.lax.stop_gradient(log_e_sampled).astype(acc))
-    if remove_accidental_hits:
-        hit = per_sample(s_idx) == y[..., None]
-        sampled = jnp.where(hit, -jnp.inf, sampled)
+    if hits:
+        sampled = jnp.where(per_sample(s_idx) == y[..., None], -jnp.inf, sampled)
     # An out-of-range label is NaN for its example, as in the exact losses.
-    valid = (y >= 0) & (y < vocab)
-    true = jnp.where(valid, true, jnp.nan)
+    true = jnp.where((y >= 0) & (y < vocab), true, jnp.nan)
     logits = jnp.concatenate([true[..., None], sampled], axis=-1)
-    return _losses.cross_entropy(
-        logits,
-        jnp.zeros(y.shape, jnp.int32),
-        where=keep,
-        weights=weights,
-        reduction=reduction,
-        implementation=implementation,
+    if fn == "sampled_softmax_cross_entropy":
+        return _losses.cross_entropy(
+            logits,
+            jnp.zeros(y.shape, jnp.int32),
+            where=keep,
+            weights=weights,
+            reduction=reduction,
+            implementation=implementation,
+        )
+    # NCE: the label is data (target 1), the samples noise (target 0).
+    targets = jnp.zeros(logits.shape[-1], acc).at[0].set(1)
+    per_example = jnp.sum(
+        _binary.sigmoid_binary_cross_entropy(logits, targets), axis=-1
     )
+    s = example_scale(fn, weights, keep, y.shape, acc)
+    out = per_example if s is None else jnp.where(s != 0, s * per_example, 0)
+    return reduce_losses(out, s, None, None, True, reduction)

@@ -1323,3 +1323,50 @@ def bias_for(fn: str, bias, vocab: int) -> jax.Array:
             f"classes; bias must have shape ({vocab},)"
         )
     return b
+
+
+# In-batch contrastive losses.
+
+
+def contrastive_pair(fn: str, queries, keys):
+    q = floating(fn, "queries", as_array(fn, "queries", queries))
+    k = floating(fn, "keys", as_array(fn, "keys", keys))
+    if q.ndim != 2 or q.shape != k.shape:
+        raise ValueError(
+            f"{fn}: queries and keys must both have shape [N, D], got queries "
+            f"{q.shape} and keys {k.shape}"
+        )
+    return q, k
+
+
+def positive_scalar(fn: str, name: str, value) -> jax.Array:
+    """A scalar (Python number or array; concrete values must be finite and > 0)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a positive number, got {value!r}")
+    arr = as_array(fn, name, value)
+    if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.number):
+        raise ValueError(
+            f"{fn}: {name} must be a positive scalar, got shape {arr.shape} "
+            f"dtype {arr.dtype}"
+        )
+    if not isinstance(arr, jax.core.Tracer):
+        host = float(arr)
+        if not (math.isfinite(host) and host > 0):
+            raise ValueError(f"{fn}: {name} must be a positive number, got {host:g}")
+    return arr
+
+
+def batch_axes(fn: str, batch_axis):
+    """A mesh axis name or a tuple of them (static)."""
+    if isinstance(batch_axis, list):
+        batch_axis = tuple(batch_axis)
+    if isinstance(batch_axis, str) or (
+        isinstance(batch_axis, tuple)
+        and batch_axis
+        and all(isinstance(a, str) for a in batch_axis)
+    ):
+        return batch_axis
+    raise TypeError(
+        f"{fn}: batch_axis must be a mesh axis name (str), a tuple of names, or None, "
+        f"got {batch_axis!r}"
+    )

@@ -61,6 +61,13 @@ class Sampler:
             )
         return self.log_q[c]
 
+    def num_drawable(self) -> int:
+        """How many classes can be drawn: every class, or a unigram sampler's classes
+        with a positive count (where its probabilities are concrete)."""
+        if self.log_q is None or isinstance(self.log_q, jax.core.Tracer):
+            return self.num_classes
+        return int(jnp.sum(jnp.isfinite(self.log_q)))
+
     def draw(self, key, shape) -> jax.Array:
         """Independent draws (with replacement), int32 of ``shape``."""
         if self.kind == "uniform":
@@ -117,19 +124,11 @@ def sample(
 
     Raises ``ValueError`` if ``unique`` asks for more classes than the sampler can give.
     """
-    v.num_samples("sample", num_samples, _drawable(sampler), unique)
+    v.num_samples("sample", num_samples, sampler.num_drawable(), unique)
     if not unique:
         drawn = sampler.draw(key, (num_samples,))
         return Candidates(drawn, jnp.int32(num_samples), False)
     return _unique(sampler, key, num_samples)
-
-
-def _drawable(sampler: Sampler) -> int:
-    """How many classes can be drawn (a unigram sampler's classes with a positive
-    count, where its probabilities are concrete)."""
-    if sampler.log_q is None or isinstance(sampler.log_q, jax.core.Tracer):
-        return sampler.num_classes
-    return int(jnp.sum(jnp.isfinite(sampler.log_q)))
 
 
 def _unique(sampler: Sampler, key, s: int) -> Candidates:

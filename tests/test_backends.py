@@ -441,3 +441,26 @@ def test_kept_and_recomputed_exponentials_agree(monkeypatch):
     finally:
         monkeypatch.undo()
         jax.clear_caches()
+
+
+def test_none_differentiates_inside_a_data_parallel_shard_map():
+    """With implementation=None both platforms' residuals are staged out; the one that
+    keeps no exponentials fills their slot with zeros that must vary over the mesh
+    axes as the logits do (check_vma), or the platform switch rejects the branches.
+    A regression: plain cross_entropy with few classes under shard_map."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    z, y = _inputs(n=16, k=10)
+    spec = jax.sharding.PartitionSpec("data")
+
+    def local_sum(z, y):
+        return jax.lax.psum(jnp.sum(jcce.cross_entropy(z, y, reduction="none")), "data")
+
+    f = jax.shard_map(
+        local_sum,
+        mesh=mesh,
+        in_specs=(spec, spec),
+        out_specs=jax.sharding.PartitionSpec(),
+    )
+    got = jax.jit(jax.grad(f))(z, y)
+    want = jax.grad(lambda z: jnp.sum(jcce.cross_entropy(z, y, reduction="none")))(z)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

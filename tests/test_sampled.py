@@ -78,8 +78,10 @@ def _replay_unique(sampler, key, s):
     return out, tries
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
-@pytest.mark.parametrize("s", [1, 10, 40])
+@pytest.mark.parametrize(
+    ("name", "s"),
+    [("uniform", 40), ("log_uniform", 1), ("log_uniform", 40), ("unigram", 10)],
+)
 def test_unique_samples_are_the_first_distinct_draws(name, s):
     sampler = _sampler(name)
     key = jax.random.key(s)
@@ -181,9 +183,17 @@ def _reference(e, w, b, y, sampler_name, drawn, *, hits=True, log_q=True):
     return lse - true
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
-@pytest.mark.parametrize("unique", [True, False])
-@pytest.mark.parametrize(("hits", "log_q"), [(True, True), (False, False)])
+@pytest.mark.parametrize(
+    ("name", "unique", "hits", "log_q"),
+    [
+        ("uniform", True, True, True),
+        ("log_uniform", True, True, True),
+        ("unigram", True, True, True),
+        ("log_uniform", False, True, True),
+        ("unigram", False, False, True),
+        ("log_uniform", True, False, False),
+    ],
+)
 def test_value_matches_the_float64_definition(name, unique, hits, log_q):
     with jax.enable_x64(True):
         e, w, b, y = _problem(dtype=np.float64)
@@ -346,3 +356,100 @@ def test_sampled_softmax_errors_name_the_argument():
         call(e, w.T, y, key=key, num_samples=4)
     with pytest.raises(ValueError, match=f"{fn}: classifier_layout must be"):
         call(e, w, y, key=key, num_samples=4, classifier_layout="dv")
+
+
+# ------------------------------------------------------------------------------ NCE
+
+
+def _softplus(x):
+    return np.logaddexp(0, x)
+
+
+@pytest.mark.parametrize("hits", [False, True])
+def test_nce_matches_the_float64_definition(hits):
+    with jax.enable_x64(True):
+        e, w, b, y = _problem(8, dtype=np.float64)
+        key, sampler = jax.random.key(4), _sampler("log_uniform")
+        got = jcce.nce_loss(
+            e, w, y, bias=b, key=key, num_samples=20, sampler=sampler,
+            remove_accidental_hits=hits, reduction="none",
+        )  # fmt: skip
+        drawn = samplers.sample(sampler, key, 20)
+        q = _q("log_uniform")
+        expected = 1 - (1 - q) ** float(drawn.tries)
+        s = np.asarray(drawn.classes)
+        logits = e @ w + b
+        true = logits[np.arange(N), y] - np.log(expected[y])
+        sampled = logits[:, s] - np.log(expected[s])
+        noise = _softplus(sampled)
+        if hits:
+            noise = np.where(s[None, :] == y[:, None], 0.0, noise)
+        want = _softplus(-true) + noise.sum(1)
+        np.testing.assert_allclose(got, want, rtol=1e-5)  # q in float32
+        assert np.any(s[None, :] == y[:, None])  # so hits=True changes something
+
+
+def test_nce_optimum_recovers_the_distribution():
+    """One input, 8 classes drawn with probabilities p; the expected NCE loss over the
+    data (weights p) and 128 noise draws of 16 uniform samples, minimised over the
+    bias: exp(bias) is p (measured within 0.007) and sums to 1 without being told to
+    (self-normalisation)."""
+    import optax
+
+    p = np.array([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
+    v, one = len(p), jnp.ones((len(p), 1))
+    keys = jax.random.split(jax.random.key(0), 128)
+
+    def objective(b):
+        def loss(key):
+            return jcce.nce_loss(
+                one, jnp.zeros((1, v)), jnp.arange(v), bias=b, key=key,
+                num_samples=16, sampler=samplers.uniform(v), unique=False,
+                weights=p, reduction="sum",
+            )  # fmt: skip
+
+        return jax.vmap(loss)(keys).mean()
+
+    opt = optax.adam(0.05)
+
+    @jax.jit
+    def step(b, state):
+        updates, state = opt.update(jax.grad(objective)(b), state)
+        return optax.apply_updates(b, updates), state
+
+    b, state = jnp.zeros(v), opt.init(jnp.zeros(v))
+    for _ in range(500):
+        b, state = step(b, state)
+    fitted = np.exp(np.asarray(b, np.float64))
+    np.testing.assert_allclose(fitted, p, atol=0.02)
+    assert abs(fitted.sum() - 1) < 0.03
+
+
+def test_nce_masks_nan_in_masked_rows_and_out_of_range_labels():
+    e, w, b, y = _problem(9)
+    where = np.arange(N) % 3 != 0
+    e[~where] = np.nan
+    y[4] = V  # out of range, and kept
+    kw = dict(key=jax.random.key(1), num_samples=8, bias=b, where=where)
+    per = jcce.nce_loss(e, w, y, reduction="none", **kw)
+    assert np.all(np.asarray(per)[~where] == 0) and np.isnan(per[4])
+    ok = np.delete(np.arange(N), 4)
+    assert np.all(np.isfinite(np.asarray(per)[ok]))
+    y[4] = 0
+    value, grads = jax.jit(
+        jax.value_and_grad(lambda e, w: jcce.nce_loss(e, w, y, **kw), argnums=(0, 1))
+    )(e, w)
+    per = jcce.nce_loss(np.where(where[:, None], e, 0), w, y, reduction="none", **kw)
+    np.testing.assert_allclose(value, np.asarray(per)[where].mean(), rtol=1e-6)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert np.all(np.asarray(grads[0])[~where] == 0)
+    nothing = jcce.nce_loss(e, w, y, **{**kw, "where": np.zeros(N, bool)})
+    assert float(nothing) == 0.0
+
+
+def test_nce_errors_name_the_argument():
+    e, w, b, y = _problem()
+    with pytest.raises(ValueError, match="nce_loss: reduction must be"):
+        jcce.nce_loss(e, w, y, key=jax.random.key(0), num_samples=4, reduction="avg")
+    with pytest.raises(TypeError, match="nce_loss: key is required"):
+        jcce.nce_loss(e, w, y, num_samples=4)

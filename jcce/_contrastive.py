@@ -1,0 +1,123 @@
+"""In-batch contrastive cross-entropy: InfoNCE, and CLIP's symmetric form.
+
+Row ``i`` of ``queries`` and row ``i`` of ``keys`` are a positive pair; every other row
+of the batch is a negative. The logits are the scaled similarities
+``queries @ keys.T / temperature`` and the labels their diagonal, so the loss is jcce's
+kernel on ``[N, N]`` logits (van den Oord et al. 2018). CLIP (Radford et al. 2021)
+averages the two directions, queries against keys and keys against queries, with a
+learnable temperature: pass ``temperature`` as an array and differentiate it.
+
+With the batch split over devices (``batch_axis``, inside ``jax.shard_map``), each
+device gathers the other devices' embeddings (``all_gather``: ``[N, D]``, not the
+similarities) and computes its own rows of each direction, ``[N / devices, N]``: the
+``[N, N]`` similarity matrix exists nowhere.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jcce import _losses
+from jcce import _validate as v
+
+
+def info_nce_loss(
+    queries: jax.typing.ArrayLike,
+    keys: jax.typing.ArrayLike,
+    *,
+    temperature: jax.typing.ArrayLike = 1.0,
+    symmetric: bool = True,
+    where: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+    batch_axis: str | tuple[str, ...] | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    r"""In-batch contrastive cross-entropy of ``queries [N, D]`` against ``keys [N, D]``.
+
+    ``l_i = -log softmax_j(q_i . k_j / T)_i``, the cross-entropy of the similarities
+    with the positive pair on the diagonal; with ``symmetric=True`` (CLIP), the mean of
+    that and the same loss of ``keys`` against ``queries``. Normalise the embeddings
+    first for cosine similarities, as CLIP does. The similarities are accumulated in
+    float32 (float64 for float64 inputs), and the cross-entropy is jcce's kernel (its
+    closed-form gradient).
+
+    Args:
+      queries: float ``[N, D]`` (e.g. image embeddings).
+      keys: float ``[N, D]`` (e.g. text embeddings); row ``i`` is ``queries[i]``'s
+        positive.
+      temperature: a positive scalar, a Python number or an array (differentiable:
+        CLIP learns ``1 / temperature``).
+      symmetric: average both directions (CLIP) or only queries against keys.
+      where: bool ``[N]``; ``False`` removes the pair: neither its loss nor its rows
+        as negatives for the others.
+      reduction: ``"mean"`` (over the pairs that count), ``"sum"`` or ``"none"``.
+      batch_axis: inside ``jax.shard_map`` with the batch split over this mesh axis
+        (or axes): the local ``[N / devices, D]`` rows in, each device's own rows'
+        losses out (the mean is over this device's pairs; ``psum`` or ``pmean`` it
+        over the axis yourself, as with jcce's other losses).
+      implementation: as in :func:`jcce.cross_entropy`.
+
+    Returns:
+      float32 (float64 for float64 inputs) loss: a scalar, or ``[N]`` (this device's
+      ``[N / devices]``) for ``reduction="none"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jcce
+      >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+      >>> loss = jcce.info_nce_loss(x, x, temperature=0.1)  # each row its own pair
+      >>> bool(loss < 0.1)
+      True
+    """
+    fn = "info_nce_loss"
+    q, k = v.contrastive_pair(fn, queries, keys)
+    t = v.positive_scalar(fn, "temperature", temperature)
+    v.flag(fn, "symmetric", symmetric)
+    v.static_options(fn, -1, reduction, None)
+    keep = None if where is None else v.mask(fn, "where", where, q.shape[:1])
+    axes = None if batch_axis is None else v.batch_axes(fn, batch_axis)
+    return _info_nce(
+        q, k, t, keep, symmetric=symmetric, reduction=reduction, axes=axes,
+        implementation=v.implementation(fn, implementation),
+    )  # fmt: skip
+
+
+@partial(jax.jit, static_argnames=("symmetric", "reduction", "axes", "implementation"))
+def _info_nce(q, k, t, keep, *, symmetric, reduction, axes, implementation):
+    acc = jnp.promote_types(jnp.result_type(q, k), jnp.float32)
+    if keep is not None:  # NaN in a removed pair reaches nothing
+        q = jnp.where(keep[:, None], q, jnp.zeros((), q.dtype))
+        k = jnp.where(keep[:, None], k, jnp.zeros((), k.dtype))
+    n = q.shape[0]
+    offset = 0 if axes is None else lax.axis_index(axes) * n
+
+    def gather(x):
+        return x if axes is None else lax.all_gather(x, axes, tiled=True)
+
+    every_keep = None if keep is None else gather(keep)
+    labels = offset + jnp.arange(n, dtype=jnp.int32)
+
+    def direction(rows, columns):
+        logits = jnp.einsum(
+            "nd,md->nm", rows, gather(columns), preferred_element_type=acc
+        )
+        logits = logits / t.astype(acc)
+        if every_keep is not None:  # a removed pair is no one's negative
+            logits = jnp.where(every_keep[None, :], logits, -jnp.inf)
+        return _losses.cross_entropy(
+            logits, labels, where=keep, reduction="none", implementation=implementation
+        )
+
+    losses = direction(q, k)
+    if symmetric:
+        losses = (losses + direction(k, q)) / 2
+    if reduction == "none":
+        return losses
+    total = jnp.sum(losses)
+    if reduction == "sum":
+        return total
+    count = n if keep is None else jnp.sum(keep.astype(acc))
+    return jnp.where(count == 0, 0 * total, total / jnp.maximum(count, 1))

@@ -1,0 +1,166 @@
+"""``jcce.info_nce_loss``: in-batch contrastive cross-entropy (InfoNCE, CLIP).
+
+Against a float64 NumPy reference written from the definition, ``jax.grad`` and
+``jax.hessian`` of the naive ``log_softmax`` formula, masks, 16-bit inputs, and under
+``shard_map`` with the batch split over 8 host devices, where the per-device
+similarities are ``[N / 8, N]`` and the ``[N, N]`` matrix appears nowhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+import jcce
+
+N, D = 16, 8
+
+
+def _pair(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(N, D))
+    k = q + 0.7 * rng.normal(size=(N, D))
+    return q.astype(dtype), k.astype(dtype)
+
+
+def _reference(q, k, t, symmetric):
+    logits = np.asarray(q, np.float64) @ np.asarray(k, np.float64).T / t
+
+    def ce(z):
+        m = z.max(1, keepdims=True)
+        return (m[:, 0] + np.log(np.exp(z - m).sum(1))) - np.diag(z)
+
+    return (ce(logits) + ce(logits.T)) / 2 if symmetric else ce(logits)
+
+
+def _naive(q, k, t, symmetric):
+    logits = q @ k.T / t
+    one = -jnp.diag(jax.nn.log_softmax(logits, axis=1))
+    if not symmetric:
+        return one.mean()
+    return ((one - jnp.diag(jax.nn.log_softmax(logits.T, axis=1))) / 2).mean()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("t", [0.07, 1.0])
+def test_values_match_float64(symmetric, t):
+    q, k = _pair()
+    got = jcce.info_nce_loss(q, k, temperature=t, symmetric=symmetric, reduction="none")
+    # float32 similarities up to |q.k| / t ~ 300: absolute rounding near 1e-5.
+    np.testing.assert_allclose(
+        got, _reference(q, k, t, symmetric), rtol=2e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gradients_and_hessian_match_autodiff_of_the_naive_formula(symmetric, x64):
+    q, k = _pair(1, np.float64)
+
+    def ours(q, k, t):
+        return jcce.info_nce_loss(q, k, temperature=t, symmetric=symmetric)
+
+    args = (q, k, jnp.float64(0.5))
+    got = jax.grad(ours, argnums=(0, 1, 2))(*args)
+    want = jax.grad(_naive, argnums=(0, 1, 2))(*args, symmetric)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    hessian = jax.jit(jax.hessian(lambda q: ours(q, k, 0.5)))(q)
+    np.testing.assert_allclose(
+        hessian, jax.hessian(lambda q: _naive(q, k, 0.5, symmetric))(q), atol=1e-11
+    )
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def test_removed_pairs_are_nobodys_negatives():
+    q, k = _pair(2)
+    where = np.arange(N) % 4 != 1
+    q[~where] = np.nan
+    got = jcce.info_nce_loss(q, k, temperature=0.3, where=where, reduction="none")
+    kept = jcce.info_nce_loss(q[where], k[where], temperature=0.3, reduction="none")
+    np.testing.assert_allclose(np.asarray(got)[where], kept, rtol=1e-6)
+    assert np.all(np.asarray(got)[~where] == 0)
+    grads = jax.grad(
+        lambda q, k: jcce.info_nce_loss(q, k, temperature=0.3, where=where),
+        argnums=(0, 1),
+    )(q, k)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert np.all(np.asarray(grads[0])[~where] == 0)
+    nothing = jcce.info_nce_loss(q, k, where=np.zeros(N, bool))
+    assert float(nothing) == 0.0
+
+
+def test_16_bit_inputs_give_a_float32_loss():
+    q, k = _pair(3)
+    low = jcce.info_nce_loss(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16))
+    assert low.dtype == jnp.float32
+    want = jcce.info_nce_loss(
+        jnp.asarray(q, jnp.bfloat16).astype(jnp.float32),
+        jnp.asarray(k, jnp.bfloat16).astype(jnp.float32),
+    )
+    np.testing.assert_allclose(low, want, rtol=1e-5)
+
+
+def test_batch_split_over_devices_gathers_embeddings_not_similarities():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    q, k = _pair(4)
+    rows = P("data")
+
+    def per_device(q, k, t):
+        return jcce.info_nce_loss(
+            q, k, temperature=t, batch_axis="data", reduction="none"
+        )
+
+    f = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, P()), out_specs=rows)
+    )
+    got = f(q, k, 0.2)
+    want = jcce.info_nce_loss(q, k, temperature=0.2, reduction="none")
+    # The devices' matmuls round differently from one [N, N] matmul.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(got) >= 0)
+
+    def mean(q, k, t):
+        return f(q, k, t).mean()
+
+    grads = jax.grad(mean, argnums=(0, 1, 2))(q, k, 0.2)
+    wants = jax.grad(
+        lambda q, k, t: jcce.info_nce_loss(q, k, temperature=t), argnums=(0, 1, 2)
+    )(q, k, 0.2)
+    for a, b in zip(grads, wants, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    text = jax.jit(jax.grad(mean)).lower(q, k, 0.2).compile().as_text()
+    assert f"f32[{N},{N}]" not in text and f"f32[{N // 8},{N}]" in text
+
+
+def test_errors_name_the_argument():
+    q, k = _pair()
+    fn = "info_nce_loss"
+    with pytest.raises(
+        ValueError, match=rf"{fn}: queries and keys must both have shape"
+    ):
+        jcce.info_nce_loss(q, k[:3])
+    with pytest.raises(
+        ValueError, match=f"{fn}: temperature must be a positive number"
+    ):
+        jcce.info_nce_loss(q, k, temperature=0.0)
+    with pytest.raises(
+        ValueError, match=f"{fn}: temperature must be a positive scalar"
+    ):
+        jcce.info_nce_loss(q, k, temperature=np.ones(2))
+    with pytest.raises(TypeError, match=f"{fn}: symmetric must be True or False"):
+        jcce.info_nce_loss(q, k, symmetric="yes")
+    with pytest.raises(TypeError, match=f"{fn}: batch_axis must be a mesh axis name"):
+        jcce.info_nce_loss(q, k, batch_axis=3)
+    with pytest.raises(ValueError, match=f"{fn}: reduction must be"):
+        jcce.info_nce_loss(q, k, reduction="avg")
+    with pytest.raises(TypeError, match=f"{fn}: queries must have a floating dtype"):
+        jcce.info_nce_loss(np.ones((2, 2), np.int32), k[:2, :2])
