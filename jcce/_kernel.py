@@ -639,8 +639,9 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
         # x_y <= max x, so d_y <= 0; where XLA computes the label's logit and the max
         # from two fusions of the same producer (a matmul divided by a temperature),
         # their rounding can differ and d_y come out a hair above 0, the loss below.
-        # A select, so at d_y = 0 (the label is the max) the derivative is d_y's own.
-        d_y = jnp.where(d_y > 0, jnp.zeros((), d_y.dtype), d_y)
+        # A select, so at d_y = 0 (the label is the max) the derivative is d_y's own;
+        # a +inf label logit (d_y = inf against a max replaced by 0) stays, NaN loss.
+        d_y = jnp.where((d_y > 0) & (d_y < jnp.inf), jnp.zeros((), d_y.dtype), d_y)
         ce_y = jnp.where(valid, log_se - d_y, jnp.nan)
         w_y = (
             jnp.ones((), acc)
