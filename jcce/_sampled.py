@@ -121,8 +121,15 @@ def nce_loss(
     computes the same, with ``remove_accidental_hits=False`` by default as here.
 
     Args:
-      embeddings, classifier, labels, key, num_samples, sampler, unique, bias,
-        classifier_layout: as in :func:`sampled_softmax_cross_entropy`.
+      embeddings: as in :func:`sampled_softmax_cross_entropy`.
+      classifier: as there.
+      labels: as there.
+      key: as there.
+      num_samples: as there.
+      sampler: as there.
+      unique: as there.
+      bias: as there.
+      classifier_layout: as there.
       remove_accidental_hits: drop a sampled class equal to the label (default False).
       subtract_log_q: subtract the log expected counts (default True).
       where, weights, ignore_index, reduction: as in :func:`jcce.cross_entropy`

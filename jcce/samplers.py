@@ -37,6 +37,16 @@ from jax import lax
 
 from jcce import _validate as v
 
+__all__ = [
+    "Candidates",
+    "Sampler",
+    "expected_count",
+    "log_uniform",
+    "sample",
+    "uniform",
+    "unigram",
+]
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
