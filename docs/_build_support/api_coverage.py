@@ -32,9 +32,11 @@ def _public_names(module_file: Path) -> list[str]:
 
 def on_files(files, config):  # noqa: ARG001
     public = {f"jcce.{n}" for n in _public_names(ROOT / "jcce" / "__init__.py")}
-    public |= {
-        f"jcce.calibration.{n}" for n in _public_names(ROOT / "jcce" / "calibration.py")
-    }
+    for module in ("calibration", "samplers"):
+        public |= {
+            f"jcce.{module}.{n}"
+            for n in _public_names(ROOT / "jcce" / f"{module}.py")
+        }
     api_dir = Path(config["docs_dir"]) / "api"
     shown: set[str] = set()
     for page in sorted(api_dir.glob("*.md")):
