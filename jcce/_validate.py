@@ -478,19 +478,20 @@ def ignore_index(fn: str, ignore_index, kind: str, labels_dtype):
 
 def vocab_axis(fn: str, vocab_axis):
     """A mesh axis name, a tuple of them, or None (checked before jit sees it)."""
-    if isinstance(vocab_axis, list):
-        vocab_axis = tuple(vocab_axis)
-    if vocab_axis is None or isinstance(vocab_axis, str):
-        return vocab_axis
-    if (
-        isinstance(vocab_axis, tuple)
-        and vocab_axis
-        and all(isinstance(a, str) for a in vocab_axis)
+    return None if vocab_axis is None else _axis_names(fn, "vocab_axis", vocab_axis)
+
+
+def _axis_names(fn: str, name: str, axes):
+    """A mesh axis name or a non-empty tuple (or list) of names, as a str or tuple."""
+    if isinstance(axes, list):
+        axes = tuple(axes)
+    if isinstance(axes, str) or (
+        isinstance(axes, tuple) and axes and all(isinstance(a, str) for a in axes)
     ):
-        return vocab_axis
+        return axes
     raise TypeError(
-        f"{fn}: vocab_axis must be a mesh axis name (str), a tuple of names, or None, "
-        f"got {vocab_axis!r}"
+        f"{fn}: {name} must be a mesh axis name (str), a tuple of names, or None, "
+        f"got {axes!r}"
     )
 
 
@@ -1358,15 +1359,4 @@ def positive_scalar(fn: str, name: str, value) -> jax.Array:
 
 def batch_axes(fn: str, batch_axis):
     """A mesh axis name or a tuple of them (static)."""
-    if isinstance(batch_axis, list):
-        batch_axis = tuple(batch_axis)
-    if isinstance(batch_axis, str) or (
-        isinstance(batch_axis, tuple)
-        and batch_axis
-        and all(isinstance(a, str) for a in batch_axis)
-    ):
-        return batch_axis
-    raise TypeError(
-        f"{fn}: batch_axis must be a mesh axis name (str), a tuple of names, or None, "
-        f"got {batch_axis!r}"
-    )
+    return _axis_names(fn, "batch_axis", batch_axis)
