@@ -1,15 +1,17 @@
-"""Sampled losses against the exact fused linear loss at a large vocabulary.
+"""Sampled and adaptive losses against the exact fused linear loss at a large vocabulary.
 
 One training step's ``jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))`` (gradients of
-the embeddings and the classifier) at N = 4096 tokens, D = 128, V = 2^20 classes,
-float32, classifier ``[V, D]``: the exact :func:`jcce.linear_cross_entropy` against
-:func:`jcce.sampled_softmax_cross_entropy` and :func:`jcce.nce_loss` with 1,024 unique
-log-uniform samples, with the ratio to the exact step measured in the same run and
-XLA's compiled temp memory. The sampled steps still write the dense ``[V, D]``
-classifier gradient (most of it zeros), as any of them would under ``jax.grad``.
+the embeddings and of the classifier, or of the adaptive softmax's parameters) at
+N = 4096 Zipfian labels, D = 128, V = 2^20 classes, float32, classifier ``[V, D]``: the
+exact :func:`jcce.linear_cross_entropy` against :func:`jcce.sampled_softmax_cross_entropy`
+and :func:`jcce.nce_loss` with 1,024 unique log-uniform samples and
+:func:`jcce.adaptive_softmax.loss` with cutoffs 2^14 and 2^17 (``div_value=4``), with
+the ratio to the exact step measured in the same run and XLA's compiled temp memory.
+The sampled steps still write the dense ``[V, D]`` classifier gradient (most of it
+zeros), as any of them would under ``jax.grad``.
 
     python benchmarks/bench_sampled.py            # V = 2^20 (a few minutes on 2 cores)
-    python benchmarks/bench_sampled.py --quick    # V = 2^16
+    python benchmarks/bench_sampled.py --quick    # V = 2^16, cutoffs 2^10 and 2^13
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=1024)
     opts = parser.parse_args(argv)
     n, d, v = 4096, 128, 2**16 if opts.quick else 2**20
+    cutoffs = (2**10, 2**13) if opts.quick else (2**14, 2**17)
     print(environment())
-    print(f"N {n}, D {d}, V {v}, float32, classifier [V, D]; {opts.samples} samples\n")
+    print(
+        f"N {n}, D {d}, V {v}, float32, classifier [V, D]; {opts.samples} samples;"
+        f" adaptive softmax cutoffs {cutoffs}\n"
+    )
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     e = jax.random.normal(k1, (n, d))
     w = jax.random.normal(k2, (v, d)) / d**0.5
@@ -54,18 +60,23 @@ def main(argv=None):
             e, w, y, key=key, num_samples=opts.samples, classifier_layout="VD"
         )
 
+    params = jcce.adaptive_softmax.init(jax.random.key(2), d, v, cutoffs)
+
+    def adaptive(e, params):
+        return jcce.adaptive_softmax.loss(params, e, y)
+
     rows, base = [], None
-    for name, loss, repeats in (
-        ("exact linear_cross_entropy", exact, 2),
-        ("sampled_softmax_cross_entropy", sampled, 10),
-        ("nce_loss", nce, 10),
+    for name, loss, second, repeats in (
+        ("exact linear_cross_entropy", exact, w, 2),
+        ("sampled_softmax_cross_entropy", sampled, w, 10),
+        ("nce_loss", nce, w, 10),
+        ("adaptive_softmax.loss", adaptive, params, 5),
     ):
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        t = time_fn(step, e, w, repeats=repeats, warmup=1)
+        t = time_fn(step, e, second, repeats=repeats, warmup=1)
         base = t if base is None else base
-        rows.append(
-            [name, fmt_ms(t), f"{base / t:.1f}x", fmt_bytes(temp_bytes(step, e, w))]
-        )
+        temp = fmt_bytes(temp_bytes(step, e, second))
+        rows.append([name, fmt_ms(t), f"{base / t:.1f}x", temp])
     print_table(["loss", "step", "speed-up over exact", "temp"], rows)
 
 

@@ -3,6 +3,7 @@
 Import from ``jcce`` only; the underscore modules are private and may change.
 """
 
+from jcce import adaptive_softmax as adaptive_softmax
 from jcce import calibration as calibration
 from jcce import samplers as samplers
 from jcce._backend import use_implementation as use_implementation
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Chain",
     "Transform",
+    "adaptive_softmax",
     "binary_cross_entropy",
     "calibration",
     "chain",

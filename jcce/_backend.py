@@ -116,6 +116,15 @@ class LinearPlan(NamedTuple):
     lean_classes: int
 
 
+def rows_within(budget: int, classes: int, num_rows: int) -> int:
+    """The largest power of two ``r`` (at least 1) whose ``[r, classes]`` float32
+    logits fit ``budget`` bytes, at most ``num_rows`` (at least 1)."""
+    rows = 1
+    while rows * 2 * max(classes, 1) * 4 <= budget:
+        rows *= 2
+    return max(1, min(rows, num_rows))
+
+
 _INTERPRET_PALLAS = contextvars.ContextVar("jcce_interpret_pallas", default=False)
 
 

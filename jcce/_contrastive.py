@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jcce import _losses
+from jcce import _backend, _losses
 from jcce import _validate as v
 
 
@@ -81,7 +81,7 @@ def info_nce_loss(
     axes = None if batch_axis is None else v.batch_axes(fn, batch_axis)
     return _info_nce(
         q, k, t, keep, symmetric=symmetric, reduction=reduction, axes=axes,
-        implementation=v.implementation(fn, implementation),
+        implementation=_backend.resolve(v.implementation(fn, implementation)),
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jcce import _binary, _losses, samplers
+from jcce import _backend, _binary, _losses, samplers
 from jcce import _validate as v
 from jcce._plumbing import example_scale, reduce_losses
 
@@ -183,7 +183,7 @@ def _sampled_loss(
         e, w, y, key, sampler, b, keep, weights, fn=fn, num_samples=int(num_samples),
         unique=unique, hits=remove_accidental_hits, log_q=subtract_log_q,
         layout=classifier_layout, ignore_index=ignore_index, reduction=reduction,
-        implementation=v.implementation(fn, implementation),
+        implementation=_backend.resolve(v.implementation(fn, implementation)),
     )  # fmt: skip
 
 

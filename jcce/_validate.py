@@ -1360,3 +1360,89 @@ def positive_scalar(fn: str, name: str, value) -> jax.Array:
 def batch_axes(fn: str, batch_axis):
     """A mesh axis name or a tuple of them (static)."""
     return _axis_names(fn, "batch_axis", batch_axis)
+
+
+# Adaptive softmax (jcce.adaptive_softmax).
+
+
+def adaptive_cutoffs(fn: str, cutoffs, num_classes: int) -> tuple[int, ...]:
+    """Strictly increasing Python ints in ``[1, num_classes - 1]``, at least one."""
+    try:
+        values = list(cutoffs)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: cutoffs must be a sequence of ints, got {cutoffs!r}"
+        ) from None
+    if any(isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Integral)
+           for c in values):  # fmt: skip
+        raise TypeError(f"{fn}: cutoffs must be a sequence of ints, got {cutoffs!r}")
+    values = [int(c) for c in values]
+    if not values:
+        raise ValueError(f"{fn}: cutoffs must hold at least one cutoff, got {cutoffs!r}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{fn}: cutoffs must be strictly increasing, got {values}")
+    if values[0] < 1 or values[-1] > num_classes - 1:
+        raise ValueError(
+            f"{fn}: cutoffs must lie in [1, num_classes - 1] = [1, {num_classes - 1}] "
+            f"(num_classes={num_classes}), got {values}"
+        )
+    return tuple(values)
+
+
+def adaptive_widths(fn: str, in_features: int, div_value, clusters: int):
+    """Each cluster's projection width ``in_features // div_value ** (i + 1)``."""
+    if isinstance(div_value, (bool, np.bool_)) or not isinstance(
+        div_value, numbers.Real
+    ):
+        raise TypeError(f"{fn}: div_value must be a real number, got {div_value!r}")
+    if not (math.isfinite(div_value) and div_value > 0):
+        raise ValueError(f"{fn}: div_value must be finite and > 0, got {div_value!r}")
+    widths = tuple(int(in_features // div_value ** (i + 1)) for i in range(clusters))
+    if min(widths) < 1:
+        raise ValueError(
+            f"{fn}: with in_features={in_features} and div_value={div_value!r} the "
+            f"clusters' projection widths are {list(widths)}; each must be >= 1 (use a "
+            "smaller div_value or fewer cutoffs)"
+        )
+    return widths
+
+
+def floating_dtype(fn: str, dtype):
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{fn}: dtype must be a floating dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{fn}: dtype must be a floating dtype, got {dt}")
+    return dt
+
+
+def adaptive_embeddings(fn: str, params, embeddings) -> jax.Array:
+    """``embeddings`` ``[*batch, D]`` for the adaptive softmax ``params``."""
+    if type(params).__name__ != "AdaptiveSoftmax":
+        raise TypeError(
+            f"{fn}: params must be a jcce.adaptive_softmax.AdaptiveSoftmax (from "
+            f"adaptive_softmax.init), got {type(params).__name__}"
+        )
+    x = floating(fn, "embeddings", as_array(fn, "embeddings", embeddings))
+    d = params.head.shape[0]
+    if x.ndim < 1 or x.shape[-1] != d:
+        raise ValueError(
+            f"{fn}: embeddings has shape {x.shape} but the head has shape "
+            f"{params.head.shape}; embeddings must be [*batch, {d}]"
+        )
+    return x
+
+
+def adaptive_inputs(fn: str, params, embeddings, labels):
+    """``(embeddings, int labels)`` for the adaptive softmax loss."""
+    x = adaptive_embeddings(fn, params, embeddings)
+    batch_shape = x.shape[:-1]
+    _, y = labels_kind(
+        fn,
+        as_labels(fn, labels),
+        batch_shape,
+        batch_shape + (params.num_classes,),
+        allow=("int",),
+    )
+    return x, class_indices(y)

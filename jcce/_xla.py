@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jcce._backend import LinearPlan, Ops
+from jcce._backend import LinearPlan, Ops, rows_within
 
 # Bytes of one token block's float32 logits in the fused linear loss: large enough that
 # the block's matmuls fill an accelerator (a handful of blocks at N = 8192, V = 131072),
@@ -99,3 +99,9 @@ def lean_classes(num_tokens: int, vocab: int, hidden: int) -> int:
     logits and its ``[chunk, D]`` float32 classifier gradient within
     :data:`LEAN_BUDGET`, at least 128 classes, at most ``vocab``."""
     return min(vocab, _fit(LEAN_BUDGET, num_tokens + hidden, 128))
+
+
+def cluster_rows(num_rows: int, classes: int) -> int:
+    """Rows per block of a row-gathered softmax (an adaptive-softmax cluster): the
+    block's float32 logits within :data:`LOGITS_BUDGET`, as the linear loss's blocks."""
+    return rows_within(LOGITS_BUDGET, classes, num_rows)

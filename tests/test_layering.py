@@ -23,7 +23,7 @@ LAYERS = [
     {"_kernel"},  # the one custom_vjp kernel
     {"_plumbing"},  # weights, masks, the kernel call, reductions, vocab routing
     {"_losses", "_linear", "_binary", "_divergence"},  # the public losses
-    {"_sampled", "_contrastive"},  # sampled and in-batch losses, on cross_entropy
+    {"_sampled", "_contrastive", "adaptive_softmax"},  # on the core and linear losses
     {"_transforms"},  # Transform and Chain (a chain is called as a loss)
     {"_family", "calibration"},  # built on chains
     {"__init__"},

@@ -32,7 +32,7 @@ def _public_names(module_file: Path) -> list[str]:
 
 def on_files(files, config):  # noqa: ARG001
     public = {f"jcce.{n}" for n in _public_names(ROOT / "jcce" / "__init__.py")}
-    for module in ("calibration", "samplers"):
+    for module in ("adaptive_softmax", "calibration", "samplers"):
         public |= {
             f"jcce.{module}.{n}"
             for n in _public_names(ROOT / "jcce" / f"{module}.py")
