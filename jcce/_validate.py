@@ -1378,8 +1378,10 @@ def adaptive_cutoffs(fn: str, cutoffs, num_classes: int) -> tuple[int, ...]:
         raise TypeError(f"{fn}: cutoffs must be a sequence of ints, got {cutoffs!r}")
     values = [int(c) for c in values]
     if not values:
-        raise ValueError(f"{fn}: cutoffs must hold at least one cutoff, got {cutoffs!r}")
-    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(
+            f"{fn}: cutoffs must hold at least one cutoff, got {cutoffs!r}"
+        )
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
         raise ValueError(f"{fn}: cutoffs must be strictly increasing, got {values}")
     if values[0] < 1 or values[-1] > num_classes - 1:
         raise ValueError(
@@ -1411,7 +1413,9 @@ def floating_dtype(fn: str, dtype):
     try:
         dt = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{fn}: dtype must be a floating dtype, got {dtype!r}") from None
+        raise TypeError(
+            f"{fn}: dtype must be a floating dtype, got {dtype!r}"
+        ) from None
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"{fn}: dtype must be a floating dtype, got {dt}")
     return dt

@@ -40,8 +40,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -266,9 +266,11 @@ def _over_selected_rows(selected, rows, compute, empty):
     positions = jnp.arange(blocks * rows).reshape(blocks, rows)
     target = jnp.where(positions < count, index, n).reshape(-1)
     return jax.tree.map(
-        lambda o, e: jnp.broadcast_to(e, (n,) + e.shape)
-        .at[target]
-        .set(o.reshape((-1,) + e.shape), mode="drop"),
+        lambda o, e: (
+            jnp.broadcast_to(e, (n,) + e.shape)
+            .at[target]
+            .set(o.reshape((-1,) + e.shape), mode="drop")
+        ),
         out,
         empty,
     )
@@ -325,7 +327,9 @@ def _cluster_bwd(rows, implementation, saved, ct):
 
         def run(dh, dw):
             _, pull = jax.vjp(
-                lambda hb, w: _cluster_block(implementation, hb, w, relative[idx], valid),
+                lambda hb, w: _cluster_block(
+                    implementation, hb, w, relative[idx], valid
+                ),
                 h[idx],
                 w,
             )
@@ -398,7 +402,7 @@ def _log_prob(params, x):
     head = jax.nn.log_softmax(_head_logits(params, x), axis=-1)
     shortlist = params.shortlist_size
     parts = [head[..., :shortlist]]
-    for i, (p, w) in enumerate(zip(params.projections, params.outputs)):
+    for i, (p, w) in enumerate(zip(params.projections, params.outputs, strict=True)):
         z = jnp.matmul(
             _project(x, p), w, preferred_element_type=head.dtype
         )  # fmt: skip
@@ -415,14 +419,16 @@ def _predict(params, x, *, block_rows):
     bounds = params.cutoffs
     shortlist = bounds[0]
     best = jnp.argmax(head, axis=-1).astype(jnp.int32)
-    widest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    widest = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
 
     def full_argmax(idx, valid):
         del valid
         lp = head[idx]
         value = jnp.max(lp[:, :shortlist], axis=-1)
         choice = jnp.argmax(lp[:, :shortlist], axis=-1).astype(jnp.int32)
-        for i, (p, w) in enumerate(zip(params.projections, params.outputs)):
+        for i, (p, w) in enumerate(
+            zip(params.projections, params.outputs, strict=True)
+        ):
             z = jnp.matmul(_project(x[idx], p), w, preferred_element_type=lp.dtype)
             tail = jax.nn.log_softmax(z, axis=-1) + lp[:, shortlist + i, None]
             top = jnp.max(tail, axis=-1)

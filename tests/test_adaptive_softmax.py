@@ -28,7 +28,7 @@ def _params(seed=0, *, head_bias=True, div_value=2.0, dtype=jnp.float32, tails=1
     their columns), so that predictions land in the clusters too."""
     p = asm.init(jax.random.key(seed), D, V, CUTOFFS, div_value=div_value,
                  head_bias=head_bias, dtype=dtype)  # fmt: skip
-    head = p.head.at[:, CUTOFFS[0]:].multiply(tails)
+    head = p.head.at[:, CUTOFFS[0] :].multiply(tails)
     return asm.AdaptiveSoftmax(head, p.head_bias, p.projections, p.outputs, p.cutoffs)
 
 
@@ -78,7 +78,9 @@ def _reference(p, x, y):
         if cluster == 0:
             out[n] = -head[n, label]
         else:
-            tail = log_softmax(x[n] @ p.projections[cluster - 1] @ p.outputs[cluster - 1])
+            tail = log_softmax(
+                x[n] @ p.projections[cluster - 1] @ p.outputs[cluster - 1]
+            )
             out[n] = -(head[n, CUTOFFS[0] + cluster - 1]
                        + tail[label - bounds[cluster]])  # fmt: skip
     return out
@@ -237,9 +239,7 @@ def test_log_prob_is_a_distribution_and_predict_its_argmax():
         -lp[np.arange(len(y)), y], asm.loss(p, x, y, reduction="none"), rtol=1e-5
     )
     for rows in (None, 1, 5):
-        np.testing.assert_array_equal(
-            asm.predict(p, x, block_rows=rows), lp.argmax(-1)
-        )
+        np.testing.assert_array_equal(asm.predict(p, x, block_rows=rows), lp.argmax(-1))
 
 
 def test_batch_dims_jit_and_vmap():
@@ -247,7 +247,9 @@ def test_batch_dims_jit_and_vmap():
     x, y = _problem(7, n=24)
     x3, y3 = x.reshape(2, 3, 4, D), y.reshape(2, 3, 4)
     flat = asm.loss(p, x, y, reduction="none")
-    np.testing.assert_allclose(asm.loss(p, x3, y3, reduction="none"), flat.reshape(2, 3, 4))
+    np.testing.assert_allclose(
+        asm.loss(p, x3, y3, reduction="none"), flat.reshape(2, 3, 4)
+    )
     assert asm.predict(p, x3).shape == (2, 3, 4)
     assert asm.log_prob(p, x3).shape == (2, 3, 4, V)
     single = asm.loss(p, x[0], y[0])  # one example: [D] and a scalar label
@@ -293,7 +295,9 @@ def test_extreme_logits_masks_nan_rows_and_out_of_range_labels():
     # NaN in masked rows reaches neither the loss nor any gradient.
     where = np.arange(16) % 2 == 0
     xn = np.where(where[:, None], x, np.nan).astype(np.float32)
-    value, (gp, gx) = jax.value_and_grad(asm.loss, argnums=(0, 1))(p, xn, y, where=where)
+    value, (gp, gx) = jax.value_and_grad(asm.loss, argnums=(0, 1))(
+        p, xn, y, where=where
+    )
     np.testing.assert_allclose(value, _reference(p, x, y)[where].mean(), rtol=1e-5)
     assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(gp))
     assert np.all(np.asarray(gx)[~where] == 0)
@@ -329,7 +333,9 @@ def test_errors_name_the_argument():
     key = jax.random.key(0)
     with pytest.raises(ValueError, match=f"{fn}: cutoffs must be strictly increasing"):
         asm.init(key, 8, 100, [10, 10, 50])
-    with pytest.raises(ValueError, match=r"cutoffs must lie in \[1, num_classes - 1\] = \[1, 99\]"):
+    with pytest.raises(
+        ValueError, match=r"cutoffs must lie in \[1, num_classes - 1\] = \[1, 99\]"
+    ):
         asm.init(key, 8, 100, [10, 100])
     with pytest.raises(ValueError, match="cutoffs must lie in"):
         asm.init(key, 8, 100, [0, 10])
@@ -350,7 +356,9 @@ def test_errors_name_the_argument():
     p = _params()
     x, y = _problem(n=4)
     fn = "adaptive_softmax.loss"
-    with pytest.raises(TypeError, match=f"{fn}: params must be a jcce.adaptive_softmax"):
+    with pytest.raises(
+        TypeError, match=f"{fn}: params must be a jcce.adaptive_softmax"
+    ):
         asm.loss({"head": p.head}, x, y)
     with pytest.raises(ValueError, match=rf"{fn}: embeddings has shape \(4, 15\)"):
         asm.loss(p, x[:, :15], y)
@@ -362,7 +370,9 @@ def test_errors_name_the_argument():
         asm.loss(p, x, y, block_rows=0)
     with pytest.raises(ValueError, match=f"{fn}: reduction"):
         asm.loss(p, x, y, reduction="avg")
-    with pytest.raises(ValueError, match="adaptive_softmax.predict: embeddings has shape"):
+    with pytest.raises(
+        ValueError, match="adaptive_softmax.predict: embeddings has shape"
+    ):
         asm.predict(p, x[:, :3])
     with pytest.raises(TypeError, match="adaptive_softmax.log_prob: params must be"):
         asm.log_prob(None, x)

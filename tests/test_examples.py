@@ -130,3 +130,20 @@ def test_sharded_lm_quick_run(examples_on_path, capsys):
     # one-device loss step's temporaries on each device.
     assert result["loss_temp_sharded"] * 3 < result["loss_temp_single"]
     assert result["sample"].startswith("Return the ")
+
+
+def test_extreme_example_trains_every_loss_for_the_same_time(examples_on_path):
+    """A small run of examples/extreme.py: each loss trains for 2 s and ends with a
+    held-out exact loss far below the uniform log V and a useful precision@1; the
+    sampled losses take more (cheaper) steps than the exact one."""
+    import extreme
+
+    summary = extreme.main(
+        ["--classes", "4096", "--seconds", "2", "--samples", "128", "--evals", "2",
+         "--no-plots"]
+    )  # fmt: skip
+    assert set(summary) == {"exact", "sampled softmax", "NCE", "adaptive softmax"}
+    for name, result in summary.items():
+        assert result["loss"] < math.log(4096) - 4, (name, result)
+        assert result["precision@1"] > 0.5, (name, result)
+    assert summary["sampled softmax"]["steps"] > summary["exact"]["steps"]
