@@ -222,13 +222,13 @@ def test_second_order_matches_autodiff_of_the_naive_formula(reduction):
 
         for argnum in (0, 2):  # the classifier's is the mixed one below
             assert_close(
-                jax.hessian(fused, argnums=argnum)(e, w, b),
-                jax.hessian(naive, argnums=argnum)(e, w, b),
+                jax.jit(jax.hessian(fused, argnums=argnum))(e, w, b),
+                jax.jit(jax.hessian(naive, argnums=argnum))(e, w, b),
                 rtol=1e-10,
                 atol=1e-12,
             )
         # A mixed second derivative: d/dW of the gradient in the embeddings.
-        mixed = jax.jacrev(jax.grad(fused), argnums=1)
+        mixed = jax.jit(jax.jacrev(jax.grad(fused), argnums=1))
         assert_close(
             mixed(e, w, b),
             jax.jacrev(jax.grad(naive), argnums=1)(e, w, b),
@@ -621,14 +621,14 @@ def test_lean_second_order_matches_autodiff_of_the_naive_formula(
 
         for argnum in (0, 2):
             assert_close(
-                jax.hessian(fused, argnums=argnum)(e, w, b),
-                jax.hessian(naive, argnums=argnum)(e, w, b),
+                jax.jit(jax.hessian(fused, argnums=argnum))(e, w, b),
+                jax.jit(jax.hessian(naive, argnums=argnum))(e, w, b),
                 rtol=1e-10,
                 atol=1e-12,
             )
         # A mixed second derivative: d/dW of the gradient in the embeddings.
         assert_close(
-            jax.jacrev(jax.grad(fused), argnums=1)(e, w, b),
+            jax.jit(jax.jacrev(jax.grad(fused), argnums=1))(e, w, b),
             jax.jacrev(jax.grad(naive), argnums=1)(e, w, b),
             1e-10,
             1e-12,
