@@ -106,6 +106,34 @@ def test_explicit_argument_wins_over_the_context_and_is_static():
     assert "platform_index" in default  # None: both staged out, one lowered
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: jcce.sampled_softmax_cross_entropy(
+            e, jnp.ones((4, 50)), jnp.arange(6), key=jax.random.key(0), num_samples=8
+        ),
+        lambda e: jcce.info_nce_loss(e, e),
+        lambda e: jcce.adaptive_softmax.loss(
+            jcce.adaptive_softmax.init(jax.random.key(0), 4, 50, [10], div_value=2.0),
+            e,
+            jnp.arange(6) * 8,
+        ),
+    ],
+    ids=["sampled_softmax", "info_nce", "adaptive_softmax"],
+)
+def test_use_implementation_reaches_losses_compiled_around_the_kernel(call):
+    """The context is read before these losses' own ``jax.jit``, so it is part of its
+    cache key: a second context does not reuse the first one's trace."""
+    e = jnp.linspace(-1, 1, 24).reshape(6, 4)
+    jaxprs = {}
+    for impl in ("xla", "xla_cpu"):
+        with jcce.use_implementation(impl):
+            jaxprs[impl] = str(jax.make_jaxpr(lambda e: call(e))(e))  # a new trace
+    # The two paths' kernels differ (xla_cpu's has a custom_jvp the other lacks); a
+    # trace cached under the first context would print the same twice.
+    assert jaxprs["xla"] != jaxprs["xla_cpu"]
+
+
 # ---------------------------------------------------- the two paths agree (and f64)
 
 
