@@ -77,7 +77,10 @@ class Ops(NamedTuple):
     with ``-inf`` replaced by 0. ``keeps_exponentials(num_classes, dtype)``: whether
     the cross-entropy's VJP saves ``exp(x - m)`` (one ``[..., K]`` array, as optax
     saves its softmax) instead of recomputing it in the backward, a choice by shape.
-    ``scatter_labels``: whether the backward sets the label entries with a scatter
+    ``support_sums(exact, unmasked, k)``: label smoothing's ``(K_S, sum_S w d)`` per
+    row, given ``exact()`` (their own reductions) and ``unmasked()`` (``sum_k w d_k``
+    without the support mask: equal to the masked sum, with ``K_S = k``, wherever it is
+    finite). ``scatter_labels``: whether the backward sets the label entries with a scatter
     instead of a one-hot compare (32/64-bit logits, when nothing was saved)."""
 
     name: str
@@ -88,6 +91,7 @@ class Ops(NamedTuple):
     support: Callable
     zero_neg_inf: Callable
     keeps_exponentials: Callable
+    support_sums: Callable
     scatter_labels: bool
 
     @classmethod

@@ -451,14 +451,26 @@ def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values):
     def masked_d(v, mr):  # d on S and exactly 0 off it
         return ops.zero_neg_inf(mapped(v) - mr)
 
-    ks = _support_size(ops, spec, zc, m, map_values)
     if "softcap" in spec.maps:
+        ks = _support_size(ops, spec, zc, m, map_values)
         ws = ks if cw is None else jnp.broadcast_to(jnp.sum(cw), m.shape)
         wd = ops.row_reduce(
             jnp.sum, zc, lambda v, mr: mapped(v) - mr, m, layout=1, col=cw
         )
         return ks, ws, wd
-    wd = ops.row_reduce(jnp.sum, zc, masked_d, m, layout=2, col=cw)
+
+    def exact():
+        return (
+            _support_size(ops, spec, zc, m, map_values),
+            ops.row_reduce(jnp.sum, zc, masked_d, m, layout=2, col=cw),
+        )
+
+    def unmasked():
+        return ops.row_reduce(
+            jnp.sum, zc, lambda v, mr: mapped(v) - mr, m, layout=2, col=cw
+        )
+
+    ks, wd = ops.support_sums(exact, unmasked, zc.shape[-1])
     if cw is None:
         return ks, ks, wd
     ws = ops.row_reduce(

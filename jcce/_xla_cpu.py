@@ -163,6 +163,18 @@ def _keeps_exponentials(num_classes, dtype):
     return num_classes <= _KEEP_EXPONENTIALS[jnp.dtype(dtype).itemsize]
 
 
+def _support_sums(exact, unmasked, k):
+    """One pass where the batch has no ``-inf`` (nor NaN) logit: the unmasked sum of
+    ``w d`` is then the masked one and ``K_S = k``; a non-finite sum anywhere in the
+    batch (a ``-inf`` class, NaN, overflow) takes the two exact reductions instead.
+    XLA:CPU runs each reduction as its own pass over the logits, so the common case
+    saves one of label smoothing's two extra passes (a ``lax.cond``; under ``vmap`` it
+    becomes a select and both run)."""
+    wd = unmasked()
+    fast = (jnp.zeros_like(wd) + k, wd)  # varying as wd is, inside shard_map
+    return lax.cond(jnp.all(jnp.isfinite(wd)), lambda: fast, exact)
+
+
 OPS = Ops.collect("xla_cpu", globals(), scatter_labels=True)
 
 

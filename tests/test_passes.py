@@ -14,7 +14,8 @@ configuration may need an ``[N, K]`` buffer there.
 Label smoothing is the documented exception: its uniform term needs the support size and
 the sum of the logits over the support, each one cheap reduction on XLA:CPU (whose
 reductions take one operand and cannot share a pass), so it adds at most one read per
-sum (generalized adds a sum of ``p_k^q``, focal two sums of ``(1 - p_k)^gamma`` terms,
+sum (without class weights or soft-cap: one unmasked sum, and the two exact sums only
+in a conditional branch taken when some logit is ``-inf`` or NaN) (generalized adds a sum of ``p_k^q``, focal two sums of ``(1 - p_k)^gamma`` terms,
 which need the log-sum-exp first).
 """
 
@@ -39,7 +40,7 @@ _BIG = re.compile(rf"\[{N},{K}\]")
 ON_CPU = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
 
-def reads_and_temp(loss, dtype=jnp.float32, probability_targets=False):
+def _compiled_text(loss, dtype=jnp.float32, probability_targets=False):
     z = jax.ShapeDtypeStruct((N, K), dtype, sharding=ON_CPU)
     if probability_targets:
         y = jax.ShapeDtypeStruct((N, K), jnp.float32, sharding=ON_CPU)
@@ -47,6 +48,11 @@ def reads_and_temp(loss, dtype=jnp.float32, probability_targets=False):
         y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
     with jcce.use_implementation("xla_cpu"):
         compiled = jax.jit(jax.value_and_grad(loss)).lower(z, y).compile()
+    return compiled
+
+
+def reads_and_temp(loss, dtype=jnp.float32, probability_targets=False, skip=()):
+    compiled = _compiled_text(loss, dtype, probability_targets)
     text = compiled.as_text()
     big, reads = set(), 0
     for line in text[text.index("ENTRY") :].splitlines():
@@ -56,7 +62,7 @@ def reads_and_temp(loss, dtype=jnp.float32, probability_targets=False):
         name, shape, op, operands = match.groups()
         if _BIG.search(shape) and op not in ("tuple", "bitcast"):
             big.add(name)
-        if op in ("parameter", "tuple", "bitcast"):
+        if op in ("parameter", "tuple", "bitcast") + tuple(skip):
             continue
         if any(o.strip().split(" ")[-1] in big for o in operands.split(",")):
             reads += 1
@@ -166,3 +172,21 @@ def test_the_counter_sees_a_materialized_intermediate():
 
     reads, temp = reads_and_temp(unfused)
     assert reads > PLAIN_READS or temp >= ONE_BUFFER
+
+
+def test_label_smoothing_without_minus_inf_reads_the_logits_once_more():
+    """The unmasked sum is the one extra read outside the conditional; of its two
+    branches, the one taken when every sum is finite reads no [N, K] data, the other
+    the two exact reductions (support size, masked sum)."""
+    loss = jcce.label_smoothing(0.1)
+    reads, _ = reads_and_temp(loss, skip=("conditional",))
+    assert reads == PLAIN_READS + 1
+    text = _compiled_text(loss).as_text()
+    entry = text[text.index("ENTRY") :]
+    (line,) = [x for x in entry.splitlines() if " conditional(" in x]
+    branches = re.search(r"branch_computations=\{([^}]*)\}", line).group(1)
+    big_params = []
+    for name in (b.strip() for b in branches.split(",")):
+        (header,) = [x for x in text.splitlines() if x.startswith(name + " (")]
+        big_params.append(bool(_BIG.search(header.split("->")[0])))
+    assert sorted(big_params) == [False, True]
