@@ -9,7 +9,9 @@ implementations and lowering keeps the CPU's.) Left out, to keep the suite near 
 minutes: ``test_kernel_paths`` (the XLA:CPU layout's chunk shapes; ``test_backends``
 checks both paths at those sizes), ``test_edges`` and ``test_transforms`` (mostly label,
 weight and option handling before the kernel; the non-negativity test of
-``test_edges`` forces ``"xla"`` itself).
+``test_edges`` forces ``"xla"`` itself). Tests marked ``xla_subset`` run their
+``[xla]`` copy on a subset of their parameters (see
+:func:`pytest_collection_modifyitems`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,36 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize(
             "implementation", ["xla_cpu", "xla"], indirect=True, scope="module"
         )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "xla_subset(keep): under [xla], run only the parameter sets for which "
+        "keep(params) is true (the [xla_cpu] run keeps every set)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects the ``[xla]`` copies that an ``xla_subset`` marker leaves out: where a
+    test sweeps single transforms and also their combination, the portable path is
+    checked on the combination (which reaches every kernel term) and plain, not on
+    each transform again."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("xla_subset")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (
+            marker
+            and params.get("implementation") == "xla"
+            and not marker.args[0](params)
+        ):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True, scope="module")

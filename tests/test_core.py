@@ -47,6 +47,8 @@ CONFIGS = [
     ),
 ]
 CONFIG_IDS = [c[0] for c in CONFIGS]
+# Under [xla], the configurations that reach every kernel term: none and all of them.
+XLA_CONFIGS = pytest.mark.xla_subset(lambda p: p["cfg"][0] in ("plain", "all"))
 
 
 def make_inputs(seed=0, n=N, k=K, dtype=np.float64):
@@ -67,6 +69,7 @@ def x64():
         yield
 
 
+@XLA_CONFIGS
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("target", ["int", "prob"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
@@ -92,6 +95,7 @@ def test_float32_value_close_to_float64(cfg):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
 
 
+@XLA_CONFIGS
 @pytest.mark.parametrize("target", ["int", "prob"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
@@ -107,6 +111,7 @@ def test_gradient_matches_autodiff_of_naive_formula(x64, cfg, weighted, target):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+@XLA_CONFIGS
 @pytest.mark.parametrize("target", ["int", "prob"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 def test_gradient_with_respect_to_every_input(x64, cfg, target):
@@ -144,6 +149,7 @@ def test_gradient_with_respect_to_every_input(x64, cfg, target):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
 
 
+@XLA_CONFIGS
 @pytest.mark.parametrize("target", ["int", "prob"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 def test_hessian_matches_autodiff(x64, cfg, target):

@@ -565,6 +565,7 @@ FAMILY = [
 ]
 
 
+@pytest.mark.xla_subset(lambda p: p["eps"] == 0.1)  # [xla]: each objective, smoothed
 @pytest.mark.parametrize(("kind", "params", "make"), FAMILY)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("soft", [False, True])

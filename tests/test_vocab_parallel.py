@@ -105,9 +105,18 @@ def _assert_close(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("name", CHAINS)
-def test_sharded_vocabulary_equals_one_device(mesh_shape, name):
+@pytest.mark.parametrize(
+    ("name", "mesh_shape"),
+    # Every mesh for the chain that reaches every kernel term; the others on the
+    # meshes that split the vocabulary.
+    [
+        (name, mesh)
+        for name in CHAINS
+        for mesh in (MESHES if name == "smoothing+maps+z_loss+units" else MESHES[2:])
+    ],
+    ids=lambda x: f"{x[0]}x{x[1]}" if isinstance(x, tuple) else x,
+)
+def test_sharded_vocabulary_equals_one_device(name, mesh_shape):
     mesh = _mesh(mesh_shape)
     args = (jnp.asarray(Z), jnp.asarray(CW), jnp.float32(1.5))
     want = jax.value_and_grad(lambda *a: _single_device(name, *a), argnums=(0, 1, 2))(
