@@ -7,7 +7,8 @@ For a lent GPU or TPU session, run before the benchmark (both fit in one call):
 Each case computes a loss and its gradients twice in this process: on the default
 device with ``implementation=None`` (``"xla"`` on an accelerator) and on the host CPU
 with ``implementation="xla_cpu"``, from the same inputs (on a GPU each case runs once
-more with ``implementation="pallas"``, the Pallas kernels), and prints the relative
+more with ``implementation="pallas"``, the Pallas kernels; the sampled and adaptive
+softmax cases close the list), and prints the relative
 difference of the values and of each gradient (max |a - b| / max |b|). float32 matmuls
 run with ``precision="highest"`` in the linear cases, so TF32 does not count as a
 difference. The script exits with status 1 if any difference exceeds its tolerance.
@@ -118,6 +119,30 @@ def cases():
                 )
 
             out[name] = (f, (e.astype(dtype), cls.astype(dtype)))
+    # Sampled softmax (the same draw on both sides: threefry is platform-independent)
+    # and the adaptive softmax (rows gathered per cluster, lax.cond-skipped blocks).
+    # Their matmuls take no precision argument: TF32 is turned off around them.
+    key = jax.random.key(0)
+
+    def sampled(e, w, impl):
+        with jax.default_matmul_precision("highest"):
+            return jcce.sampled_softmax_cross_entropy(
+                e, w, yl, key=key, num_samples=256, classifier_layout="VD",
+                implementation=impl,
+            )  # fmt: skip
+
+    out["sampled softmax, 256 samples"] = (sampled, (e, cls))
+    params = jcce.adaptive_softmax.init(jax.random.key(1), D, V, (512, 2048))
+    leaves, treedef = jax.tree.flatten(params)
+
+    def adaptive(e, *rest):
+        *leaves, impl = rest
+        with jax.default_matmul_precision("highest"):
+            return jcce.adaptive_softmax.loss(
+                jax.tree.unflatten(treedef, leaves), e, yl, implementation=impl
+            )
+
+    out["adaptive softmax, cutoffs 512 2048"] = (adaptive, (e, *leaves))
     return out
 
 
