@@ -366,16 +366,15 @@ def _loss(params, x, y, keep, weights, *, ignore_index, reduction, block_rows,
         x = jnp.where(live[:, None], x, jnp.zeros((), x.dtype))
     bounds = params.cutoffs
     shortlist = bounds[0]
+    clusters = [(y >= bounds[i]) & (y < bounds[i + 1]) for i in range(len(bounds) - 1)]
     head_label = y
-    for i in range(params.num_clusters):
-        inside = (y >= bounds[i]) & (y < bounds[i + 1])
+    for i, inside in enumerate(clusters):
         head_label = jnp.where(inside, shortlist + i, head_label)
     out = _linear.linear_cross_entropy(
         x, params.head, head_label, bias=params.head_bias, where=live,
         reduction="none", implementation=implementation,
     ).astype(acc)  # fmt: skip
-    for i in range(params.num_clusters):
-        inside = (y >= bounds[i]) & (y < bounds[i + 1])
+    for i, inside in enumerate(clusters):
         if live is not None:
             inside = inside & live
         h = _project(x, params.projections[i])
@@ -397,17 +396,20 @@ def _loss(params, x, y, keep, weights, *, ignore_index, reduction, block_rows,
     return reduce_losses(out, s, None, None, True, reduction)
 
 
+def _cluster_log_probs(params, x, head):
+    """Each cluster's classes' full log-probabilities ``[..., size_i]``, from the
+    head's log-probabilities ``head`` of the same rows."""
+    shortlist = params.shortlist_size
+    for i, (p, w) in enumerate(zip(params.projections, params.outputs, strict=True)):
+        z = jnp.matmul(_project(x, p), w, preferred_element_type=head.dtype)
+        yield jax.nn.log_softmax(z, axis=-1) + head[..., shortlist + i, None]
+
+
 @jax.jit
 def _log_prob(params, x):
     head = jax.nn.log_softmax(_head_logits(params, x), axis=-1)
-    shortlist = params.shortlist_size
-    parts = [head[..., :shortlist]]
-    for i, (p, w) in enumerate(zip(params.projections, params.outputs, strict=True)):
-        z = jnp.matmul(
-            _project(x, p), w, preferred_element_type=head.dtype
-        )  # fmt: skip
-        parts.append(jax.nn.log_softmax(z, axis=-1) + head[..., shortlist + i, None])
-    return jnp.concatenate(parts, axis=-1)
+    parts = [head[..., : params.shortlist_size]]
+    return jnp.concatenate(parts + list(_cluster_log_probs(params, x, head)), axis=-1)
 
 
 @partial(jax.jit, static_argnames=("block_rows",))
@@ -426,11 +428,7 @@ def _predict(params, x, *, block_rows):
         lp = head[idx]
         value = jnp.max(lp[:, :shortlist], axis=-1)
         choice = jnp.argmax(lp[:, :shortlist], axis=-1).astype(jnp.int32)
-        for i, (p, w) in enumerate(
-            zip(params.projections, params.outputs, strict=True)
-        ):
-            z = jnp.matmul(_project(x[idx], p), w, preferred_element_type=lp.dtype)
-            tail = jax.nn.log_softmax(z, axis=-1) + lp[:, shortlist + i, None]
+        for i, tail in enumerate(_cluster_log_probs(params, x[idx], lp)):
             top = jnp.max(tail, axis=-1)
             # Ties go to the earlier class, as an argmax over the full row does.
             better = top > value
