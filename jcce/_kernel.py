@@ -157,12 +157,15 @@ def _softcap_jvp(primals, tangents):
     (x, c), (dx, dc) = primals, tangents
     # At x = +-inf the soft-cap is the constant +-c: slope 0, d/dc = +-1. Everything is
     # computed from a finite stand-in so no inf reaches a higher derivative either.
+    # One tanh serves the value and both slopes (a second, of x / c, for the value
+    # would be a second tanh per logit in every pass that differentiates the map).
     finite = jnp.isfinite(x)
     u = jnp.where(finite, x, 0) / c
     th = jnp.tanh(u)
     slope = jnp.where(finite, 1 - th * th, 0)
-    d_c = jnp.where(finite, th - u * (1 - th * th), jnp.sign(x))
-    return _softcap(x, c), slope * dx + d_c * dc
+    d_c = jnp.where(finite, th - u * slope, jnp.sign(x))
+    value = jnp.where(finite, c * th, c * jnp.sign(x))  # sign keeps a NaN a NaN
+    return value, slope * dx + d_c * dc
 
 
 def _as_row(cw, ndim):
@@ -373,25 +376,59 @@ class RowSums(NamedTuple):
     wpa: jax.Array | None = None
 
 
+# The fraction of the accumulation dtype's exponent range (down to its smallest normal)
+# that the soft-capped logits may span when the cap, not the max, is the shift.
+_SHIFT_RANGE = 0.9
+
+
 def _log_sum_exp(
-    ops: Ops, spec: Spec, zc, map_values, vocab_axis=None, keep=False, sums=None
+    ops: Ops,
+    spec: Spec,
+    zc,
+    map_values,
+    vocab_axis=None,
+    keep=False,
+    sums=None,
+    cap_shift=False,
 ):
     """Mapped logits shifted by their max, ``d = x - m``, with ``m``,
     ``log_se = log sum exp d`` (so ``lse = m + log_se``) per example, and with
     ``keep`` the exponentials ``exp(d)`` (else None); over every vocabulary shard
     with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token). With
-    :class:`RowSums` ``sums``, ``m`` and the sum come from there."""
+    :class:`RowSums` ``sums``, ``m`` and the sum come from there.
+
+    ``cap_shift``: with a soft-cap, ``m`` may be the cap rather than the max (one pass
+    fewer); ``log_se`` may then be negative, and the caller keeps each loss term
+    ``log_se - d_k`` non-negative (see :func:`_forward`)."""
     acc = acc_dtype(zc.dtype)
     x = _apply_maps(spec, zc, map_values)
     if sums is not None:
         return x - sums.m[..., None], sums.m, _log_of_sum(sums.se), None
-    # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw logits
-    # (no converted or mapped [..., K] copy is needed for the max).
-    m_raw = lax.stop_gradient(ops.row_reduce(jnp.max, zc))
-    if vocab_axis is not None:
-        m_raw = lax.pmax(m_raw, vocab_axis)
-    m = lax.stop_gradient(_apply_maps(spec, m_raw, map_values))
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
+
+    def row_max():
+        # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw
+        # logits (no converted or mapped [..., K] copy is needed for the max).
+        m_raw = lax.stop_gradient(ops.row_reduce(jnp.max, zc))
+        if vocab_axis is not None:
+            m_raw = lax.pmax(m_raw, vocab_axis)
+        m = lax.stop_gradient(_apply_maps(spec, m_raw, map_values))
+        return jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
+
+    floor = jnp.ones((), acc)
+    if cap_shift and "softcap" in spec.maps and vocab_axis is None:
+        # A soft-capped logit lies in [-cap, cap] (cap: the maps at +inf), so shifting
+        # by the cap instead of the max keeps every exp(x - cap) in [exp(-2 cap), 1]:
+        # no pass over the logits for the max. Where 2 cap could reach the bottom of
+        # the accumulation dtype's normal range, the max it is.
+        cap = lax.stop_gradient(
+            _apply_maps(spec, jnp.full(zc.shape[:-1], jnp.inf, acc), map_values)
+        )
+        fits = jnp.all(2 * cap <= _SHIFT_RANGE * -jnp.log(jnp.finfo(acc).tiny))
+        m, floor = lax.cond(
+            fits, lambda: (cap, jnp.zeros((), acc)), lambda: (row_max(), floor)
+        )
+    else:
+        m = row_max()
     e = None
     if keep:
         e = jnp.exp(x - m[..., None])
@@ -410,18 +447,19 @@ def _log_sum_exp(
         se = ops.sum_exp(x, m)
     if vocab_axis is not None:
         se = lax.psum(se, vocab_axis)
-    return x - m[..., None], m, _log_of_sum(se), e
+    return x - m[..., None], m, _log_of_sum(se, floor), e
 
 
-def _log_of_sum(se):
-    """``log se`` for ``se = sum exp(x - m)``, at least 0 where ``se > 0``."""
+def _log_of_sum(se, floor=1):
+    """``log se`` for ``se = sum exp(x - m)``, at least 0 where ``se > 0`` (with
+    ``floor = 0``, when ``m`` is not the max: plain ``log se``)."""
     # A finite max contributes exp(0) = 1, so se >= 1 and log_se >= 0, but an exp that
     # rounds low (an accelerator's fast exp) can give se just below 1. Every loss here
     # is a sum of terms log_se - d_k with d_k <= 0, so raising such an se to 1 keeps
     # each loss >= 0 in floating point, as it is in exact arithmetic. se = 0 (no finite
     # logit) keeps log_se = -inf and NaN stays NaN; a select, not a max, so the
     # derivative at se = 1 is se's own.
-    return jnp.log(jnp.where((se > 0) & (se < 1), jnp.ones((), se.dtype), se))
+    return jnp.log(jnp.where((se > 0) & (se < floor), floor, se).astype(se.dtype))
 
 
 def _support_size(ops: Ops, spec: Spec, zc, row, map_values):
@@ -624,12 +662,18 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
     live = _live(s)
     zc = _clean(z, live)
     keep = static.keep_exponentials and static.keeps(z)
+    # Shifting by a soft-cap rather than the max, log_se >= d_y is what keeps the
+    # label's term non-negative (floored below); every other term of a loss that is
+    # linear in log_se - d_k sums many classes and is at least log 2 off by far more
+    # than rounding. Per-class terms of nonlinear objectives need the max.
+    cap_shift = static.integer_labels and not (
+        spec.label_smoothing and spec.objective is not None
+    )
     d, m, log_se, e = _log_sum_exp(
-        static.ops, spec, zc, params.maps, static.vocab_axis, keep, sums
+        static.ops, spec, zc, params.maps, static.vocab_axis, keep, sums, cap_shift
     )
     if static.keep_exponentials and e is None:  # another platform's slot
         e = jnp.zeros_like(d)  # varying over the mesh axes that d varies over
-    lse = m + log_se
 
     ce_y = w_y = None
     if static.integer_labels:
@@ -654,6 +698,10 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
         # A select, so at d_y = 0 (the label is the max) the derivative is d_y's own;
         # a +inf label logit (d_y = inf against a max replaced by 0) stays, NaN loss.
         d_y = jnp.where((d_y > 0) & (d_y < jnp.inf), jnp.zeros((), d_y.dtype), d_y)
+        if cap_shift and "softcap" in spec.maps:
+            # exp rounds, so log(sum exp d) can come out a hair below d_y where the
+            # label carries all the mass (with the max as shift, log_se >= 0 >= d_y).
+            log_se = jnp.where(d_y > log_se, d_y, log_se)
         ce_y = jnp.where(valid, log_se - d_y, jnp.nan)
         w_y = (
             jnp.ones((), acc)
@@ -661,6 +709,7 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
             else label_weight(static.vocab_axis, cw, yc, owned)
         )
 
+    lse = m + log_se
     eps = params.label_smoothing if spec.label_smoothing else None
     ov = params.objective
     terms = _terms(

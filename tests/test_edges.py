@@ -7,6 +7,7 @@ keyword names. Each test fails on the code before its fix.
 """
 
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -585,8 +586,11 @@ def test_focal_repr_reads_as_its_call():
         ),
         lambda z, y, t: jcce.chain(jcce.focal(2.0))(z, y, reduction="none"),
         lambda z, y, t: jcce.entropy(z, reduction="none"),
+        # shifted by the cap, not the max: log_se < 0 is legitimate there
+        # (its -inf logits map to -30: rows 0 and 1 lose ~1e-14, 0 in float32)
+        lambda z, y, t: jcce.softcap(30.0)(z, y, reduction="none"),
     ],
-    ids=["int", "prob", "smooth_temperature", "focal", "entropy"],
+    ids=["int", "prob", "smooth_temperature", "focal", "entropy", "softcap"],
 )
 def test_losses_stay_nonnegative_when_exp_rounds_low(monkeypatch, loss):
     """A row with a single finite logit has loss exactly 0 in exact arithmetic. On an
@@ -621,3 +625,48 @@ def test_losses_stay_nonnegative_when_exp_rounds_low(monkeypatch, loss):
     jax.clear_caches()
     assert (out >= 0).all(), out
     assert out[0] == 0 and out[1] == 0, out
+
+
+def _capped_reference(z, y, cap):
+    x = cap * np.tanh(np.asarray(z, np.float64) / cap)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    return lse - np.take_along_axis(x, np.asarray(y)[:, None], -1)[:, 0]
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 20.0, 1e30])
+def test_shifting_by_the_cap_keeps_float32_accuracy(scale):
+    """With class indices a soft-cap of 30 is the shift (the max is not computed):
+    logits far below the cap (scale 0.01) put log_se near -60 + log K, the case
+    that loses most to cancellation; values and gradients stay within float32
+    rounding of the float64 loss, under both implementations."""
+    z = jax.random.normal(jax.random.key(3), (16, 1000)) * scale
+    y = jax.random.randint(jax.random.key(4), (16,), 0, 1000)
+    want = _capped_reference(z, y, 30.0)
+
+    def naive(z64):
+        x = 30.0 * jnp.tanh(z64 / 30.0)
+        return jnp.sum(
+            jax.nn.logsumexp(x, -1) - jnp.take_along_axis(x, y[:, None], -1)[:, 0]
+        )
+
+    with jax.enable_x64():
+        want_grad = np.asarray(jax.grad(naive)(jnp.asarray(np.asarray(z), jnp.float64)))
+    loss = jcce.softcap(30.0)
+    for impl in ("xla", "xla_cpu"):
+        got = loss(z, y, reduction="none", implementation=impl)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+        grad = jax.grad(partial(loss, labels=y, reduction="sum", implementation=impl))(
+            z
+        )
+        np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=2e-7)
+
+
+@pytest.mark.parametrize("cap", [30.0, 100.0])
+def test_a_traced_cap_takes_the_cap_or_the_max_at_run_time(cap):
+    """A traced cap decides the shift at run time (a conditional): a cap of 30 fits
+    float32's exponent range, one of 100 does not (exp(-200) underflows) and the max
+    is the shift; both give the float64 loss."""
+    z = jax.random.normal(jax.random.key(5), (8, 50)) * 40
+    y = jax.random.randint(jax.random.key(6), (8,), 0, 50)
+    got = jax.jit(lambda z_, c: jcce.softcap(c)(z_, y, reduction="none"))(z, cap)
+    np.testing.assert_allclose(got, _capped_reference(z, y, cap), rtol=2e-6, atol=2e-6)

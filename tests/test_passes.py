@@ -8,8 +8,9 @@ the entry computation (a fusion, a scatter, ...) with an ``[N, K]`` operand, the
 or any ``[N, K]`` value computed from them, so materializing an intermediate (written
 once, then read) counts against the chain. The plain loss reads ``[N, K]`` data five
 times on XLA:CPU: the max, the sum of exponentials, the label gather, the gradient and
-the scatter of the label entries. ``temp`` is XLA's compiled scratch memory; no
-configuration may need an ``[N, K]`` buffer there.
+the scatter of the label entries (a soft-cap that fits float32's exponent range, with
+class indices, is the shift itself: no max, four). ``temp`` is XLA's compiled scratch
+memory; no configuration may need an ``[N, K]`` buffer there.
 
 Label smoothing is the documented exception: its uniform term needs the support size and
 the sum of the logits over the support, each one cheap reduction on XLA:CPU (whose
@@ -190,3 +191,24 @@ def test_label_smoothing_without_minus_inf_reads_the_logits_once_more():
         (header,) = [x for x in text.splitlines() if x.startswith(name + " (")]
         big_params.append(bool(_BIG.search(header.split("->")[0])))
     assert sorted(big_params) == [False, True]
+
+
+def _capped(cap):
+    return {
+        "softcap": jcce.softcap(cap),
+        "softcap_temperature_z_loss": jcce.chain(
+            jcce.softcap(cap), jcce.temperature(2.0), jcce.z_loss(1e-4)
+        ),
+        "softcap_smoothing": jcce.chain(jcce.softcap(cap), jcce.label_smoothing(0.1)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_capped(30.0)))
+def test_a_soft_cap_shifts_by_the_cap_and_skips_the_max(name):
+    """Soft-capped logits lie in [-cap, cap]: with class indices the cap is the shift
+    and the max is never read, one read fewer than the same chain with a cap too wide
+    for float32's exponent range (shifted by the max)."""
+    reads, temp = reads_and_temp(_capped(30.0)[name])
+    wide_reads, _ = reads_and_temp(_capped(100.0)[name])
+    assert reads == wide_reads - 1
+    assert temp < ONE_BUFFER // 100
