@@ -18,6 +18,11 @@ reductions take one operand and cannot share a pass), so it adds at most one rea
 sum (without class weights or soft-cap: one unmasked sum, and the two exact sums only
 in a conditional branch taken when some logit is ``-inf`` or NaN) (generalized adds a sum of ``p_k^q``, focal two sums of ``(1 - p_k)^gamma`` terms,
 which need the log-sum-exp first).
+
+The last tests are of the ``"xla"`` implementation and count something an accelerator
+cares about instead: how deep the chain of reductions over the logits is in the
+forward pass (siblings fuse into one pass there; a reduction that needs another's
+result cannot).
 """
 
 from __future__ import annotations
@@ -212,3 +217,93 @@ def test_a_soft_cap_shifts_by_the_cap_and_skips_the_max(name):
     wide_reads, _ = reads_and_temp(_capped(100.0)[name])
     assert reads == wide_reads - 1
     assert temp < ONE_BUFFER // 100
+
+
+# ------------------------------------------- the "xla" path: sequential reductions
+#
+# An accelerator's compiler fuses reductions that read the same data and depend on no
+# other reduction (siblings) into one pass; what it cannot merge is a reduction that
+# needs another's result first (the sum of exponentials needs the max). So on the
+# "xla" path what counts is the depth of the chain of reductions over the logits in
+# the forward pass, measured here on the compiled forward program (on the CPU; the
+# dependency structure is the kernel's, not the backend's).
+
+
+def _reduces_big_data(computation: str) -> bool:
+    """Whether a fused computation reduces an ``[N, K]`` array (a gather of one entry
+    a row, fused with per-example work, is not a pass over the logits)."""
+    shapes = {}
+    for line in computation.splitlines():
+        match = _INSTRUCTION.match(line) or re.match(
+            r"\s*(?:ROOT )?(%\S+) = (\S+) (parameter)\(()", line
+        )
+        if not match:
+            continue
+        name, shape, op, operands = match.groups()
+        shapes[name] = shape
+        names = [o.strip().split(" ")[-1] for o in operands.split(",")]
+        if op == "reduce" and any(_BIG.search(shapes.get(n, "")) for n in names):
+            return True
+    return False
+
+
+def forward_reduction_depth(loss, implementation="xla"):
+    """The longest chain of reductions over ``[N, K]`` data, each needing the one
+    before, in the compiled forward program."""
+    z = jax.ShapeDtypeStruct((N, K), jnp.float32, sharding=ON_CPU)
+    y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
+    with jcce.use_implementation(implementation):
+        text = jax.jit(lambda z, y: loss(z, y)).lower(z, y).compile().as_text()
+    bodies = {block.split(" ", 1)[0]: block for block in re.split(r"\n(?=%)", text)}
+    depth = {}
+    for line in text[text.index("ENTRY") :].splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, _, op, operands = match.groups()
+        names = [o.strip().split(" ")[-1] for o in operands.split(",")]
+        called = re.search(r"calls=(%[\w.-]+)", line)
+        is_pass = bool(called) and _reduces_big_data(bodies.get(called.group(1), ""))
+        below = max((depth.get(n, 0) for n in names), default=0)
+        depth[name] = below + is_pass
+    return max(depth.values())
+
+
+PLAIN_DEPTH = 2  # the max, then the sum of exponentials (and the label's logit)
+
+DEPTHS = {
+    "plain": (jcce.chain(), PLAIN_DEPTH),
+    "label_smoothing": (jcce.label_smoothing(0.1), PLAIN_DEPTH),
+    # the cap is the shift: every reduction reads the logits with nothing before it
+    "softcap": (jcce.softcap(30.0), 1),
+    "every transform but label smoothing (a cap among them)": (
+        NO_EXTRA_READ["every transform but label smoothing"],
+        1,
+    ),
+    "4-transform chain": (
+        jcce.chain(
+            jcce.label_smoothing(0.1),
+            jcce.temperature(2.0),
+            jcce.z_loss(1e-4),
+            jcce.softcap(30.0),
+        ),
+        1,
+    ),
+    "a cap too wide for float32": (jcce.softcap(100.0), PLAIN_DEPTH),
+    # focal's per-class terms need l_k >= 0 exactly, which only the max shift gives
+    "every transform (focal with smoothing)": (
+        SMOOTHING["every transform"][0],
+        PLAIN_DEPTH + 1,
+    ),
+    # focal's smoothing sums need the log-sum-exp first
+    "focal with smoothing": (
+        jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1)),
+        PLAIN_DEPTH + 1,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DEPTHS))
+def test_xla_forward_reduction_depth(name):
+    loss, want = DEPTHS[name]
+    assert forward_reduction_depth(loss) == want
