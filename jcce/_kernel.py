@@ -397,9 +397,10 @@ def _log_sum_exp(
     with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token). With
     :class:`RowSums` ``sums``, ``m`` and the sum come from there.
 
-    ``cap_shift``: with a soft-cap, ``m`` may be the cap rather than the max (one pass
-    fewer); ``log_se`` may then be negative, and the caller keeps each loss term
-    ``log_se - d_k`` non-negative (see :func:`_forward`)."""
+    ``cap_shift`` (only for a soft-capped spec over an unsharded vocabulary): ``m``
+    may be the cap rather than the max (one pass fewer); ``log_se`` may then be
+    negative, and the caller keeps each loss term ``log_se - d_k`` non-negative (see
+    :func:`_forward`)."""
     acc = acc_dtype(zc.dtype)
     x = _apply_maps(spec, zc, map_values)
     if sums is not None:
@@ -415,7 +416,7 @@ def _log_sum_exp(
         return jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
 
     floor = jnp.ones((), acc)
-    if cap_shift and "softcap" in spec.maps and vocab_axis is None:
+    if cap_shift:
         # A soft-capped logit lies in [-cap, cap] (cap: the maps at +inf), so shifting
         # by the cap instead of the max keeps every exp(x - cap) in [exp(-2 cap), 1]:
         # no pass over the logits for the max. Where 2 cap could reach the bottom of
@@ -459,7 +460,7 @@ def _log_of_sum(se, floor=1):
     # each loss >= 0 in floating point, as it is in exact arithmetic. se = 0 (no finite
     # logit) keeps log_se = -inf and NaN stays NaN; a select, not a max, so the
     # derivative at se = 1 is se's own.
-    return jnp.log(jnp.where((se > 0) & (se < floor), floor, se).astype(se.dtype))
+    return jnp.log(jnp.where((se > 0) & (se < floor), floor, se))
 
 
 def _support_size(ops: Ops, spec: Spec, zc, row, map_values):
@@ -665,9 +666,13 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
     # Shifting by a soft-cap rather than the max, log_se >= d_y is what keeps the
     # label's term non-negative (floored below); every other term of a loss that is
     # linear in log_se - d_k sums many classes and is at least log 2 off by far more
-    # than rounding. Per-class terms of nonlinear objectives need the max.
-    cap_shift = static.integer_labels and not (
-        spec.label_smoothing and spec.objective is not None
+    # than rounding. Per-class terms of nonlinear objectives need the max; vocabulary
+    # shards keep it too (no conditional around the pmax; untested on a mesh).
+    cap_shift = (
+        "softcap" in spec.maps
+        and static.vocab_axis is None
+        and static.integer_labels
+        and not (spec.label_smoothing and spec.objective is not None)
     )
     d, m, log_se, e = _log_sum_exp(
         static.ops, spec, zc, params.maps, static.vocab_axis, keep, sums, cap_shift
@@ -698,7 +703,7 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
         # A select, so at d_y = 0 (the label is the max) the derivative is d_y's own;
         # a +inf label logit (d_y = inf against a max replaced by 0) stays, NaN loss.
         d_y = jnp.where((d_y > 0) & (d_y < jnp.inf), jnp.zeros((), d_y.dtype), d_y)
-        if cap_shift and "softcap" in spec.maps:
+        if cap_shift:
             # exp rounds, so log(sum exp d) can come out a hair below d_y where the
             # label carries all the mass (with the max as shift, log_se >= 0 >= d_y).
             log_se = jnp.where(d_y > log_se, d_y, log_se)
