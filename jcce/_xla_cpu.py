@@ -68,6 +68,15 @@ def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
         n = nb * 2 ** (layout + (nb == 1))
         nb = n if x.shape[-1] % n == 0 else nb
         width = x.shape[-1] // nb
+        if col is not None:
+            # Chunks as an axis of their own, so the class weights broadcast along the
+            # rows only: as [rows * chunks, width] against a broadcast [rows * chunks,
+            # width] copy of them, YNNPACK ran the reduction about 8x slower.
+            v = _pin(x.reshape(-1, nb, width))
+            if elementwise is not None:
+                v = elementwise(v, row.reshape(-1, 1, 1))
+            v = v * col.reshape(1, nb, width)
+            return reduce(reduce(v, axis=-1), axis=-1).reshape(lead)
         v = _pin(x.reshape(-1, width))
         if elementwise is not None:
             r = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
