@@ -20,6 +20,8 @@ LOGIT_MAPS = ("softcap", "temperature")
 # Kinds that replace the per-class loss -log p_k by another function of p_k; a chain
 # holds at most one of them.
 OBJECTIVES = ("focal", "poly", "generalized", "symmetric")
+# The largest focal gamma taken as a static integer power (see Spec.focal_power).
+FOCAL_POWERS = 3
 
 
 class Spec(NamedTuple):
@@ -30,6 +32,23 @@ class Spec(NamedTuple):
     z_loss: bool = False
     log_base: bool = False
     objective: str | None = None
+    # Focal's gamma where it was a concrete whole number from 0 to FOCAL_POWERS at the
+    # loss's call (Configuration.pinned): (1 - p)^gamma is then a polynomial in p, and
+    # label smoothing's sums of focal terms split into power sums that need only the
+    # shift (jcce._kernel._power_sums). A gamma the caller traced is never static, so
+    # derivatives with respect to gamma take the general path.
+    focal_power: int | None = None
+
+
+def static_power(value, most: int = FOCAL_POWERS) -> int | None:
+    """``value`` as an ``int`` if it is a concrete whole number in ``[0, most]``."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+    return int(v) if v.is_integer() and 0 <= v <= most else None
 
 
 class Params(NamedTuple):
@@ -100,20 +119,37 @@ class Configuration:
     kernel's callers see it: :meth:`config` and :meth:`class_factors`. A JAX pytree
     whose leaves are the hyper-parameter values; hashable and compared by value."""
 
-    __slots__ = ("transforms",)
+    __slots__ = ("transforms", "focal_power")
 
-    def __init__(self, transforms: tuple = ()):
+    def __init__(self, transforms: tuple = (), focal_power: int | None = None):
         object.__setattr__(self, "transforms", tuple(transforms))
+        object.__setattr__(self, "focal_power", focal_power)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     def tree_flatten(self):
-        return self.transforms, None
+        return self.transforms, self.focal_power
 
     @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(tuple(children))
+    def tree_unflatten(cls, focal_power, children):
+        return cls(tuple(children), focal_power)
+
+    def pinned(self) -> Configuration:
+        """This configuration with focal's gamma also held as static data (the pytree's
+        auxiliary data, so part of a jit cache key) where it is a concrete whole number
+        (see :attr:`Spec.focal_power`).
+
+        Built by a loss's entry point, outside its jit, from the values the caller
+        passed, and never handed back: inside the jit the traced gamma then equals the
+        static one. (Derived automatically on every flatten it would go stale under a
+        ``jax.tree.map`` of traced values.) A gamma traced by the caller, the only
+        kind anything differentiates, is never pinned."""
+        power = None
+        for t in self.transforms:
+            if t.kind == "focal":
+                power = static_power(t.value[0])
+        return type(self)(self.transforms, power)
 
     def __eq__(self, other):
         if not isinstance(other, Configuration):
@@ -150,6 +186,7 @@ class Configuration:
             z_loss="z_loss" in terms,
             log_base="log_base" in terms,
             objective=objective,
+            focal_power=self.focal_power if objective == "focal" else None,
         )
         params = Params(
             maps=tuple(map_values),

@@ -25,6 +25,7 @@ NaN or inf in them cannot reach the loss or any derivative, at any order.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import NamedTuple
 
@@ -271,7 +272,8 @@ def _terms(
 
     b = wq_b = ks = None
     support = d > -jnp.inf
-    if eps is not None and kind != "focal":
+    power = static.spec.focal_power
+    if eps is not None and (kind != "focal" or power is not None):
         if sums is None:
             ks, ws, wd = map(
                 vsum, _smoothing_sums(static.ops, static.spec, zc, m, cw, map_values)
@@ -299,6 +301,15 @@ def _terms(
                 df_sum = ws + ov[0] * wpa
             else:
                 f_sum, df_sum = (ws - wpa) / power, wpa
+            b, wq_b = f_sum / ks, df_sum / ks
+        elif power is not None:  # focal with a whole gamma: power sums (only m)
+            e, f = (
+                [None if v is None else vsum(v) for v in sums_j]
+                for sums_j in _power_sums(
+                    static.ops, static.spec, zc, m, cw, map_values, power
+                )
+            )
+            f_sum, df_sum = _focal_binomial(power, log_se, ws, wd, e, f)
             b, wq_b = f_sum / ks, df_sum / ks
         else:  # focal
             ks, f_sum, df_sum = map(
@@ -554,6 +565,67 @@ def _focal_smoothing_sums(ops: Ops, spec: Spec, zc, lse, cw, map_values, gamma):
     f_sum = ops.row_reduce(jnp.sum, zc, f, lse, layout=2, col=cw)
     df_sum = ops.row_reduce(jnp.sum, zc, df, lse, layout=3, col=cw)
     return ks, f_sum, df_sum
+
+
+def _power_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, n):
+    """``E_j = sum_S w_k exp(j d_k)`` and ``F_j = sum_S w_k d_k exp(j d_k)`` for
+    ``j = 1..n``, ``d = x - m`` (``E_1`` is None without class weights: it is the sum
+    of exponentials), each one reduction over the raw logits in its own layout (4 and
+    up) that needs only the shift, not the log-sum-exp: on an accelerator they are
+    siblings of the sum of exponentials and share its pass."""
+
+    def term(j, with_d):
+        def f(v, mr):
+            u = _apply_maps(spec, v, map_values) - mr
+            e = jnp.exp(j * u)  # 0 off the support, where d * e would be NaN
+            return e * ops.zero_neg_inf(u) if with_d else e
+
+        return f
+
+    def reduce(j, with_d):
+        layout = 2 + 2 * j + with_d
+        return ops.row_reduce(jnp.sum, zc, term(j, with_d), m, layout=layout, col=cw)
+
+    e = [None if j == 1 and cw is None else reduce(j, False) for j in range(1, n + 1)]
+    f = [reduce(j, True) for j in range(1, n + 1)]
+    return e, f
+
+
+def _focal_binomial(n, log_se, ws, wd, e, f):
+    """``sum_S w phi(l)`` and ``sum_S w phi'(l)`` for focal's ``phi(l) = (1 - p)^n l``
+    from the power sums of :func:`_power_sums`, with ``p_k^j = exp(j d_k) / se^j`` and
+    ``l_k = log_se - d_k``: ``(1 - p)^n = sum_j c_j p^j``, ``c_j = (-1)^j C(n, j)``, and
+    ``phi'(l) = sum_j c_j p^j (1 - j l)``.
+
+    Each ``sum_S w p^j l`` is a sum of non-negative terms; the alternating sum over
+    ``j`` is exact to rounding of ``sum_S w l`` (the cross-entropy's own smoothing
+    term), against a value at least ``2^-n log 2`` times the smallest weight when two
+    or more classes are on the support (one of them has ``p <= 1/2``) and exactly 0
+    when one is (``d = 0``, ``log_se = 0``). A rounding below 0 is raised to 0: the
+    loss is non-negative. NaN stays NaN."""
+    f_sum = df_sum = None
+    for j in range(n + 1):
+        if j == 0:
+            p_j, q_j = ws, log_se * ws - wd  # sum w, sum w l
+        else:
+            scale = jnp.exp(-j * log_se)
+            p_j = jnp.ones_like(log_se) if e[j - 1] is None else scale * e[j - 1]
+            q_j = log_se * p_j - scale * f[j - 1]  # sum w p^j l
+        c = (-1) ** j * math.comb(n, j)
+        f_term, df_term = c * q_j, c * (p_j - j * q_j)
+        f_sum = f_term if f_sum is None else f_sum + f_term
+        df_sum = df_term if df_sum is None else df_sum + df_term
+    return jnp.where(f_sum < 0, jnp.zeros((), f_sum.dtype), f_sum), df_sum
+
+
+def _focal_slope(p, l_, n):
+    """Focal's ``phi'(l) = (1 - p)^n + n (1 - p)^(n - 1) p l`` for a static whole
+    ``n``: arithmetic on the ``p`` the gradient pass has (``1 - p`` loses only what
+    is far below ``p`` itself where ``p`` is near 1)."""
+    if n == 0:
+        return jnp.ones_like(p)
+    omp = 1 - p
+    return omp**n + n * omp ** (n - 1) * p * l_
 
 
 def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
@@ -927,7 +999,10 @@ def _backward(static, saved, ct, logits_only=False):
             target_b = jnp.where(support, w if scale is None else scale * w, 0)
         else:
             l_s = jnp.where(support, l_k, 0)
-            if kind == "focal":  # as the forward sums it (one fusion with the maps)
+            if kind == "focal" and spec.focal_power is not None:
+                slope = _focal_slope(p, l_s, spec.focal_power)
+                target_b = jnp.where(support, w * slope, 0)
+            elif kind == "focal":  # as the forward sums it (one fusion with the maps)
                 target_b = jnp.where(support, w * _focal_arith(l_s, ov[0])[1], 0)
             else:
                 target_b = jnp.where(support, w * phi(l_s)[1], 0)

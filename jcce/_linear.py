@@ -647,7 +647,7 @@ def configured_linear_cross_entropy(
     v.block_size(fn, block_size)
     return _native_linear_jit(
         fn,
-        chain,
+        chain.pinned(),
         **arrays,
         ignore_index=ignore_index,
         reduction=reduction,

@@ -128,7 +128,7 @@ def configured_cross_entropy(
     axis, ignore_index = v.static_options(fn, axis, reduction, ignore_index)
     return _native_jit(
         fn,
-        chain,
+        chain.pinned(),
         **arrays,
         axis=axis,
         ignore_index=ignore_index,

@@ -342,6 +342,13 @@ def focal(gamma=2.0, alpha=None) -> Transform:
     closed form ``[gamma (1 - p_y)^(gamma - 1) p_y log p_y - (1 - p_y)^gamma]
     (onehot(y) - p)``. ``gamma = 0`` is the cross-entropy.
 
+    A whole ``gamma`` from 0 to 3 that is a concrete number when the loss is called
+    (``focal(2.0)``) is compiled as that power, one program per value: with label
+    smoothing its uniform term then needs only power sums over the logits, no pass
+    after the log-sum-exp. A traced ``gamma`` (to differentiate with respect to it, or
+    to change it without recompiling) takes the general path; the two agree to
+    rounding.
+
     Args:
       gamma: focusing parameter, float ``>= 0`` or a scalar array.
       alpha: ``None``, a scalar ``>= 0`` or a ``[K]`` vector: the balancing weight of

@@ -585,12 +585,24 @@ def test_focal_repr_reads_as_its_call():
             z, y, reduction="none"
         ),
         lambda z, y, t: jcce.chain(jcce.focal(2.0))(z, y, reduction="none"),
+        # a whole gamma: the smoothing term from power sums, which cancel
+        lambda z, y, t: jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1))(
+            z, y, reduction="none"
+        ),
         lambda z, y, t: jcce.entropy(z, reduction="none"),
         # shifted by the cap, not the max: log_se < 0 is legitimate there
         # (its -inf logits map to -30: rows 0 and 1 lose ~1e-14, 0 in float32)
         lambda z, y, t: jcce.softcap(30.0)(z, y, reduction="none"),
     ],
-    ids=["int", "prob", "smooth_temperature", "focal", "entropy", "softcap"],
+    ids=[
+        "int",
+        "prob",
+        "smooth_temperature",
+        "focal",
+        "focal_smoothing",
+        "entropy",
+        "softcap",
+    ],
 )
 def test_losses_stay_nonnegative_when_exp_rounds_low(monkeypatch, loss):
     """A row with a single finite logit has loss exactly 0 in exact arithmetic. On an

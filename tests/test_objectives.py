@@ -790,6 +790,113 @@ def test_ignore_index_masks_with_an_objective():
     assert np.all(np.asarray(grad[1]) == 0) and np.all(np.isfinite(np.asarray(grad)))
 
 
+# ------------------------------------------ focal with a whole gamma and smoothing
+#
+# focal(n) built from a Python number n in 0..3 is compiled as that power: label
+# smoothing's sums of focal terms become power sums that need only the max shift
+# (jcce._kernel._power_sums). A gamma traced by the caller takes the general path. The
+# tests above call jitted functions that trace the chain; these call it with gamma as
+# a number.
+
+
+def _whole_gamma_inputs(dtype=np.float64):
+    """Logits with a row of one finite logit, a row of +-1e30, a -inf column and a row
+    whose label is the max; their labels and class weights."""
+    z, y, _, cw, *_ = make_inputs(21, dtype)
+    z[0] = [2.0, -np.inf, -np.inf, -np.inf, -np.inf]
+    y[0] = 0  # certain: loss and gradient exactly 0
+    z[1] = [1e30, 0.0, -1e30, 5.0, -5.0]
+    z[2:, 1] = -np.inf
+    return z, y, cw
+
+
+def _focal_smoothing(gamma, eps=0.15):
+    return jcce.chain(jcce.focal(gamma), jcce.label_smoothing(eps))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("implementation", ["xla", "xla_cpu"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "cw"])
+def test_a_whole_gamma_matches_float64_and_the_general_path(
+    x64, gamma, implementation, weighted
+):
+    z, y, cw = _whole_gamma_inputs()
+    kw = {"class_weights": cw} if weighted else {}
+    loss = _focal_smoothing(gamma)
+    assert loss.pinned().config()[0].focal_power == int(gamma)
+
+    def pinned(z, y=y):
+        return loss(z, y, reduction="none", implementation=implementation, **kw)
+
+    @jax.jit
+    def traced(z, g, y=y):
+        chain = _focal_smoothing(g)
+        return chain(z, y, reduction="none", implementation=implementation, **kw)
+
+    per = np.asarray(pinned(z))
+    want = numpy_objective(
+        z, y, objective=("focal", gamma, None), eps=0.15, class_weights=kw.get("class_weights")
+    )
+    np.testing.assert_allclose(per, want, rtol=1e-12)
+    assert per[0] == 0.0
+    np.testing.assert_allclose(per, traced(z, gamma), rtol=1e-12)
+
+    cot = 1 + np.arange(N)
+    grad = jax.grad(lambda z: jnp.sum(cot * pinned(z)))(z)
+    grad_traced = jax.grad(lambda z: jnp.sum(cot * traced(z, gamma)))(z)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad[0]) == 0)
+    np.testing.assert_allclose(grad, grad_traced, rtol=1e-10, atol=1e-14)
+    assert np.all(np.asarray(grad[2:, 1]) == 0)  # the -inf class
+
+    # Second order through the backward rule, one row (the -inf column included).
+    row, yr = z[3:4], y[3:4]
+    hess = jax.hessian(lambda r: pinned(r, yr).sum())(row)
+    hess_traced = jax.hessian(lambda r: traced(r, gamma, yr).sum())(row)
+    assert np.all(np.isfinite(hess))
+    np.testing.assert_allclose(hess, hess_traced, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("gamma", [2.5, 4.0, -0.0])
+def test_only_whole_gammas_up_to_3_are_taken_as_powers(gamma):
+    assert _focal_smoothing(gamma).pinned().config()[0].focal_power == (
+        0 if gamma == 0 else None
+    )
+    # a traced gamma never is: it is what differentiation with respect to it sees
+    seen = []
+
+    @jax.jit
+    def power_of(g):
+        seen.append(_focal_smoothing(g).pinned().config()[0].focal_power)
+        return g
+
+    power_of(2.0)
+    assert seen == [None]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_a_whole_gamma_in_half_precision_and_with_masked_nan_rows(dtype):
+    """16-bit logits against the float64 loss of the same rounded logits; a masked
+    row of NaN stays inert; an all-masked batch has mean 0 and gradient 0."""
+    z, y, cw = _whole_gamma_inputs(np.float32)
+    z[1] = 3.0 * np.arange(K)  # 1e30 is out of float16's range
+    zh = jnp.asarray(z, dtype)
+    z64 = np.asarray(zh, np.float64)
+    loss = jcce.chain(jcce.softcap(8.0), jcce.focal(2.0), jcce.label_smoothing(0.1))
+    ref = {"objective": ("focal", 2.0, None), "maps": (("softcap", 8.0),), "eps": 0.1}
+    keep = np.array([True, True, False, True])
+    z_bad = zh.at[2].set(jnp.nan)
+    per = loss(z_bad, y, where=keep, reduction="none", class_weights=cw)
+    want = numpy_objective(z64, y, class_weights=cw, **ref)
+    np.testing.assert_allclose(np.asarray(per)[keep], want[keep], rtol=2e-6)
+    assert per[2] == 0
+    grad = jax.grad(lambda z: loss(z, y, where=keep, class_weights=cw))(z_bad)
+    assert grad.dtype == dtype and np.all(np.isfinite(np.asarray(grad, np.float32)))
+    assert np.all(np.asarray(grad[2], np.float32) == 0)
+    none = np.zeros(N, bool)
+    value, grad = jax.value_and_grad(lambda z: loss(z, y, where=none))(z_bad)
+    assert float(value) == 0.0 and np.all(np.asarray(grad, np.float32) == 0)
+
+
 # ------------------------------------------------------------------- 9. errors
 
 Z, Y = np.zeros((N, K), np.float32), np.zeros(N, np.int32)

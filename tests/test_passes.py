@@ -16,8 +16,11 @@ Label smoothing is the documented exception: its uniform term needs the support 
 the sum of the logits over the support, each one cheap reduction on XLA:CPU (whose
 reductions take one operand and cannot share a pass), so it adds at most one read per
 sum (without class weights or soft-cap: one unmasked sum, and the two exact sums only
-in a conditional branch taken when some logit is ``-inf`` or NaN) (generalized adds a sum of ``p_k^q``, focal two sums of ``(1 - p_k)^gamma`` terms,
-which need the log-sum-exp first).
+in a conditional branch taken when some logit is ``-inf`` or NaN). Generalized adds a
+sum of ``p_k^q``; focal with a whole ``gamma = n <= 3`` adds the power sums
+``sum_k w_k exp(j d_k)`` and ``sum_k w_k d_k exp(j d_k)`` for ``j <= n`` (the first of
+them only with class weights), which need only the shift; focal with any other gamma
+adds two sums of ``(1 - p_k)^gamma`` terms, which need the log-sum-exp first.
 
 The last tests are of the ``"xla"`` implementation and count something an accelerator
 cares about instead: how deep the chain of reductions over the logits is in the
@@ -115,6 +118,8 @@ SMOOTHING = {
     ),
     # ... and focal's two sums of (1 - p_k)^gamma terms
     "with focal": (jcce.chain(jcce.focal(0.5), jcce.label_smoothing(0.1)), 4),
+    # ... or, for gamma = 2, its power sums of exp(2 d), d exp(d) and d exp(2 d)
+    "with focal, gamma 2": (jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1)), 4),
     "every transform": (
         jcce.chain(
             jcce.softcap(30.0),
@@ -125,7 +130,8 @@ SMOOTHING = {
             jcce.focal(2.0),
             jcce.class_weights(CW),
         ),
-        2,
+        # the sum over the support and focal's four power sums (with class weights)
+        5,
     ),
     "every transform but an objective": (
         jcce.chain(
@@ -290,14 +296,26 @@ DEPTHS = {
         1,
     ),
     "a cap too wide for float32": (jcce.softcap(100.0), PLAIN_DEPTH),
-    # focal's per-class terms need l_k >= 0 exactly, which only the max shift gives
+    # focal's power sums need the max shift (exp(2 d) must not underflow), not the
+    # log-sum-exp: siblings of the sum of exponentials
     "every transform (focal with smoothing)": (
         SMOOTHING["every transform"][0],
-        PLAIN_DEPTH + 1,
+        PLAIN_DEPTH,
     ),
-    # focal's smoothing sums need the log-sum-exp first
     "focal with smoothing": (
         jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1)),
+        PLAIN_DEPTH,
+    ),
+    # a fractional gamma's smoothing sums need the log-sum-exp first
+    "focal with a fractional gamma and smoothing": (
+        jcce.chain(jcce.focal(0.5), jcce.label_smoothing(0.1)),
+        PLAIN_DEPTH + 1,
+    ),
+    # a gamma the caller traces is never taken as a whole power
+    "focal with a traced gamma and smoothing": (
+        lambda z, y: jcce.chain(
+            jcce.focal(jnp.asarray(2.0) + 0 * z[0, 0]), jcce.label_smoothing(0.1)
+        )(z, y),
         PLAIN_DEPTH + 1,
     ),
 }

@@ -58,6 +58,10 @@ CHAINS = {
         jcce.temperature(t), jcce.label_smoothing(0.2)
     ),
     "focal+smoothing": lambda t: jcce.chain(jcce.focal(t), jcce.label_smoothing(0.1)),
+    # a whole gamma: its power sums are summed over the shards
+    "focal2+smoothing": lambda t: jcce.chain(
+        jcce.temperature(t), jcce.focal(2.0), jcce.label_smoothing(0.1)
+    ),
     "poly": lambda t: jcce.chain(jcce.poly(t)),
     "symmetric": lambda t: jcce.chain(jcce.symmetric(0.5, t)),
 }
