@@ -303,12 +303,15 @@ def _terms(
                 f_sum, df_sum = (ws - wpa) / power, wpa
             b, wq_b = f_sum / ks, df_sum / ks
         elif power is not None:  # focal with a whole gamma: power sums (only m)
-            e, f = (
-                [None if v is None else vsum(v) for v in sums_j]
-                for sums_j in _power_sums(
-                    static.ops, static.spec, zc, m, cw, map_values, power
+            if sums is None:
+                e, f = (
+                    [None if v is None else vsum(v) for v in sums_j]
+                    for sums_j in _power_sums(
+                        static.ops, static.spec, zc, m, cw, map_values, power
+                    )
                 )
-            )
+            else:
+                e, f = sums.e, sums.f
             f_sum, df_sum = _focal_binomial(power, log_se, ws, wd, e, f)
             b, wq_b = f_sum / ks, df_sum / ks
         else:  # focal
@@ -376,7 +379,8 @@ class RowSums(NamedTuple):
     implementation's :func:`jcce._pallas.row_sums`) rather than by the strategy's
     reductions: the max ``m`` (0 where not finite), ``se = sum exp(x - m)``, the label's
     mapped logit, and where asked the smoothing sums ``K_S``, ``sum_S w``,
-    ``sum_S w (x - m)`` and the power sum ``sum w exp(a (x - m))``."""
+    ``sum_S w (x - m)``, the power sum ``sum w exp(a (x - m))`` and focal's power sums
+    (:func:`_power_sums`)."""
 
     m: jax.Array
     se: jax.Array
@@ -385,6 +389,8 @@ class RowSums(NamedTuple):
     ws: jax.Array | None = None
     wd: jax.Array | None = None
     wpa: jax.Array | None = None
+    e: tuple | None = None  # focal's whole powers: sum w exp(j (x - m)), j = 1..n
+    f: tuple | None = None  # and sum_S w (x - m) exp(j (x - m))
 
 
 # The fraction of the accumulation dtype's exponent range (down to its smallest normal)
@@ -651,13 +657,18 @@ def forward(static: Static, z, target, s, cw, params: Params):
 def _pallas_runs(static: Static, z) -> bool:
     """Whether the ``"pallas"`` kernels compute this configuration: class indices, an
     unsharded vocabulary, no sum that needs the log-sum-exp first (focal's label
-    smoothing), and a class count they can walk (:func:`jcce._pallas.class_block`).
+    smoothing with a gamma that is not a static whole power), and a class count they
+    can walk (:func:`jcce._pallas.class_block`).
     Everything else on ``"pallas"`` runs the ``"xla"`` path."""
     return (
         static.implementation == "pallas"
         and static.integer_labels
         and static.vocab_axis is None
-        and not (static.spec.objective == "focal" and static.spec.label_smoothing)
+        and not (
+            static.spec.objective == "focal"
+            and static.spec.label_smoothing
+            and static.spec.focal_power is None
+        )
         and _pallas.class_block(z.shape[-1]) is not None
     )
 
@@ -697,8 +708,15 @@ def _pallas_forward(static, z, target, s, cw, params):
         values,
         smoothing=spec.label_smoothing,
         power=power,
+        powers=(spec.focal_power or 0) if spec.label_smoothing else 0,
     )
-    sums = RowSums(*(None if v is None else v.reshape(batch) for v in sums))
+
+    def rows(v):
+        if isinstance(v, tuple):
+            return tuple(rows(u) for u in v)
+        return None if v is None else v.reshape(batch)
+
+    sums = RowSums(*(rows(v) for v in sums))
     return _forward(static, z, target, s, cw, params, sums)
 
 

@@ -9,8 +9,9 @@ transforms:
 * :func:`row_sums` (the forward): one read. Per row, the running max of the mapped
   logits and the sum of exponentials below it, rescaled whenever the max grows (the
   online log-sum-exp), the label's mapped logit, and the label-smoothing sums (support
-  size, class weights over the support, ``sum_S w_k (x_k - m)``) and the power sum
-  ``sum_k w_k exp(a (x_k - m))`` of poly and generalized smoothing, rescaled likewise.
+  size, class weights over the support, ``sum_S w_k (x_k - m)``), the power sum
+  ``sum_k w_k exp(a (x_k - m))`` of poly and generalized smoothing and the power sums
+  of focal's whole gammas, rescaled likewise.
 * :func:`column_map` (the backward): one read and one write. Each block of classes gets
   its gradient from a function of the block and the per-example residuals; the kernel
   (:mod:`jcce._kernel`) passes its own closed form, so no math is written twice.
@@ -92,7 +93,7 @@ def _rescaled(total, factor):
     return jnp.where(total != 0, total * factor, total)
 
 
-def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power):
+def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
     """Per-row sums of the mapped logits in one read of ``z`` ``[N, K]``.
 
     Args:
@@ -103,14 +104,17 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power):
       cw: ``[K]`` class weights or None. ``scalars``: a pytree of scalars for ``mapped``
         and the power.
       smoothing: also compute the label-smoothing sums. ``power``: None, or a function
-        of ``scalars`` giving ``a`` for ``sum_k w_k exp(a (x_k - m))``.
+        of ``scalars`` giving ``a`` for ``sum_k w_k exp(a (x_k - m))``. ``powers``: a
+        static ``n >= 0``; for ``j = 1..n`` also ``sum_k w_k exp(j (x_k - m))`` and
+        ``sum_k w_k (x_k - m) exp(j (x_k - m))`` (focal's whole powers).
 
     Returns:
-      ``(m, se, x_y, ks, ws, wd, wpa)``, each ``[N]`` in the accumulation dtype (None
-      where not asked): ``m`` the max of the mapped logits (0 where not finite),
-      ``se = sum exp(x - m)``, ``x_y`` the label's mapped logit, ``ks`` the support size
-      (``x > -inf``, NaN for a NaN logit), ``ws = sum_S w``, ``wd = sum_S w (x - m)``,
-      ``wpa = sum w exp(a (x - m))``.
+      ``(m, se, x_y, ks, ws, wd, wpa, e, f)``, each ``[N]`` in the accumulation dtype
+      (None where not asked; ``e`` and ``f`` tuples of ``n``): ``m`` the max of the
+      mapped logits (0 where not finite), ``se = sum exp(x - m)``, ``x_y`` the label's
+      mapped logit, ``ks`` the support size (``x > -inf``, NaN for a NaN logit),
+      ``ws = sum_S w``, ``wd = sum_S w (x - m)``, ``wpa = sum w exp(a (x - m))``,
+      ``e[j - 1] = sum w exp(j (x - m))``, ``f[j - 1] = sum_S w (x - m) exp(j (x - m))``.
     """
     n, k = z.shape
     block = class_block(k)
@@ -120,6 +124,7 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power):
     weighted = cw is not None
     names = ["m", "se", "x_y"] + (["ks", "ws", "wd"] if smoothing else [])
     names += ["wpa"] if power is not None else []
+    names += [f"{s}{j}" for j in range(1, powers + 1) for s in "ef"]
 
     def kernel(scalar_ref, z_ref, y_ref, live_ref, *refs):
         cw_ref = refs[0] if weighted else None
@@ -164,6 +169,20 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power):
                 out["wpa"] = _rescaled(carry["wpa"], jnp.exp(a * (old - new))) + (
                     jnp.sum(e if w is None else e * w, axis=1)
                 )
+            for j in range(1, powers + 1):
+                e = jnp.exp(j * d)
+                ed = e * _xla.OPS.zero_neg_inf(d)
+                factor = jnp.exp(j * (old - new))
+                # sum w (x - s) e^{j (x - s)} moves with the shift s by (old - new) times
+                # the matching sum of e^{j (x - s)}, and both scale by e^{j (old - new)}.
+                e_old, f_old = carry[f"e{j}"], carry[f"f{j}"]
+                moved = jnp.where(e_old != 0, f_old + (old - new) * e_old, f_old)
+                out[f"f{j}"] = _rescaled(moved, factor) + jnp.sum(
+                    ed if w is None else ed * w, axis=1
+                )
+                out[f"e{j}"] = _rescaled(e_old, factor) + jnp.sum(
+                    e if w is None else e * w, axis=1
+                )
             return out
 
         init = {name: zero for name in names}
@@ -190,9 +209,13 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power):
         [jax.ShapeDtypeStruct((n,), acc)] * len(names),
     )(*args)
     found = dict(zip(names, results, strict=True))
+    e, f = (
+        tuple(found[f"{s}{j}"] for j in range(1, powers + 1)) if powers else None
+        for s in "ef"
+    )
     return tuple(
         found.get(name) for name in ("m", "se", "x_y", "ks", "ws", "wd", "wpa")
-    )
+    ) + (e, f)
 
 
 def column_map(fun, z, y, rows, cols, scalars, dtype):

@@ -67,6 +67,21 @@ CHAINS = {
         jcce.chain(jcce.symmetric(0.5, 1.0), jcce.label_smoothing(0.1)),
         {"objective": ("symmetric", 0.5, 1.0, -4.0), "eps": 0.1},
     ),
+    # a whole gamma: focal's smoothing sums are power sums of the forward kernel
+    "focal_smoothing_class_weights": (
+        jcce.chain(
+            jcce.temperature(1.5),
+            jcce.focal(2.0),
+            jcce.label_smoothing(0.1),
+            jcce.class_weights(CW),
+        ),
+        {
+            "objective": ("focal", 2.0, None),
+            "maps": (("temperature", 1.5),),
+            "eps": 0.1,
+            "class_weights": CW,
+        },
+    ),
 }
 
 
@@ -169,7 +184,9 @@ def test_dtypes_agree_with_xla(dtype, rtol):
 # ------------------------------------------------------------------ extreme inputs
 
 
-@pytest.mark.parametrize("name", ["plain", "four_and_log_base", "focal"])
+@pytest.mark.parametrize(
+    "name", ["plain", "four_and_log_base", "focal", "focal_smoothing_class_weights"]
+)
 def test_extremes_masks_and_nan_in_masked_rows(name):
     z, y = _inputs()
     z = z.at[2].set(jnp.where(jnp.arange(K) % 2 == 0, 1e30, -1e30))
@@ -265,8 +282,8 @@ def test_what_the_kernels_do_not_cover_runs_the_xla_path(case):
     if case == "probabilities":
         t = jax.nn.one_hot(y, K)
         call = lambda z, impl: jcce.cross_entropy(z, t, implementation=impl)  # noqa: E731
-    elif case == "focal_smoothing":
-        chain = jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1))
+    elif case == "focal_smoothing":  # a fractional gamma: sums after the lse
+        chain = jcce.chain(jcce.focal(0.5), jcce.label_smoothing(0.1))
         call = lambda z, impl: chain(z, y, implementation=impl)  # noqa: E731
     elif case == "odd_class_count":  # 100 = 4 x 25: no block of 128 divides it
         z = z[:, :100]
