@@ -272,8 +272,8 @@ def _terms(
 
     b = wq_b = ks = None
     support = d > -jnp.inf
-    power = static.spec.focal_power
-    if eps is not None and (kind != "focal" or power is not None):
+    whole = static.spec.focal_power  # focal's gamma as a static whole number, or None
+    if eps is not None and (kind != "focal" or whole is not None):
         if sums is None:
             ks, ws, wd = map(
                 vsum, _smoothing_sums(static.ops, static.spec, zc, m, cw, map_values)
@@ -302,17 +302,17 @@ def _terms(
             else:
                 f_sum, df_sum = (ws - wpa) / power, wpa
             b, wq_b = f_sum / ks, df_sum / ks
-        elif power is not None:  # focal with a whole gamma: power sums (only m)
+        elif whole is not None:  # focal with a whole gamma: power sums (only m)
             if sums is None:
                 e, f = (
                     [None if v is None else vsum(v) for v in sums_j]
                     for sums_j in _power_sums(
-                        static.ops, static.spec, zc, m, cw, map_values, power
+                        static.ops, static.spec, zc, m, cw, map_values, whole
                     )
                 )
             else:
                 e, f = sums.e, sums.f
-            f_sum, df_sum = _focal_binomial(power, log_se, ws, wd, e, f)
+            f_sum, df_sum = _focal_binomial(whole, log_se, ws, wd, e, f)
             b, wq_b = f_sum / ks, df_sum / ks
         else:  # focal
             ks, f_sum, df_sum = map(
@@ -626,8 +626,9 @@ def _focal_binomial(n, log_se, ws, wd, e, f):
 
 def _focal_slope(p, l_, n):
     """Focal's ``phi'(l) = (1 - p)^n + n (1 - p)^(n - 1) p l`` for a static whole
-    ``n``: arithmetic on the ``p`` the gradient pass has (``1 - p`` loses only what
-    is far below ``p`` itself where ``p`` is near 1)."""
+    ``n``: arithmetic on the ``p`` the gradient pass has. Near ``p = 1``, ``1 - p``
+    keeps only the absolute accuracy of ``p``, but the slope there is of the order of
+    ``(1 - p)^n``, far below the gradient's ``p`` terms it is added to."""
     if n == 0:
         return jnp.ones_like(p)
     omp = 1 - p
@@ -1159,7 +1160,9 @@ def _input_cotangents(
             deps = jnp.sum(c * (t.b - t.a))
     else:
         # The objective's parameters (and eps, on which the reverse term depends too)
-        # enter through per-example sums: differentiate those directly.
+        # enter through per-example sums: differentiate those directly. (A static whole
+        # gamma, Spec.focal_power, leaves gamma out of the smoothing sums; it was a
+        # concrete number at the call, which nothing differentiates.)
         def per_example(ov_, eps_):
             terms = _terms(
                 static,

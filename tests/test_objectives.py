@@ -835,7 +835,11 @@ def test_a_whole_gamma_matches_float64_and_the_general_path(
 
     per = np.asarray(pinned(z))
     want = numpy_objective(
-        z, y, objective=("focal", gamma, None), eps=0.15, class_weights=kw.get("class_weights")
+        z,
+        y,
+        objective=("focal", gamma, None),
+        eps=0.15,
+        class_weights=kw.get("class_weights"),
     )
     np.testing.assert_allclose(per, want, rtol=1e-12)
     assert per[0] == 0.0
@@ -848,10 +852,25 @@ def test_a_whole_gamma_matches_float64_and_the_general_path(
     np.testing.assert_allclose(grad, grad_traced, rtol=1e-10, atol=1e-14)
     assert np.all(np.asarray(grad[2:, 1]) == 0)  # the -inf class
 
-    # Second order through the backward rule, one row (the -inf column included).
+
+@pytest.mark.parametrize("gamma", [2.0, 3.0])
+@pytest.mark.parametrize("implementation", ["xla", "xla_cpu"])
+def test_a_whole_gamma_second_order_matches_the_general_path(
+    x64, gamma, implementation
+):
+    """Through the backward rule, one row with a -inf class, with class weights."""
+    z, y, cw = _whole_gamma_inputs()
     row, yr = z[3:4], y[3:4]
-    hess = jax.hessian(lambda r: pinned(r, yr).sum())(row)
-    hess_traced = jax.hessian(lambda r: traced(r, gamma, yr).sum())(row)
+    kw = {"class_weights": cw, "implementation": implementation}
+
+    def pinned(r):
+        return _focal_smoothing(gamma)(r, yr, **kw)
+
+    def traced(r, g):
+        return _focal_smoothing(g)(r, yr, **kw)
+
+    hess = jax.hessian(pinned)(row)
+    hess_traced = jax.jit(jax.hessian(traced))(row, gamma)
     assert np.all(np.isfinite(hess))
     np.testing.assert_allclose(hess, hess_traced, rtol=1e-9, atol=1e-13)
 
