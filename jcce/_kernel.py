@@ -650,9 +650,33 @@ def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
 def forward(static: Static, z, target, s, cw, params: Params):
     """The per-example losses and the :class:`_Res` residuals, for a resolved
     ``static.implementation``."""
-    if _pallas_runs(static, z):
-        return _pallas_forward(static, z, target, s, cw, params)
+    if _row_sums_for(static, z) is not None:
+        return _summed_forward(static, z, target, s, cw, params)
     return _forward(static, z, target, s, cw, params)
+
+
+def _row_sums_for(static: Static, z):
+    """The function that takes the forward's sums in one walk over each row (a
+    ``row_sums`` of :func:`jcce._pallas.row_sums`'s signature), or None where the
+    strategy's reductions take them: the Pallas kernel where it runs
+    (:func:`_pallas_runs`); on an implementation with blocked sums (``Ops.row_sums``,
+    ``"xla_cpu"``), focal label smoothing with a whole gamma, whose forward needs
+    ``2 gamma + 2`` sums of maps and exponentials (each its own pass over the logits
+    unblocked; chains of fewer sums ran faster unblocked), with class indices, an
+    unsharded vocabulary and no saved exponentials."""
+    if _pallas_runs(static, z):
+        return _pallas.row_sums
+    spec = static.spec
+    blocked = (
+        static.ops.row_sums is not None
+        and static.integer_labels
+        and static.vocab_axis is None
+        and not static.vocab_slice
+        and spec.label_smoothing
+        and spec.focal_power is not None
+        and not static.keeps(z)
+    )
+    return static.ops.row_sums if blocked else None
 
 
 def _pallas_runs(static: Static, z) -> bool:
@@ -679,8 +703,9 @@ def _as_xla(static: Static) -> Static:
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _pallas_forward(static, z, target, s, cw, params):
-    """:func:`_forward` with every reduction over the classes in one Pallas kernel.
+def _summed_forward(static, z, target, s, cw, params):
+    """:func:`_forward` with every reduction over the classes in one walk over each
+    row (:func:`_row_sums_for`: the Pallas kernel, or ``"xla_cpu"``'s blocks of rows).
     Its derivatives (for second order through the backward rule) are those of the
     ``"xla"`` path, which computes the same function."""
     spec, kind = static.spec, static.spec.objective
@@ -700,7 +725,7 @@ def _pallas_forward(static, z, target, s, cw, params):
             return _smoothing_power(kind, values["objective"], cw)
 
     values = {"maps": params.maps, "objective": params.objective}
-    sums = _pallas.row_sums(
+    sums = _row_sums_for(static, z)(
         mapped,
         z.reshape(-1, k),
         target.reshape(-1),
@@ -721,12 +746,12 @@ def _pallas_forward(static, z, target, s, cw, params):
     return _forward(static, z, target, s, cw, params, sums)
 
 
-def _pallas_forward_jvp(static, primals, tangents):
+def _summed_forward_jvp(static, primals, tangents):
     t_out = _tangent(partial(_forward, _as_xla(static)), primals, tangents)
-    return _pallas_forward(static, *primals), t_out
+    return _summed_forward(static, *primals), t_out
 
 
-_pallas_forward.defjvp(_pallas_forward_jvp, symbolic_zeros=True)
+_summed_forward.defjvp(_summed_forward_jvp, symbolic_zeros=True)
 
 
 def _tangent(fun, primals, tangents):

@@ -66,6 +66,9 @@ def _support_sums(exact, unmasked, k):
     return exact()
 
 
+# XLA fuses sibling reductions into one pass on an accelerator: no blocks of rows.
+_row_sums = None
+
 OPS = Ops.collect("xla", globals(), scatter_labels=False)
 
 

@@ -16,6 +16,9 @@ performance pages) and is wrong, or pointless, on an accelerator, which uses
   from the forward (as optax saves its softmax) rather than computing it twice.
 * The fused linear loss runs its gradient matmuls in float32 over cache-sized chunks of
   the vocabulary (:func:`linear_plan`).
+* Focal label smoothing with a whole gamma (``2 gamma + 2`` sums in the forward) takes
+  its forward sums a cache-sized block of rows at a time (:func:`_row_sums`), so the
+  maps and exponentials are computed once per logit rather than once per reduction.
 """
 
 from __future__ import annotations
@@ -184,9 +187,6 @@ def _support_sums(exact, unmasked, k):
     return lax.cond(jnp.all(jnp.isfinite(wd)), lambda: fast, exact)
 
 
-OPS = Ops.collect("xla_cpu", globals(), scatter_labels=True)
-
-
 # The fused linear loss.
 
 
@@ -263,3 +263,64 @@ def cluster_rows(num_rows: int, classes: int) -> int:
     2^17 of 2^20 classes: 16-row blocks of the last cluster (58 MiB) took 3.4 s a step,
     64-row blocks 4.0 s, 256-row blocks 4.8 s."""
     return rows_within(64 * 2**20, classes, num_rows)
+
+
+# The forward's reductions, a block of rows at a time.
+
+# Bytes of one block's float32 mapped logits: blocks this small stay in the cache while
+# every reduction of the forward reads them.
+_BLOCK_BYTES = 1 * 2**20
+
+
+def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
+    """:func:`jcce._pallas.row_sums` (same arguments, same results) as a loop over
+    blocks of rows: each block's logits are mapped once (a soft-cap's ``tanh`` and the
+    exponentials computed once) into a cache-sized temporary that every sum then reads,
+    where the unblocked layout recomputes the maps and exponentials in each of its
+    reductions."""
+    n, k = z.shape
+    # At most an eighth of the batch a block: the temporaries stay far below [N, K].
+    rows = min(rows_within(_BLOCK_BYTES, k, n), max(1, n // 8))
+    chunks = _n_chunks(k)
+
+    def total(v):  # a row's sum, its classes in chunks of <= _ROW_CHUNK
+        return jnp.sum(jnp.sum(v.reshape(chunks, -1), axis=-1))
+
+    def weighted(v):
+        return total(v if cw is None else v * cw)
+
+    def one(zr, yr, keep):
+        zr = jnp.where(keep, zr, jnp.zeros((), zr.dtype))
+        x = mapped(zr, scalars)
+        m = jnp.max(x)
+        m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
+        d = x - m
+        e = jnp.exp(d)
+        out = {"m": m, "se": total(e)}
+        cols = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+        out["x_y"] = jnp.sum(jnp.where(cols == yr, x, jnp.zeros((), x.dtype)))
+        dw = _zero_neg_inf(d)
+        if smoothing:
+            on = _support(x)
+            out["ks"], out["ws"], out["wd"] = total(on), weighted(on), weighted(dw)
+        if power is not None:
+            out["wpa"] = weighted(jnp.exp(power(scalars) * d))
+        e_j, es, fs = e, [], []
+        for _ in range(powers):
+            es.append(weighted(e_j))
+            fs.append(weighted(e_j * dw))
+            e_j = e_j * e
+        return out, tuple(es), tuple(fs)
+
+    out, es, fs = lax.map(
+        lambda a: one(*a), (z, y.astype(jnp.int32), live), batch_size=rows
+    )
+    return tuple(
+        out.get(name) for name in ("m", "se", "x_y", "ks", "ws", "wd", "wpa")
+    ) + (
+        es or None,
+        fs or None,
+    )
+
+
+OPS = Ops.collect("xla_cpu", globals(), scatter_labels=True)

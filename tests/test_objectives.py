@@ -875,6 +875,89 @@ def test_a_whole_gamma_second_order_matches_the_general_path(
     np.testing.assert_allclose(hess, hess_traced, rtol=1e-9, atol=1e-13)
 
 
+def _blocked_inputs(dtype):
+    """21 examples of 2,560 classes: above what "xla_cpu" saves the exponentials
+    for, so its forward sums run in blocks of two rows (and a remainder of one)."""
+    rng = np.random.default_rng(22)
+    k = 2560
+    z = rng.normal(0, 3, (21, k))
+    z[0] = -np.inf
+    z[0, 7] = 2.0  # one finite logit: loss exactly 0
+    z[1] = np.where(np.arange(k) % 3 == 0, 1e30, -1e30)
+    z[2:, [5, 1000]] = -np.inf
+    z[4] = np.nan  # masked
+    y = rng.integers(0, k, 21)
+    y[0], y[2] = 7, 9
+    keep = np.arange(21) != 4
+    cw = np.linspace(0.5, 1.5, k)
+    return np.asarray(z, dtype), y.astype(np.int32), keep, np.asarray(cw, dtype)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 3.0])
+def test_blocked_sums_of_a_whole_gamma_match_float64_and_the_xla_path(x64, gamma):
+    z, y, keep, cw = _blocked_inputs(np.float64)
+    loss = jcce.chain(
+        jcce.temperature(1.5), jcce.focal(gamma), jcce.label_smoothing(0.1)
+    )
+    kw = {"where": keep, "class_weights": cw}
+
+    def run(z, implementation, reduction="none"):
+        return loss(z, y, reduction=reduction, implementation=implementation, **kw)
+
+    per = np.asarray(run(z, "xla_cpu"))
+    z_ref = np.where(keep[:, None], z, 0.0)
+    want = numpy_objective(
+        z_ref,
+        y,
+        objective=("focal", gamma, None),
+        maps=(("temperature", 1.5),),
+        eps=0.1,
+        class_weights=cw,
+    )
+    np.testing.assert_allclose(per[keep], want[keep], rtol=1e-12)
+    assert per[0] == 0.0 and per[4] == 0.0
+
+    def mean_grad(implementation):
+        return jax.grad(lambda z: run(z, implementation, "mean"))
+
+    grads = {i: mean_grad(i)(z) for i in ("xla_cpu", "xla")}
+    assert np.all(np.asarray(grads["xla_cpu"])[4] == 0)
+    np.testing.assert_allclose(grads["xla_cpu"], grads["xla"], rtol=1e-10, atol=1e-16)
+    # Second order through the backward rule: a Hessian-vector product.
+    v = jnp.asarray(np.random.default_rng(1).normal(size=z.shape))
+    finite = jnp.asarray(np.where(np.isfinite(z) & keep[:, None], z, 0.0))
+    hvp = {i: jax.jvp(mean_grad(i), (finite,), (v,))[1] for i in ("xla_cpu", "xla")}
+    np.testing.assert_allclose(hvp["xla_cpu"], hvp["xla"], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_blocked_sums_of_a_whole_gamma_in_16_and_32_bits_and_under_vmap(dtype):
+    z, y, keep, cw = _blocked_inputs(np.float32)
+    z[1] = np.where(np.arange(z.shape[1]) % 3 == 0, 30.0, -30.0)
+    z = jnp.asarray(z, dtype)
+    loss = jcce.chain(jcce.softcap(20.0), jcce.focal(2.0), jcce.label_smoothing(0.1))
+
+    def step(z, y, implementation):
+        def mean(z):
+            return loss(z, y, where=keep, implementation=implementation)
+
+        return jax.value_and_grad(mean)(z)
+
+    got = {i: step(z, y, i) for i in ("xla_cpu", "xla")}
+    np.testing.assert_allclose(got["xla_cpu"][0], got["xla"][0], rtol=2e-6)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(
+        np.asarray(got["xla_cpu"][1], np.float32),
+        np.asarray(got["xla"][1], np.float32),
+        rtol=tol,
+        atol=tol / z.shape[1],
+    )
+    batched = jax.vmap(lambda z, y: step(z, y, "xla_cpu"))(
+        jnp.stack([z, z[::-1]]), jnp.stack([y, y[::-1]])
+    )
+    np.testing.assert_allclose(batched[0][0], got["xla_cpu"][0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("gamma", [2.5, 4.0, -0.0])
 def test_only_whole_gammas_up_to_3_are_taken_as_powers(gamma):
     assert _focal_smoothing(gamma).pinned().config()[0].focal_power == (
