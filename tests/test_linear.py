@@ -550,6 +550,8 @@ LEAN_CHAINS = [
 ]
 
 
+# Under [xla]: plain and the combination of every transform (every kernel term).
+@pytest.mark.xla_subset(lambda p: p["name"] in ("plain", "everything"))
 @pytest.mark.parametrize(
     ("name", "reduction"),
     [(n, "mean") for n in LEAN_CHAINS] + [("plain", "none"), ("everything", "none")],
