@@ -144,10 +144,10 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
             m = jnp.maximum(carry["m"], jnp.max(x, axis=1))
             old, new = carry["shift"], jnp.where(jnp.isfinite(m), m, 0)
             d = x - new[:, None]
+            ex, grow = jnp.exp(d), jnp.exp(old - new)
+            dw = _xla.OPS.zero_neg_inf(d)
             out = dict(m=m, shift=new)
-            out["se"] = _rescaled(carry["se"], jnp.exp(old - new)) + jnp.sum(
-                jnp.exp(d), axis=1
-            )
+            out["se"] = _rescaled(carry["se"], grow) + jnp.sum(ex, axis=1)
             out["x_y"] = carry["x_y"] + jnp.sum(
                 jnp.where(cols == label[:, None], x, 0), axis=1
             )
@@ -161,7 +161,6 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
                     carry["wd"] + (old - new) * carry["ws"],
                     carry["wd"],
                 )
-                dw = _xla.OPS.zero_neg_inf(d)
                 out["wd"] = moved + jnp.sum(dw if w is None else dw * w, axis=1)
                 out["ws"] = carry["ws"] + ws
             if power is not None:
@@ -169,10 +168,11 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
                 out["wpa"] = _rescaled(carry["wpa"], jnp.exp(a * (old - new))) + (
                     jnp.sum(e if w is None else e * w, axis=1)
                 )
+            e, factor = ex, grow  # e^{j d} and e^{j (old - new)}, by products
             for j in range(1, powers + 1):
-                e = jnp.exp(j * d)
-                ed = e * _xla.OPS.zero_neg_inf(d)
-                factor = jnp.exp(j * (old - new))
+                if j > 1:
+                    e, factor = e * ex, factor * grow
+                ed = e * dw
                 # sum w (x - s) e^{j (x - s)} moves with the shift s by (old - new) times
                 # the matching sum of e^{j (x - s)}, and both scale by e^{j (old - new)}.
                 e_old, f_old = carry[f"e{j}"], carry[f"f{j}"]
