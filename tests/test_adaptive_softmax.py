@@ -205,8 +205,8 @@ def test_gradients_and_second_order_match_the_naive_definition():
 
     tol = dict(rtol=2e-4, atol=2e-6)
     for a, b in zip(
-        jax.tree.leaves(jax.grad(ours, argnums=(0, 1))(p, x)),
-        jax.tree.leaves(jax.grad(naive, argnums=(0, 1))(p, x)),
+        jax.tree.leaves(jax.jit(jax.grad(ours, argnums=(0, 1)))(p, x)),
+        jax.tree.leaves(jax.jit(jax.grad(naive, argnums=(0, 1)))(p, x)),
         strict=True,
     ):
         np.testing.assert_allclose(a, b, **tol)
@@ -286,21 +286,20 @@ def test_extreme_logits_masks_nan_rows_and_out_of_range_labels():
     y_big = np.array([3, 5, 4, 100], np.int32)
     got = np.asarray(asm.loss(big, x[:4], y_big, reduction="none"))
     np.testing.assert_allclose(got, [0, 2e30, 1e30, 1e30], rtol=1e-6)
-    g = jax.grad(asm.loss, argnums=1)(big, x[:4], y_big)
+    g = jax.jit(jax.grad(asm.loss, argnums=1))(big, x[:4], y_big)
     assert np.all(np.isfinite(g))
     # NaN in masked rows reaches neither the loss nor any gradient.
     where = np.arange(16) % 2 == 0
     xn = np.where(where[:, None], x, np.nan).astype(np.float32)
-    value, (gp, gx) = jax.value_and_grad(asm.loss, argnums=(0, 1))(
-        p, xn, y, where=where
-    )
+    step = jax.jit(jax.value_and_grad(asm.loss, argnums=(0, 1)))
+    value, (gp, gx) = step(p, xn, y, where=where)
     np.testing.assert_allclose(value, _reference(p, x, y)[where].mean(), rtol=1e-5)
     assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(gp))
     assert np.all(np.asarray(gx)[~where] == 0)
     # Every example masked: a zero loss and zero gradients.
     none = np.zeros(16, bool)
-    value, grads = jax.value_and_grad(asm.loss)(p, xn, y, where=none)
-    assert float(value) == 0 and all(np.all(a == 0) for a in jax.tree.leaves(grads))
+    value, (gp, gx) = step(p, xn, y, where=none)
+    assert float(value) == 0 and all(np.all(a == 0) for a in jax.tree.leaves((gp, gx)))
     # Out of range: NaN for that example only.
     bad = y.copy()
     bad[[2, 7]] = [V, -3]

@@ -137,7 +137,9 @@ def test_hessians_match_xla(name):
     with jax.enable_x64(True):
         z, y = _inputs(jnp.float64)
         hessians = {
-            impl: jax.hessian(lambda z, impl=impl: _loss(name, impl)(z, y[:2]))(z[:2])
+            impl: jax.jit(
+                jax.hessian(lambda z, impl=impl: _loss(name, impl)(z, y[:2]))
+            )(z[:2])
             for impl in ("pallas", "xla")
         }
         np.testing.assert_allclose(
