@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# What a lent accelerator session runs, in one call of at most ten minutes:
+#
+#   bash benchmarks/device_session.sh
+#
+# from the repository root, on the accelerator machine's own jax, optax and torch (the
+# repository goes on PYTHONPATH; nothing is installed). Each stage has a time limit of its
+# own so that a slow one leaves time for the rest, and writes its whole log under $OUT
+# (default: device_out/), which the device tool brings back:
+#
+#   card.txt            the accelerator and the software versions
+#   device_check.txt    values and gradients on the accelerator against the host CPU
+#                       (benchmarks/device_check.py; exits 1 past its tolerances)
+#   bench_backends.txt  jcce's implementations beside optax and the unfused linear loss,
+#                       at the accelerator shapes (benchmarks/bench_backends.py)
+#   pytest.txt          the suites that run under both implementations, on the
+#                       accelerator (issue 14, item 7)
+#
+# Stage limits (seconds) can be set from the environment: CHECK_S, BENCH_S, TESTS_S.
+set -u
+out=${OUT:-device_out}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Several pytest workers share one card: allocate on demand, not 75% each.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  python3 -c "import jax, jaxlib, optax; print('jax', jax.__version__, 'jaxlib', \
+jaxlib.__version__, 'optax', optax.__version__); print(jax.devices())" 2>&1
+} | tee "$out/card.txt"
+
+status=0
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  tail -n 60 "$out/$name.txt"
+  echo "== $name: exit $rc"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+stage device_check "${CHECK_S:-150}" python3 benchmarks/device_check.py
+stage bench_backends "${BENCH_S:-240}" python3 benchmarks/bench_backends.py
+# -v writes each result as it comes, so a run cut off by its limit still names its
+# failures (pytest.txt keeps every line; the summary below counts them).
+stage pytest "${TESTS_S:-170}" python3 -m pytest -v -n 4 -p no:randomly \
+  tests/test_core.py tests/test_family_losses.py tests/test_linear.py \
+  tests/test_optax_parity.py tests/test_properties.py tests/test_torch_parity.py \
+  tests/test_edges.py tests/test_objectives.py tests/test_pallas.py
+echo "== pytest: $(grep -c ' PASSED' "$out/pytest.txt") passed, \
+$(grep -c ' FAILED' "$out/pytest.txt") failed, $(grep -c ' SKIPPED' "$out/pytest.txt") skipped"
+grep ' FAILED' "$out/pytest.txt" | head -n 40
+exit $status
