@@ -31,22 +31,22 @@ jaxlib.__version__, 'optax', optax.__version__); print(jax.devices())" 2>&1
 } | tee "$out/card.txt"
 
 status=0
-stage() {  # stage NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
+stage() {  # stage NAME SECONDS LINES COMMAND... (LINES of its log echoed at the end)
+  local name=$1 limit=$2 lines=$3
+  shift 3
   echo "== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
   local rc=$?
-  tail -n 60 "$out/$name.txt"
+  tail -n "$lines" "$out/$name.txt"
   echo "== $name: exit $rc"
   [ "$rc" -eq 0 ] || status=1
 }
 
-stage device_check "${CHECK_S:-150}" python3 benchmarks/device_check.py
-stage bench_backends "${BENCH_S:-240}" python3 benchmarks/bench_backends.py
+stage device_check "${CHECK_S:-150}" 60 python3 benchmarks/device_check.py
+stage bench_backends "${BENCH_S:-240}" 120 python3 benchmarks/bench_backends.py
 # -v writes each result as it comes, so a run cut off by its limit still names its
 # failures (pytest.txt keeps every line; the summary below counts them).
-stage pytest "${TESTS_S:-170}" python3 -m pytest -v -n 4 -p no:randomly \
+stage pytest "${TESTS_S:-170}" 2 python3 -m pytest -v -n 4 -p no:randomly \
   tests/test_core.py tests/test_family_losses.py tests/test_linear.py \
   tests/test_optax_parity.py tests/test_properties.py tests/test_torch_parity.py \
   tests/test_edges.py tests/test_objectives.py tests/test_pallas.py
