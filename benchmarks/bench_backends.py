@@ -13,8 +13,9 @@ NVIDIA GPU), that needs nothing beyond jax, numpy and optax (plus the repository
     ratios; the functions are timed round-robin), XLA's compiled scratch memory
     (``memory_analysis().temp_size_in_bytes``), its ratio to optax's, and the largest
     gradient difference from optax (a sanity check). Shapes ``[N, K]`` in bfloat16 and
-    float32: ``ACCEL_CORE_SHAPES`` on an accelerator, ``CPU_CORE_SHAPES`` on the CPU
-    (bench_core.py's shapes plus small class counts, K = 2 upward).
+    float32: ``ACCEL_CORE_SHAPES`` on an accelerator (the issue's large vocabularies),
+    ``CPU_CORE_SHAPES`` on the CPU (bench_core.py's), each followed by the small class
+    counts of ``SMALL_K_SHAPES`` (K = 2 to 1,000).
 (b) chains: the same, for ``jcce.chain(label_smoothing(0.1))``, ``chain(softcap(30))``,
     a chain of four (``label_smoothing(0.1), temperature(2.0), z_loss(1e-4),
     softcap(30.0)``) and a chain of every transform (as in bench_core.py), each as a
@@ -72,10 +73,8 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 
 # (a) core shapes [N, K]; each is run in every dtype of CORE_DTYPES. The first one is
 # also the shape of (b).
-ACCEL_CORE_SHAPES = [(8192, 131072), (65536, 32768)]
-CPU_CORE_SHAPES = [
-    (4096, 32768),  # bench_core.py
-    (256, 262144),  # bench_core.py
+# The textbook classifiers' class counts (K = 2 to 1,000), on every backend.
+SMALL_K_SHAPES = [
     (65536, 100),
     (32768, 200),
     (65536, 32),
@@ -83,6 +82,12 @@ CPU_CORE_SHAPES = [
     (256, 1000),
     (4096, 10),
     (4096, 2),
+]
+ACCEL_CORE_SHAPES = [(8192, 131072), (65536, 32768), *SMALL_K_SHAPES]
+CPU_CORE_SHAPES = [
+    (4096, 32768),  # bench_core.py
+    (256, 262144),  # bench_core.py
+    *SMALL_K_SHAPES,
 ]
 QUICK_CORE_SHAPES = [(256, 4096), (16, 65536), (4096, 100), (4096, 10), (4096, 2)]
 CORE_DTYPES = [BF16, F32]
