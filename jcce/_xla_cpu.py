@@ -277,11 +277,32 @@ def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
     blocks of rows: each block's logits are mapped once (a soft-cap's ``tanh`` and the
     exponentials computed once) into a cache-sized temporary that every sum then reads,
     where the unblocked layout recomputes the maps and exponentials in each of its
-    reductions."""
+    reductions.
+
+    With label smoothing, the blocks first take the sums as if every mapped logit were
+    finite (support size ``K``, ``sum_S w = sum w``, no ``-inf`` to zero: two sums per
+    block fewer); a row where that is not so (a ``-inf`` class, NaN, overflow) has a
+    sum ``sum_k w_k d_k`` that is not finite, and then the whole batch takes the exact
+    sums in a second walk (a ``lax.cond``; under ``vmap`` both run)."""
+    walk = partial(
+        _blocked_sums, mapped, z, y, live, cw, scalars, power=power, powers=powers
+    )
+    if not smoothing:
+        return walk(smoothing=False)
+    fast = walk(smoothing="finite")
+    return lax.cond(
+        jnp.all(jnp.isfinite(fast[5])), lambda: fast, lambda: walk(smoothing=True)
+    )
+
+
+def _blocked_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers):
+    """The walk of :func:`_row_sums`; ``smoothing="finite"`` takes the smoothing sums
+    as if every mapped logit were finite."""
     n, k = z.shape
     # At most an eighth of the batch a block: the temporaries stay far below [N, K].
     rows = min(rows_within(_BLOCK_BYTES, k, n), max(1, n // 8))
     chunks = _n_chunks(k)
+    finite = smoothing == "finite"
 
     def total(v):  # a row's sum, its classes in chunks of <= _ROW_CHUNK
         return jnp.sum(jnp.sum(v.reshape(chunks, -1), axis=-1))
@@ -297,12 +318,16 @@ def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
         d = x - m
         e = jnp.exp(d)
         out = {"m": m, "se": total(e)}
-        cols = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-        out["x_y"] = jnp.sum(jnp.where(cols == yr, x, jnp.zeros((), x.dtype)))
-        dw = _zero_neg_inf(d)
+        # The label's mapped logit by index (a gather), not a masked sum over the
+        # block (which cost a pass over it); 0 for a label out of range.
+        inside = (yr >= 0) & (yr < k)
+        out["x_y"] = jnp.where(inside, x[jnp.clip(yr, 0, k - 1)], 0)
+        dw = d if finite else _zero_neg_inf(d)
         if smoothing:
+            out["wd"] = weighted(dw)
+        if smoothing and not finite:
             on = _support(x)
-            out["ks"], out["ws"], out["wd"] = total(on), weighted(on), weighted(dw)
+            out["ks"], out["ws"] = total(on), weighted(on)
         if power is not None:
             out["wpa"] = weighted(jnp.exp(power(scalars) * d))
         e_j, es, fs = e, [], []
@@ -315,6 +340,11 @@ def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
     out, es, fs = lax.map(
         lambda a: one(*a), (z, y.astype(jnp.int32), live), batch_size=rows
     )
+    if finite:  # every class in the support: its size and weight are the totals
+        acc = out["se"].dtype
+        ones = jnp.ones((k,), acc)
+        out["ks"] = jnp.broadcast_to(total(ones), (n,))
+        out["ws"] = jnp.broadcast_to(weighted(ones), (n,))
     return tuple(
         out.get(name) for name in ("m", "se", "x_y", "ks", "ws", "wd", "wpa")
     ) + (

@@ -936,6 +936,61 @@ def test_blocked_sums_of_a_whole_gamma_match_float64_and_the_xla_path(x64, gamma
     np.testing.assert_allclose(hvp["xla_cpu"], hvp["xla"], rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", ["finite", "nan_in_a_masked_row", "minus_inf"])
+def test_blocked_sums_walk_once_where_every_logit_is_finite(x64, case):
+    """``"xla_cpu"``'s blocked forward sums against float64 NumPy: where every mapped
+    logit is finite (a masked row's NaN is zeroed first) the first walk's support size
+    and weight are the totals; a ``-inf`` class makes its ``sum w d`` infinite and the
+    exact walk gives the sums (the same numbers as calling it directly)."""
+    from jcce import _xla_cpu
+
+    rng = np.random.default_rng(5)
+    n, k = 9, 2560
+    z = rng.normal(0, 3, (n, k))
+    live = np.ones(n, bool)
+    if case == "nan_in_a_masked_row":
+        z[4], live[4] = np.nan, False
+    if case == "minus_inf":
+        z[3, [5, 100]] = -np.inf
+    y = rng.integers(0, k, n).astype(np.int32)
+    y[2] = k  # out of range: x_y = 0
+    cw = np.linspace(0.5, 1.5, k)
+
+    def walk(fn, **kw):
+        return fn(
+            lambda v, s: v / s["t"], jnp.asarray(z), jnp.asarray(y),
+            jnp.asarray(live), jnp.asarray(cw), {"t": 1.5},
+            power=None, powers=2, **kw,
+        )  # fmt: skip
+
+    got = walk(_xla_cpu._row_sums, smoothing=True)
+    first = walk(_xla_cpu._blocked_sums, smoothing="finite")
+    exact = walk(_xla_cpu._blocked_sums, smoothing=True)
+    assert bool(np.all(np.isfinite(first[5]))) == (case != "minus_inf")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exact), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-12)
+
+    x = np.where(live[:, None], z, 0.0) / 1.5
+    m = np.max(x, axis=-1, keepdims=True)
+    d = x - m
+    on = x > -np.inf
+    dw = np.where(on, d, 0.0)
+    want = {
+        "m": m[:, 0],
+        "se": np.exp(d).sum(-1),
+        "x_y": np.where(y < k, x[np.arange(n), np.minimum(y, k - 1)], 0.0),
+        "ks": on.sum(-1),
+        "ws": (cw * on).sum(-1),
+        "wd": (cw * dw).sum(-1),
+    }
+    for i, name in enumerate(want):
+        np.testing.assert_allclose(got[i], want[name], rtol=1e-12, err_msg=name)
+    for j in (1, 2):
+        e_j = cw * np.exp(j * d)
+        np.testing.assert_allclose(got[7][j - 1], e_j.sum(-1), rtol=1e-12)
+        np.testing.assert_allclose(got[8][j - 1], (e_j * dw).sum(-1), rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_blocked_sums_of_a_whole_gamma_in_16_and_32_bits_and_under_vmap(dtype):
     z, y, keep, cw = _blocked_inputs(np.float32)
