@@ -289,20 +289,26 @@ def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
     )
     if not smoothing:
         return walk(smoothing=False)
-    fast = walk(smoothing="finite")
+    fast = walk(smoothing=True, finite=True)
+    wd = fast[_SUMS.index("wd")]
     return lax.cond(
-        jnp.all(jnp.isfinite(fast[5])), lambda: fast, lambda: walk(smoothing=True)
+        jnp.all(jnp.isfinite(wd)), lambda: fast, lambda: walk(smoothing=True)
     )
 
 
-def _blocked_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers):
-    """The walk of :func:`_row_sums`; ``smoothing="finite"`` takes the smoothing sums
-    as if every mapped logit were finite."""
+# The names of the per-row sums, in the order row_sums returns them (then e and f).
+_SUMS = ("m", "se", "x_y", "ks", "ws", "wd", "wpa")
+
+
+def _blocked_sums(
+    mapped, z, y, live, cw, scalars, *, smoothing, power, powers, finite=False
+):
+    """The walk of :func:`_row_sums`; with ``finite`` it takes the smoothing sums as
+    if every mapped logit were finite."""
     n, k = z.shape
     # At most an eighth of the batch a block: the temporaries stay far below [N, K].
     rows = min(rows_within(_BLOCK_BYTES, k, n), max(1, n // 8))
     chunks = _n_chunks(k)
-    finite = smoothing == "finite"
 
     def total(v):  # a row's sum, its classes in chunks of <= _ROW_CHUNK
         return jnp.sum(jnp.sum(v.reshape(chunks, -1), axis=-1))
@@ -345,9 +351,7 @@ def _blocked_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers):
         ones = jnp.ones((k,), acc)
         out["ks"] = jnp.broadcast_to(total(ones), (n,))
         out["ws"] = jnp.broadcast_to(weighted(ones), (n,))
-    return tuple(
-        out.get(name) for name in ("m", "se", "x_y", "ks", "ws", "wd", "wpa")
-    ) + (
+    return tuple(out.get(name) for name in _SUMS) + (
         es or None,
         fs or None,
     )
