@@ -80,7 +80,10 @@ class Ops(NamedTuple):
     ``support_sums(exact, unmasked, k)``: label smoothing's ``(K_S, sum_S w d)`` per
     row, given ``exact()`` (their own reductions) and ``unmasked()`` (``sum_k w d_k``
     without the support mask: equal to the masked sum, with ``K_S = k``, wherever it is
-    finite). ``row_sums``: None, or a function that takes a chain's forward sums a
+    finite). ``full_support(full, exact, ks, k)``: the backward's dense gradient,
+    ``full()`` (computed as if every class were in the support) or ``exact()`` (with
+    the support masks), given each row's support size ``ks`` of ``k`` classes; the two
+    agree wherever every ``ks == k``. ``row_sums``: None, or a function that takes a chain's forward sums a
     block of rows at a time (the signature of :func:`jcce._pallas.row_sums`), for the
     chains the kernel gives it. ``scatter_labels``: whether the backward sets the
     label entries with a scatter instead of a one-hot compare (32/64-bit logits, when
@@ -95,6 +98,7 @@ class Ops(NamedTuple):
     zero_neg_inf: Callable
     keeps_exponentials: Callable
     support_sums: Callable
+    full_support: Callable
     row_sums: Callable | None
     scatter_labels: bool
 

@@ -904,6 +904,10 @@ def _bracket(p, parts, zl):
     return g if zl is None else g + zl * p
 
 
+def _temperatures_only(spec) -> bool:
+    return bool(spec.maps) and all(kind == "temperature" for kind in spec.maps)
+
+
 def _col(v):
     return None if v is None else v[..., None]
 
@@ -982,7 +986,11 @@ def _backward(static, saved, ct, logits_only=False):
     cw_row = _as_row(cw, z.ndim)
     w = jnp.ones((), acc) if cw is None else cw_row
 
-    if zc.dtype == jnp.bfloat16:
+    def mapped():
+        """The mapped logits ``x`` and the maps' pullback, the gradient's cotangent
+        cast back to the logits' dtype."""
+        if zc.dtype != jnp.bfloat16:
+            return jax.vjp(lambda z_, mv: _apply_maps(spec, z_, mv), zc, params.maps)
         x, pull_x = jax.vjp(
             lambda x_, mv: _apply_maps(spec, x_, mv), static.ops.widen(zc), params.maps
         )
@@ -990,21 +998,13 @@ def _backward(static, saved, ct, logits_only=False):
         def pull_maps(g):
             dx, dm = pull_x(g)
             return dx.astype(z.dtype), dm
-    else:
-        x, pull_maps = jax.vjp(
-            lambda z_, mv: _apply_maps(spec, z_, mv), zc, params.maps
-        )
-    d = x - r.m[..., None]
+
+        return x, pull_maps
+
     kept = r.e is not None and static.keeps(z)
-    if kept:
-        p = r.e * jnp.exp(-r.log_se)[..., None]
-    else:
-        p = jnp.exp(d - r.log_se[..., None])
     phi = partial(_phi, kind, ov)
     linear = kind in (None, "symmetric")
     scale = ov[0] if kind == "symmetric" else None
-    l_k = None if linear else r.log_se[..., None] - d
-    support = d > -jnp.inf
 
     yc = owned = w_y = None
     # An explicitly sharded batch (jax.sharding.AxisType.Explicit) takes the one-hot
@@ -1023,44 +1023,94 @@ def _backward(static, saved, ct, logits_only=False):
         yc, owned = label_slot(static.vocab_axis, target, num_classes)
         # An out-of-range label poisons its example's gradient as it does its loss.
         c_row = jnp.where(jnp.isnan(r.ce_y), jnp.nan, c_k)
-        iota = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-        onehot = (iota == yc[..., None]) & owned[..., None]
-
-        def at_label(v):  # the target entries, or None when set by scatter below
-            return None if scatter else jnp.where(onehot, _col(v), 0)
-
-        target_a = at_label(t.wq_a)
     else:
         c_row = c_k
-        wt = target.astype(acc) * w
-        if linear:
-            target_a = wt if scale is None else scale * wt
+    # Temperatures alone: dz = g / prod T per logit, folded into the row's coefficient
+    # (one multiply per logit fewer; on XLA:CPU that keeps the gradient loop small
+    # enough for LLVM to interleave it). The maps' cotangent is linear in g.
+    temps = math.prod(params.maps) if _temperatures_only(spec) else None
+    c_g = c_row if temps is None else c_row / temps
+
+    def dense(finite):
+        """The logits' gradient (the label entries left to :func:`_set_label_entries`
+        when ``scatter``) and the maps' cotangent; ``finite``: every row's support is
+        all of its classes (``K_S = K``), so the support masks drop out."""
+
+        # Everything per logit is computed here, inside the strategy's branches: an
+        # [..., K] array from outside would be materialized as a branch operand.
+        x, pull_maps = mapped()
+        d = x - r.m[..., None]
+        if kept:
+            p = r.e * jnp.exp(-r.log_se)[..., None]
         else:
-            target_a = jnp.where(wt == 0, 0, wt * phi(jnp.where(wt == 0, 0, l_k))[1])
-    parts = [(None if eps is None else 1 - eps, _col(t.wq_a), target_a)]
-    if eps is not None:
-        if linear:
-            target_b = jnp.where(support, w if scale is None else scale * w, 0)
-        else:
-            l_s = jnp.where(support, l_k, 0)
-            if kind == "focal" and spec.focal_power is not None:
-                slope = _focal_slope(p, l_s, spec.focal_power)
-                target_b = jnp.where(support, w * slope, 0)
-            elif kind == "focal":  # as the forward sums it (one fusion with the maps)
-                target_b = jnp.where(support, w * _focal_arith(l_s, ov[0])[1], 0)
-            else:
-                target_b = jnp.where(support, w * phi(l_s)[1], 0)
-        parts.append((eps, _col(t.wq_b), target_b / _col(t.ks)))
-    if kind == "symmetric":
+            p = jnp.exp(d - r.log_se[..., None])
+        l_k = None if linear else r.log_se[..., None] - d
+        support = d > -jnp.inf
+
+        def on(v):
+            return v if finite else jnp.where(support, v, 0)
+
         if static.integer_labels:
-            parts.append((ov[1], _col(t.r_coef), at_label(t.r_coef)))
+            iota = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+            onehot = (iota == yc[..., None]) & owned[..., None]
+
+            def at_label(v):  # the target entries, or None when set by scatter
+                return None if scatter else jnp.where(onehot, _col(v), 0)
+
+            target_a = at_label(t.wq_a)
         else:
-            q = _smoothed(target.astype(acc), eps, support, t.ks)
-            parts.append((ov[1], _col(-t.r), p * _rce_logs(ov, q)))
-    grad = _col(c_row) * _bracket(p, parts, _col(zl))
-    if live is not None:
-        grad = jnp.where(live[..., None], grad, 0)
-    dz, dmaps = pull_maps(grad)
+            wt = target.astype(acc) * w
+            if linear:
+                target_a = wt if scale is None else scale * wt
+            else:
+                target_a = jnp.where(
+                    wt == 0, 0, wt * phi(jnp.where(wt == 0, 0, l_k))[1]
+                )
+        parts = [(None if eps is None else 1 - eps, _col(t.wq_a), target_a)]
+        target_b = None  # label smoothing's per-logit target, before eps / K_S
+        if eps is not None:
+            if linear:
+                target_b = on(w if scale is None else scale * w)
+            else:
+                l_s = on(l_k)
+                if kind == "focal" and spec.focal_power is not None:
+                    target_b = on(w * _focal_slope(p, l_s, spec.focal_power))
+                elif kind == "focal":  # as the forward sums it (one fusion)
+                    target_b = on(w * _focal_arith(l_s, ov[0])[1])
+                else:
+                    target_b = on(w * phi(l_s)[1])
+            parts.append((eps, _col(t.wq_b), target_b))
+        if kind == "symmetric":
+            if static.integer_labels:
+                parts.append((ov[1], _col(t.r_coef), at_label(t.r_coef)))
+            else:
+                q = _smoothed(target.astype(acc), eps, support, t.ks)
+                parts.append((ov[1], _col(-t.r), p * _rce_logs(ov, q)))
+        if scatter:
+            # No per-logit targets but smoothing's: every p term is one row number.
+            coef = _bracket(
+                jnp.ones((), acc), [(s_, q_, None) for s_, q_, _ in parts], _col(zl)
+            )
+            grad = p * (_col(c_g) * coef)
+            if target_b is not None:
+                grad = grad - _col(c_g * eps / t.ks) * target_b
+        else:
+            if target_b is not None:
+                parts[1] = (eps, _col(t.wq_b), target_b / _col(t.ks))
+            grad = _col(c_g) * _bracket(p, parts, _col(zl))
+        if live is not None:
+            grad = jnp.where(live[..., None], grad, 0)
+        if temps is None:
+            return pull_maps(grad)
+        _, dmaps_ = pull_maps(grad)  # XLA drops the unused logit cotangent
+        return grad.astype(z.dtype), tuple(temps * v for v in dmaps_)
+
+    if eps is not None and not static.vocab_slice and static.vocab_axis is None:
+        dz, dmaps = static.ops.full_support(
+            partial(dense, True), partial(dense, False), t.ks, num_classes
+        )
+    else:
+        dz, dmaps = dense(False)
     if logits_only:
         return dz
     if static.integer_labels:
@@ -1074,6 +1124,7 @@ def _backward(static, saved, ct, logits_only=False):
             static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz, dmaps
         )
 
+    d = mapped()[0] - r.m[..., None]  # for the other cotangents, if any is used
     dtarget, ds, dcw, dparams = _input_cotangents(
         static, target, s, cw, params, r, ct, c, c0, c_k, eps, zc, d, yc, owned, w_y,
         live,

@@ -531,3 +531,76 @@ def test_softcap_cap_derivative_at_minus_inf(eps, target, dtype):
     rtol = 1e-8 if dtype == jnp.float64 else 1e-5
     np.testing.assert_allclose(value, want_value, rtol=rtol)
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
+
+
+# --------------------------------------------------------------------------------------
+# Label smoothing's gradient, with and without support masks.
+#
+# Where every row's support is all K classes the "xla_cpu" backward computes the dense
+# gradient with no support mask (``_xla_cpu._full_support``, a conditional); one -inf
+# logit anywhere in the batch takes the masked branch. Temperatures fold into each
+# row's coefficient (and the maps' cotangent is scaled back), on every implementation.
+
+SUPPORT_CHAINS = {
+    "ls_temp_zloss": jcce.chain(
+        jcce.label_smoothing(0.1), jcce.temperature(1.5), jcce.z_loss(1e-3)
+    ),
+    "temp_below_one_ls": jcce.chain(jcce.temperature(0.7), jcce.label_smoothing(0.2)),
+    "focal_ls_temp": jcce.chain(
+        jcce.focal(2.0), jcce.label_smoothing(0.1), jcce.temperature(1.5)
+    ),
+    "poly_ls_cap": jcce.chain(
+        jcce.poly(2.0), jcce.label_smoothing(0.1), jcce.softcap(5.0)
+    ),
+}
+
+
+@pytest.mark.parametrize("implementation", ["xla_cpu", "xla"])
+@pytest.mark.parametrize("target", ["int", "prob"])
+@pytest.mark.parametrize("use_cw", [False, True], ids=["", "cw"])
+@pytest.mark.parametrize("name", list(SUPPORT_CHAINS))
+def test_smoothing_gradient_with_and_without_support_masks(
+    name, use_cw, target, implementation
+):
+    """All-finite rows: the logits' and hyper-parameters' gradients equal float64
+    autodiff of the textbook formula. The same rows beside a row with ``-inf`` logits
+    (the masked branch) get the same logit gradients, and the masked row's gradient is
+    0 at its ``-inf`` classes and sums as the finite classes' formula says."""
+    chain, k = SUPPORT_CHAINS[name], 64
+    z, y, t, cw = large_inputs(k, jnp.float32)
+    labels = y if target == "int" else t
+    kw = {"class_weights": cw if use_cw else None, "reduction": "sum"}
+
+    def ours(z, labels, chain):
+        with jcce.use_implementation(implementation):
+            return chain(z, labels, **kw)
+
+    dz, dvalues = jax.jit(jax.grad(ours, (0, 2)))(z, labels, chain)
+    with jax.enable_x64(True):
+        as64 = partial(jax.tree.map, lambda v: jnp.asarray(v, jnp.float64))
+        want_dz, want_dvalues = jax.grad(
+            lambda z, v: naive_jax_objective(
+                z,
+                labels if target == "int" else as64(labels),
+                class_weights=as64(cw) if use_cw else None,
+                reduction="sum",
+                **reference_kwargs(v),
+            ),
+            (0, 1),
+        )(as64(z), as64(chain))
+    tol = 64 * EPS32
+    np.testing.assert_allclose(dz, want_dz, rtol=tol, atol=tol * np.abs(want_dz).max())
+    for got_v, want_v in zip(leaves(dvalues), leaves(want_dvalues), strict=True):
+        np.testing.assert_allclose(got_v, want_v, rtol=1e-4, atol=1e-4)
+
+    masked_row = z[:1].at[0, ::4].set(-jnp.inf)
+    z2 = jnp.concatenate([z, masked_row])
+    labels2 = jnp.concatenate([labels, labels[:1]])
+    if target == "int":
+        labels2 = labels2.at[-1].set(1)  # a finite class
+    else:
+        labels2 = labels2.at[-1].set(jnp.where(masked_row[0] > -jnp.inf, 1.0, 0) / 48)
+    dz2 = jax.jit(jax.grad(ours))(z2, labels2, chain)
+    np.testing.assert_allclose(dz2[:N], dz, rtol=8 * EPS32, atol=8 * EPS32)
+    assert np.all(dz2[N, ::4] == 0)
+    assert np.all(np.isfinite(dz2))
