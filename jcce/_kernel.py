@@ -235,13 +235,28 @@ class _Terms(NamedTuple):
 
 
 def _terms(
-    static, ov, eps, zc, m, map_values, d, log_se, ce_y, w_y, target, cw, sums=None
+    static,
+    ov,
+    eps,
+    zc,
+    m,
+    map_values,
+    d,
+    log_se,
+    ce_y,
+    w_y,
+    target,
+    cw,
+    sums=None,
+    clean=None,
 ) -> _Terms:
     """The target terms of the loss from the shifted logits ``d`` and ``log_se``.
 
     For the cross-entropy (``phi`` linear) every sum is separable, ``sum w q (lse - x)
     = log_se sum(w q) - sum(w q d)``, and needs no pass after the log-sum-exp. The
-    smoothing sums come from :class:`RowSums` ``sums`` where given."""
+    smoothing sums come from :class:`RowSums` ``sums`` where given. ``clean()``, where
+    given, recomputes ``zc`` inside a strategy's conditional branch (see
+    :func:`_smoothing_sums`)."""
     kind = static.spec.objective
     acc = log_se.dtype
     cw_row = _as_row(cw, d.ndim)
@@ -276,7 +291,10 @@ def _terms(
     if eps is not None and (kind != "focal" or whole is not None):
         if sums is None:
             ks, ws, wd = map(
-                vsum, _smoothing_sums(static.ops, static.spec, zc, m, cw, map_values)
+                vsum,
+                _smoothing_sums(
+                    static.ops, static.spec, zc, m, cw, map_values, clean=clean
+                ),
             )
         else:
             ks, ws, wd = sums.ks, sums.ws, sums.wd
@@ -497,9 +515,13 @@ def _support_size(ops: Ops, spec: Spec, zc, row, map_values):
     )
 
 
-def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values):
+def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, clean=None):
     """``K_S``, ``sum_S w_k`` and ``sum_S w_k d_k`` over the support ``S`` of the mapped
-    logits, each one reduction over the raw logits in its own layout (no temp)."""
+    logits, each one reduction over the raw logits in its own layout (no temp).
+
+    ``clean()`` (else ``zc`` itself) gives the logits inside the exact sums, which a
+    strategy may put in a conditional branch: masked logits computed outside it would
+    be materialized as the branch's ``[..., K]`` operand."""
 
     def mapped(v):
         return _apply_maps(spec, v, map_values)
@@ -516,9 +538,10 @@ def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values):
         return ks, ws, wd
 
     def exact():
+        zb = zc if clean is None else clean()
         return (
-            _support_size(ops, spec, zc, m, map_values),
-            ops.row_reduce(jnp.sum, zc, masked_d, m, layout=2, col=cw),
+            _support_size(ops, spec, zb, m, map_values),
+            ops.row_reduce(jnp.sum, zb, masked_d, m, layout=2, col=cw),
         )
 
     def unmasked():
@@ -834,8 +857,9 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
     eps = params.label_smoothing if spec.label_smoothing else None
     ov = params.objective
     terms = _terms(
-        static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw, sums
-    )
+        static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw, sums,
+        clean=lambda: _clean(z, live),
+    )  # fmt: skip
     loss = _combine(static, ov, eps, terms)
     if spec.z_loss:
         loss = loss + params.z_loss * lse**2
@@ -986,7 +1010,7 @@ def _backward(static, saved, ct, logits_only=False):
     cw_row = _as_row(cw, z.ndim)
     w = jnp.ones((), acc) if cw is None else cw_row
 
-    def mapped():
+    def mapped(zc):
         """The mapped logits ``x`` and the maps' pullback, the gradient's cotangent
         cast back to the logits' dtype."""
         if zc.dtype != jnp.bfloat16:
@@ -1036,9 +1060,10 @@ def _backward(static, saved, ct, logits_only=False):
         when ``scatter``) and the maps' cotangent; ``finite``: every row's support is
         all of its classes (``K_S = K``), so the support masks drop out."""
 
-        # Everything per logit is computed here, inside the strategy's branches: an
-        # [..., K] array from outside would be materialized as a branch operand.
-        x, pull_maps = mapped()
+        # Everything per logit is computed here, inside the strategy's branches (the
+        # masked logits too): an [..., K] array from outside would be materialized
+        # as a branch operand.
+        x, pull_maps = mapped(_clean(z, live))
         d = x - r.m[..., None]
         if kept:
             p = r.e * jnp.exp(-r.log_se)[..., None]
@@ -1087,19 +1112,24 @@ def _backward(static, saved, ct, logits_only=False):
                 q = _smoothed(target.astype(acc), eps, support, t.ks)
                 parts.append((ov[1], _col(-t.r), p * _rce_logs(ov, q)))
         if scatter:
-            # No per-logit targets but smoothing's: every p term is one row number.
+            # No per-logit targets but smoothing's: every p term is one row number,
+            # and a masked row's numbers are 0 (its logits were zeroed: p and the
+            # smoothing targets are finite there), so no per-logit mask either.
+            def row(v):
+                return _col(v if live is None else jnp.where(live, v, 0))
+
             coef = _bracket(
                 jnp.ones((), acc), [(s_, q_, None) for s_, q_, _ in parts], _col(zl)
             )
-            grad = p * (_col(c_g) * coef)
+            grad = p * row(c_g * coef[..., 0])
             if target_b is not None:
-                grad = grad - _col(c_g * eps / t.ks) * target_b
+                grad = grad - row(c_g * eps / t.ks) * target_b
         else:
             if target_b is not None:
                 parts[1] = (eps, _col(t.wq_b), target_b / _col(t.ks))
             grad = _col(c_g) * _bracket(p, parts, _col(zl))
-        if live is not None:
-            grad = jnp.where(live[..., None], grad, 0)
+            if live is not None:
+                grad = jnp.where(live[..., None], grad, 0)
         if temps is None:
             return pull_maps(grad)
         _, dmaps_ = pull_maps(grad)  # XLA drops the unused logit cotangent
@@ -1124,7 +1154,7 @@ def _backward(static, saved, ct, logits_only=False):
             static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz, dmaps
         )
 
-    d = mapped()[0] - r.m[..., None]  # for the other cotangents, if any is used
+    d = mapped(zc)[0] - r.m[..., None]  # for the other cotangents, if any is used
     dtarget, ds, dcw, dparams = _input_cotangents(
         static, target, s, cw, params, r, ct, c, c0, c_k, eps, zc, d, yc, owned, w_y,
         live,

@@ -388,3 +388,24 @@ DEPTHS = {
 def test_xla_forward_reduction_depth(name):
     loss, want = DEPTHS[name]
     assert forward_reduction_depth(loss) == want
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        jcce.cross_entropy,
+        jcce.label_smoothing(0.1),
+        jcce.chain(jcce.label_smoothing(0.1), jcce.temperature(2.0)),
+    ],
+    ids=["cross_entropy", "label_smoothing", "label_smoothing_temperature"],
+)
+def test_a_where_mask_keeps_no_masked_copy_of_the_logits(loss):
+    """Masked rows' logits are zeroed (``where``) inside each conditional branch that
+    reads them, not once outside: a branch operand would be an [N, K] buffer."""
+    mask = jnp.arange(N) % 8 != 0
+
+    def masked(z, y):
+        return loss(z, y, where=mask)
+
+    _, temp = reads_and_temp(masked)
+    assert temp < ONE_BUFFER // 100
