@@ -604,3 +604,23 @@ def test_smoothing_gradient_with_and_without_support_masks(
     np.testing.assert_allclose(dz2[:N], dz, rtol=8 * EPS32, atol=8 * EPS32)
     assert np.all(dz2[N, ::4] == 0)
     assert np.all(np.isfinite(dz2))
+
+
+@pytest.mark.parametrize("use_cw", [False, True], ids=["", "inf_class_weight"])
+@pytest.mark.parametrize("name", list(SUPPORT_CHAINS))
+def test_masked_rows_stay_inert_in_the_smoothing_gradient(name, use_cw):
+    """Masked rows (NaN and infinite logits, out-of-range labels) get an exactly zero
+    gradient in either branch, also beside an infinite class weight."""
+    chain, k = SUPPORT_CHAINS[name], 16
+    z = jax.random.normal(jax.random.key(1), (4, k))
+    z = z.at[1].set(jnp.nan).at[3, 2].set(jnp.inf)
+    y = jnp.array([0, k + 5, 2, -3])
+    mask = jnp.array([True, False, True, False])
+    cw = jnp.ones(k).at[5].set(jnp.inf) if use_cw else None
+    for logits in (z, z.at[0, 7].set(-jnp.inf)):  # the unmasked and masked branches
+        g = jax.jit(jax.grad(lambda z_: chain(z_, y, where=mask, class_weights=cw)))(
+            logits
+        )
+        assert np.all(np.asarray(g[1]) == 0) and np.all(np.asarray(g[3]) == 0)
+        if not use_cw:
+            assert np.all(np.isfinite(np.asarray(g)))
