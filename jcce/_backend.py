@@ -87,7 +87,10 @@ class Ops(NamedTuple):
     block of rows at a time (the signature of :func:`jcce._pallas.row_sums`), for the
     chains the kernel gives it. ``scatter_labels``: whether the backward sets the
     label entries with a scatter instead of a one-hot compare (32/64-bit logits, when
-    nothing was saved)."""
+    nothing was saved). ``late_row_mask``: whether the forward reads masked examples'
+    logits as they are and replaces those rows' results afterwards (their derivatives
+    come from the masked logits), instead of masking the logits before any pass reads
+    them."""
 
     name: str
     row_reduce: Callable
@@ -101,13 +104,15 @@ class Ops(NamedTuple):
     full_support: Callable
     row_sums: Callable | None
     scatter_labels: bool
+    late_row_mask: bool
 
     @classmethod
-    def collect(cls, name: str, namespace: dict, *, scatter_labels: bool) -> Ops:
+    def collect(cls, name: str, namespace: dict, **flags: bool) -> Ops:
         """The implementation ``name`` from a module's functions named after the
-        fields with a leading underscore (``_row_reduce``, ``_sum_exp``, ...)."""
-        functions = [namespace["_" + field] for field in cls._fields[1:-1]]
-        return cls(name, *functions, scatter_labels)
+        fields with a leading underscore (``_row_reduce``, ``_sum_exp``, ...), and the
+        boolean fields ``flags``."""
+        functions = [namespace["_" + f] for f in cls._fields[1:] if f not in flags]
+        return cls(name, *functions, **flags)
 
 
 class LinearPlan(NamedTuple):

@@ -797,10 +797,66 @@ def _tangent(fun, primals, tangents):
 
 
 def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
+    if (
+        s is not None
+        and static.ops.late_row_mask
+        and sums is None
+        and static.vocab_axis is None
+        and not static.vocab_slice
+    ):
+        return _late_masked_forward(static, z, target, s, cw, params)
+    return _masked_forward(static, z, target, s, cw, params, sums)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _late_masked_forward(static: Static, z, target, s, cw, params: Params):
+    """:func:`_masked_forward` computed on the raw logits: the masked examples' rows
+    are read as they are (NaN, infinite or anything) and their results replaced after
+    the reductions (``Ops.late_row_mask``). Its derivatives are those of
+    :func:`_masked_forward`, which masks the logits before it reads them, so a NaN in
+    a masked row reaches no derivative of any order."""
+    out, res = _masked_forward(static, z, target, s, cw, params, clean=False)
+    return _dead_rows(out, res, s != 0, z.shape[-1])
+
+
+def _late_masked_forward_jvp(static, primals, tangents):
+    t_out = _tangent(partial(_masked_forward, static), primals, tangents)
+    live = primals[2] != 0
+    return _late_masked_forward(static, *primals), jax.tree.map(
+        partial(_dead_rows_zero, live=live), t_out
+    )
+
+
+_late_masked_forward.defjvp(_late_masked_forward_jvp, symbolic_zeros=True)
+
+
+def _dead_rows_zero(v, live):
+    live = live.reshape(live.shape + (1,) * (v.ndim - live.ndim))
+    return jnp.where(live, v, jnp.zeros((), v.dtype))
+
+
+def _dead_rows(out, res: _Res, live, num_classes):
+    """Masked rows' losses and residuals as fixed finite numbers (0, and ``K_S = K``),
+    whatever their logits: the backward gives those rows zero gradients from them."""
+    zero = partial(_dead_rows_zero, live=live)
+    ks = res.terms.ks
+    terms = jax.tree.map(zero, res.terms._replace(ks=None))
+    if ks is not None:
+        full = jnp.asarray(num_classes, ks.dtype)
+        terms = terms._replace(ks=jnp.where(live, ks, full))
+    res = jax.tree.map(zero, res._replace(terms=None))._replace(terms=terms)
+    return zero(out), res
+
+
+def _masked_forward(
+    static: Static, z, target, s, cw, params: Params, sums=None, clean=True
+):
+    """The forward pass; ``clean``: mask the logits of masked examples before any
+    pass reads them (else :func:`_late_masked_forward` replaces those rows' results)."""
     spec = static.spec
     acc = acc_dtype(z.dtype)
     live = _live(s)
-    zc = _clean(z, live)
+    zc = _clean(z, live) if clean else z
     keep = static.keep_exponentials and static.keeps(z)
     # Shifting by a soft-cap rather than the max, log_se >= d_y is what keeps the
     # label's term non-negative (floored below); every other term of a loss that is
@@ -858,7 +914,7 @@ def _forward(static: Static, z, target, s, cw, params: Params, sums=None):
     ov = params.objective
     terms = _terms(
         static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw, sums,
-        clean=lambda: _clean(z, live),
+        clean=lambda: _clean(z, live) if clean else z,
     )  # fmt: skip
     loss = _combine(static, ov, eps, terms)
     if spec.z_loss:

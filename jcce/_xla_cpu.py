@@ -11,6 +11,10 @@ performance pages) and is wrong, or pointless, on an accelerator, which uses
 * ``-inf`` tests are arithmetic (no compare or select), which XLA:CPU fuses into its
   reductions; bfloat16 is widened and gathered through its bit pattern, so the convert
   cannot be hoisted and shared.
+* Masked examples' logits are read as they are and those rows' results replaced after
+  the forward's reductions (``late_row_mask``): YNNPACK's reductions take no select.
+* Label smoothing's gradient drops its support masks where every row's support is
+  full (:func:`_full_support`, a ``lax.cond``).
 * The backward writes the label entries with a scatter for 32/64-bit logits.
 * Up to ``_KEEP_EXPONENTIALS`` classes, 32/64-bit logits: the VJP saves ``exp(x - m)``
   from the forward (as optax saves its softmax) rather than computing it twice.
@@ -368,4 +372,8 @@ def _blocked_sums(
     )
 
 
-OPS = Ops.collect("xla_cpu", globals(), scatter_labels=True)
+# XLA:CPU runs reductions as YNNPACK fusions, which take no select: masked logits,
+# where(live, z, 0), would be written out as an [N, K] array before the forward's
+# reductions read them (once per layout), so the forward reads the raw logits and
+# replaces the masked rows' results (jcce._kernel._late_masked_forward).
+OPS = Ops.collect("xla_cpu", globals(), scatter_labels=True, late_row_mask=True)

@@ -624,3 +624,48 @@ def test_masked_rows_stay_inert_in_the_smoothing_gradient(name, use_cw):
         assert np.all(np.asarray(g[1]) == 0) and np.all(np.asarray(g[3]) == 0)
         if not use_cw:
             assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        jcce.cross_entropy,
+        jcce.label_smoothing(0.1),
+        jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1), jcce.temperature(1.5)),
+    ],
+    ids=["cross_entropy", "label_smoothing", "focal_ls_temp"],
+)
+def test_late_row_mask_derivatives_of_every_order(loss):
+    """``"xla_cpu"`` reads masked rows' raw logits (NaN, inf) in its forward pass and
+    replaces their results (``Ops.late_row_mask``); its derivatives are those of the
+    logits masked first. The loss, Hessian and a third-order gradient equal the
+    ``"xla"`` path's (which masks first) and are finite, zero on the masked rows."""
+    k = 6
+    z = jax.random.normal(jax.random.key(1), (4, k))
+    z = z.at[1].set(jnp.nan).at[3, 2].set(jnp.inf)
+    y = jnp.array([0, k + 5, 2, -3])
+    mask = jnp.array([True, False, True, False])
+    got = {}
+    for implementation in ("xla_cpu", "xla"):
+
+        def f(z, implementation=implementation):
+            with jcce.use_implementation(implementation):
+                return loss(z, y, where=mask)
+
+        def third(z, f=f):
+            return jnp.sum(jax.hessian(f)(z) ** 2)
+
+        got[implementation] = [
+            np.asarray(v)
+            for v in (
+                jax.jit(f)(z),
+                jax.jit(jax.hessian(f))(z),
+                jax.jit(jax.grad(third))(z),
+            )
+        ]
+    for ours, masked_first in zip(got["xla_cpu"], got["xla"], strict=True):
+        assert np.all(np.isfinite(ours))
+        np.testing.assert_allclose(ours, masked_first, rtol=1e-5, atol=1e-6)
+    hessian, third = got["xla_cpu"][1:]
+    assert np.all(hessian[1] == 0) and np.all(hessian[:, :, 1] == 0)
+    assert np.all(third[1] == 0) and np.all(third[3] == 0)

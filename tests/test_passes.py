@@ -400,8 +400,12 @@ def test_xla_forward_reduction_depth(name):
     ids=["cross_entropy", "label_smoothing", "label_smoothing_temperature"],
 )
 def test_a_where_mask_keeps_no_masked_copy_of_the_logits(loss):
-    """Masked rows' logits are zeroed (``where``) inside each conditional branch that
-    reads them, not once outside: a branch operand would be an [N, K] buffer."""
+    """No masked copy of the logits is written: the forward reads the raw logits and
+    replaces the masked rows' results (``Ops.late_row_mask``; XLA:CPU's YNNPACK
+    reductions take no select, so masked logits would be written out first, the
+    buffer shared with the gradient's in ``value_and_grad`` and a temp of their own in
+    the forward alone), and the backward masks them inside each conditional branch
+    that reads them (a branch operand would be an [N, K] buffer)."""
     mask = jnp.arange(N) % 8 != 0
 
     def masked(z, y):
@@ -409,3 +413,8 @@ def test_a_where_mask_keeps_no_masked_copy_of_the_logits(loss):
 
     _, temp = reads_and_temp(masked)
     assert temp < ONE_BUFFER // 100
+    z = jax.ShapeDtypeStruct((N, K), jnp.float32, sharding=ON_CPU)
+    y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
+    with jcce.use_implementation("xla_cpu"):
+        forward = jax.jit(masked).lower(z, y).compile()
+    assert forward.memory_analysis().temp_size_in_bytes < ONE_BUFFER // 100
