@@ -83,9 +83,9 @@ class Ops(NamedTuple):
     finite). ``full_support(full, exact, ks, k)``: the backward's dense gradient,
     ``full()`` (computed as if every class were in the support) or ``exact()`` (with
     the support masks), given each row's support size ``ks`` of ``k`` classes; the two
-    agree wherever every ``ks == k``. ``row_sums``: None, or a function that takes a chain's forward sums a
-    block of rows at a time (the signature of :func:`jcce._pallas.row_sums`), for the
-    chains the kernel gives it. ``scatter_labels``: whether the backward sets the
+    agree wherever every ``ks == k``. ``row_sums``: None, or a function that takes a
+    chain's forward sums a block of rows at a time (the signature of
+    :func:`jcce._pallas.row_sums`), for the chains the kernel gives it. ``scatter_labels``: whether the backward sets the
     label entries with a scatter instead of a one-hot compare (32/64-bit logits, when
     nothing was saved). ``late_row_mask``: whether the forward reads masked examples'
     logits as they are and replaces those rows' results afterwards (their derivatives

@@ -914,7 +914,7 @@ def _masked_forward(
     ov = params.objective
     terms = _terms(
         static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw, sums,
-        clean=lambda: _clean(z, live) if clean else z,
+        clean=(lambda: _clean(z, live)) if clean else None,
     )  # fmt: skip
     loss = _combine(static, ov, eps, terms)
     if spec.z_loss:
