@@ -10,7 +10,9 @@ NVIDIA GPU), that needs nothing beyond jax, numpy and optax (plus the repository
     ``"xla"`` elsewhere), against
     ``optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean()``
     measured in the same run: median time, time ratio to optax (median of the per-round
-    ratios; the functions are timed round-robin), XLA's compiled scratch memory
+    ratios; the functions are timed round-robin, and a sample of a call shorter than
+    ``SAMPLE_SECONDS`` is the mean of back-to-back calls that fill it), XLA's compiled
+    scratch memory
     (``memory_analysis().temp_size_in_bytes``), its ratio to optax's, and the largest
     gradient difference from optax (a sanity check). Shapes ``[N, K]`` in bfloat16 and
     float32: ``ACCEL_CORE_SHAPES`` on an accelerator (the issue's large vocabularies),
@@ -38,6 +40,7 @@ Run it from the repository root (``PYTHONPATH=.`` if jcce is not installed):
     python benchmarks/bench_backends.py             # full shapes (CPU, 2 cores: 6 to 11 minutes)
     python benchmarks/bench_backends.py --quick     # small shapes (smoke test, < 1 min)
     python benchmarks/bench_backends.py --only linear
+    python benchmarks/bench_backends.py --only core --small --repeats 15  # K <= 1,000
     python benchmarks/bench_backends.py --only core,chains --repeats 20
 """
 
@@ -141,11 +144,39 @@ def make_logits(shape, dtype, seed=0):
     return jax.block_until_ready(logits), jax.block_until_ready(labels)
 
 
+# A sample of a short call times this many seconds of back-to-back calls: a single call
+# of a millisecond or less is mostly dispatch and timer jitter (identical programs
+# differed by 20% at 0.1 to 0.5 ms on the CPU).
+SAMPLE_SECONDS = 0.05
+
+
+def calls_per_sample(fn, args, budget=SAMPLE_SECONDS, most=1000):
+    """How many back-to-back calls of ``fn`` make one sample: enough to fill about
+    ``budget`` seconds (from one timed call), 1 for a call that long or longer."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    single = time.perf_counter() - t0
+    return int(min(most, max(1, round(budget / max(single, 1e-9)))))
+
+
+def _sample(fn, args, calls):
+    """Seconds per call over ``calls`` calls dispatched back to back (the last one
+    awaited), as a training loop runs them."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / calls
+
+
 def measure(losses, args, baseline, repeats, label, check):
     """Compiles each of ``losses`` (name -> function of ``args``, already wrapped in
     ``value_and_grad``) once, records its temp memory, calls it once (warm-up; that
     output goes to ``check(output, baseline_output) -> str``, the baseline compiled and
-    run first), then times them all round-robin in a rotating order.
+    run first), then times them all round-robin in a rotating order. Each sample is
+    the mean of :func:`calls_per_sample` back-to-back calls (the same count for every
+    function of a table row group, from the baseline's time): one call for the large
+    shapes, enough to fill ``SAMPLE_SECONDS`` for the sub-millisecond ones.
 
     Returns ``({name: (median_s, median ratio to baseline, temp) or None}, {name:
     check string})``; a function that raises gets None and its traceback goes to
@@ -169,12 +200,11 @@ def measure(losses, args, baseline, repeats, label, check):
     if baseline not in fns:
         return {name: None for name in losses}, checks
     names = list(fns)
+    calls = calls_per_sample(fns[baseline], args)
     samples = {name: [] for name in names}
     for i in range(repeats):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[name](*args))
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(_sample(fns[name], args, calls))
     results = {}
     for name in losses:
         if name not in fns:
@@ -353,6 +383,11 @@ def main(argv=None):
         "--quick", action="store_true", help="small shapes (smoke test)"
     )
     parser.add_argument(
+        "--small",
+        action="store_true",
+        help="(a) at the small class counts only (K = 2 to 1,000)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=None,
@@ -388,6 +423,8 @@ def main(argv=None):
         core_shapes, linear_cases = ACCEL_CORE_SHAPES, ACCEL_LINEAR_SHAPES
     else:
         core_shapes, linear_cases = CPU_CORE_SHAPES, CPU_LINEAR_SHAPES
+    if opts.small:
+        core_shapes = SMALL_K_SHAPES
     chain_dtypes = ACCEL_CHAIN_DTYPES if accel else CPU_CHAIN_DTYPES
 
     print(environment())

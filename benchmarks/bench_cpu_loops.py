@@ -1,0 +1,167 @@
+"""Why a soft-capped gradient costs what it does on XLA:CPU: the loops in isolation.
+
+Times, at ``[4096, 32768]`` float32 (512 MiB) unless named otherwise, the pieces that
+docs/performance.md ("The gradient loop on XLA:CPU") reasons from:
+
+(a) memory: reading the logits (a sum), writing a result of their size (``z * 2``), and
+    the same write with NumPy on one core into a buffer written before and into a new
+    one (the difference is the page faults of a fresh allocation);
+(b) layouts tried for the soft-cap that did not pay: the gradient loop whole and in
+    blocks of rows (``lax.map``); the forward's two soft-capped sums as two reductions,
+    as one variadic ``lax.reduce`` and as one complex sum; focal's five per-block sums
+    as reductions and as one batched ``dot_general``.
+
+Each row is the median of ``--repeats`` calls after one untimed call. The numbers are
+for the machine this runs on; the script prints it.
+
+    python benchmarks/bench_cpu_loops.py             # under a minute on 2 cores
+    python benchmarks/bench_cpu_loops.py --repeats 11
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, print_table  # noqa: E402
+
+N, K = 4096, 32768
+CAP = 30.0
+
+
+def median_ms(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def softcap_grad(z, lse):
+    t = jnp.tanh(z * (1 / CAP))
+    return jnp.exp(CAP * t - lse[..., None]) * (1 - t * t)
+
+
+def two_sums(z):  # sum exp(x - cap) and sum x, each in its own layout (as jcce does)
+    x = CAP * jnp.tanh(z / CAP)
+    x2 = CAP * jnp.tanh(lax.optimization_barrier(z.reshape(N, 8, K // 8)) / CAP)
+    return jnp.sum(jnp.exp(x - CAP), -1), jnp.sum(x2, (-1, -2))
+
+
+def variadic_sums(z):
+    x = CAP * jnp.tanh(z / CAP)
+    zero = np.float32(0)
+    return lax.reduce(
+        (jnp.exp(x - CAP), x),
+        (zero, zero),
+        lambda a, b: (a[0] + b[0], a[1] + b[1]),
+        (1,),
+    )
+
+
+def complex_sums(z):
+    x = CAP * jnp.tanh(z / CAP)
+    s = jnp.sum(lax.complex(jnp.exp(x - CAP), x), -1)
+    return s.real, s.imag
+
+
+def focal_block_sums(zr):  # what focal + smoothing with gamma 2 sums per row
+    m = jnp.max(zr, -1, keepdims=True)
+    d = zr - m
+    e = jnp.exp(d)
+    e2 = e * e
+    sums = [jnp.sum(v, -1) for v in (e, d, e * d, e2, e2 * d)]
+    return m, jnp.stack(sums, -1)
+
+
+def focal_block_dot(zr):  # the same five sums (and one more) from one batched matmul
+    m = jnp.max(zr, -1, keepdims=True)
+    d = zr - m
+    e = jnp.exp(d)
+    a = jnp.stack([e, e * e, d], 1)
+    b = jnp.stack([d, jnp.ones_like(d)], 1)
+    dims = (((2,), (2,)), ((0,), (0,)))
+    return m, lax.dot_general(a, b, dims, precision="highest")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    opts = parser.parse_args(argv)
+    r = opts.repeats
+    print(environment())
+    print(f"[{N}, {K}] float32 unless named; median of {r}\n")
+
+    z = 3.0 * jax.random.normal(jax.random.key(0), (N, K), jnp.float32)
+    lse = jnp.zeros((N,), jnp.float32)
+    host = np.asarray(z)
+    written = np.ones_like(host)
+
+    def numpy_ms(fn):
+        times = []
+        for _ in range(r):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    rows = [
+        ["(a) read: sum(z)", median_ms(jax.jit(jnp.sum), z, repeats=r)],
+        ["(a) write: z * 2", median_ms(jax.jit(lambda v: v * 2), z, repeats=r)],
+        [
+            "(a) NumPy z * 2, one core, into a buffer written before",
+            numpy_ms(lambda: np.multiply(host, 2, out=written)),
+        ],
+        ["(a) NumPy z * 2, one core, into a new buffer", numpy_ms(lambda: host * 2)],
+    ]
+    rows.append(
+        [
+            "(b) soft-cap gradient loop",
+            median_ms(jax.jit(softcap_grad), z, lse, repeats=r),
+        ]
+    )
+    for block in (8, 32, 128):
+        blocked = jax.jit(
+            lambda v, s, b=block: lax.map(
+                lambda a: softcap_grad(*a), (v, s), batch_size=b
+            )
+        )
+        rows.append(
+            [
+                f"(b) the same in blocks of {block} rows",
+                median_ms(blocked, z, lse, repeats=r),
+            ]
+        )
+    for name, fn in [
+        ("two soft-capped sums, two reductions", two_sums),
+        ("the same, one variadic lax.reduce", variadic_sums),
+        ("the same, one complex sum", complex_sums),
+    ]:
+        rows.append([f"(b) {name}", median_ms(jax.jit(fn), z, repeats=r)])
+    blocks = z.reshape(N // 8, 8, K)
+    for name, fn in [
+        ("focal's block sums, reductions", focal_block_sums),
+        ("focal's block sums, one batched dot", focal_block_dot),
+    ]:
+        rows.append(
+            [
+                f"(b) {name}",
+                median_ms(jax.jit(lambda v, f=fn: lax.map(f, v)), blocks, repeats=r),
+            ]
+        )
+    print_table(["loop", "time"], [[n, f"{t:.1f} ms"] for n, t in rows])
+
+
+if __name__ == "__main__":
+    main()
