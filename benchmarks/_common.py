@@ -65,8 +65,11 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.3f}"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Prints a Markdown-style table (left-aligned first column, the rest right)."""
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], file=None
+) -> None:
+    """Prints a Markdown-style table (left-aligned first column, the rest right) to
+    ``file`` (standard output by default)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
@@ -77,10 +80,12 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         ]
         return "| " + " | ".join(parts) + " |"
 
-    print(line(cells[0]))
-    print("|" + "|".join(("-" * (w + 2)) for w in widths) + "|")
+    print(line(cells[0]), file=file)
+    print("|" + "|".join(("-" * (w + 2)) for w in widths) + "|", file=file)
     for r in cells[1:]:
-        print(line(r))
+        print(line(r), file=file)
+    if file is not None:
+        file.flush()
 
 
 def cpu_model() -> str:

@@ -26,14 +26,17 @@ NVIDIA GPU), that needs nothing beyond jax, numpy and optax (plus the repository
 (c) linear: ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` of the mean loss w.r.t.
     the embeddings ``[N, D]`` and the classifier ``[V, D]`` for
     ``jcce.linear_cross_entropy(e, w, y, classifier_layout="VD", implementation=impl)``
-    (and ``lean=True`` with ``implementation=None``)
-    against the unfused computation a user writes: ``logits = e @ w.T`` in the inputs'
+    (and ``lean=True`` with ``implementation=None``; on an accelerator ``"xla"``,
+    ``"pallas"`` and ``"xla"`` with token blocks of half the default size, see
+    :func:`linear_losses`) against the unfused computation a user writes: ``logits = e @ w.T`` in the inputs'
     dtype, then optax's loss ``.mean()``. Time and temp ratios to the unfused, and the
     classifier gradient's largest difference from the unfused one relative to its
     largest entry. ``ACCEL_LINEAR_SHAPES`` / ``CPU_LINEAR_SHAPES`` (bench_linear.py's).
 
 A function that raises is reported as ``ERROR`` in its row, with the traceback printed
-after the tables, so the other rows still come out.
+after the tables, so the other rows still come out. Each shape's rows also go to
+standard error as soon as they are measured, so a run stopped by a time limit keeps
+what it finished.
 
 Run it from the repository root (``PYTHONPATH=.`` if jcce is not installed):
 
@@ -58,6 +61,7 @@ import jax.numpy as jnp
 import optax
 
 import jcce
+from jcce import _xla  # the accelerator plan's default block size
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
@@ -219,6 +223,24 @@ def measure(losses, args, baseline, repeats, label, check):
     return results, checks
 
 
+CHAIN_COLUMNS = [
+    "shape, implementation",
+    "chain",
+    "time",
+    "time/plain",
+    "temp",
+    "temp/plain",
+]
+
+
+def _progress(what, columns, rows):
+    """Prints ``rows`` to standard error as they come (a run cut off by a time limit
+    keeps the tables of the shapes it finished) and returns them."""
+    print(f"  done: {what}", file=sys.stderr, flush=True)
+    print_table(columns, rows, file=sys.stderr)
+    return rows
+
+
 def _rows(label, results, baseline, extra=None):
     rows = []
     base = results.get(baseline)
@@ -276,9 +298,10 @@ def bench_core(shapes, dtypes, repeats):
             results, diff = measure(
                 core_losses(), args, "optax", repeats, label, grad_diff
             )
-            rows += _rows(label, results, "optax", diff)
+            rows += _progress(
+                f"core {label}", CORE_COLUMNS, _rows(label, results, "optax", diff)
+            )
             del args
-            print(f"  done: core {label}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -312,9 +335,10 @@ def bench_chains(shape, dtypes, repeats):
             results, _ = measure(
                 losses, args, "plain", repeats, label, lambda out, ref: ""
             )
-            rows += _rows(f"{label} {impl_name(impl)}", results, "plain")
-            print(
-                f"  done: chains {label} {impl_name(impl)}", file=sys.stderr, flush=True
+            rows += _progress(
+                f"chains {label} {impl_name(impl)}",
+                CHAIN_COLUMNS,
+                _rows(f"{label} {impl_name(impl)}", results, "plain"),
             )
         del args
     return rows
@@ -331,14 +355,21 @@ def make_linear(n, d, v, dtype, seed=0):
     return jax.block_until_ready((e, w, y))
 
 
-def linear_losses(block_size):
-    def fused(impl, lean=False):
+def linear_losses(block_size, num_tokens, vocab):
+    """The fused linear losses and the unfused one. On an accelerator, ``"xla_cpu"``
+    (float32 matmuls over cache-sized chunks: 15 to 19 times the unfused time there,
+    ../shared/ACCELERATOR.md) and ``None`` (the same program as ``"xla"``) are left
+    out, to spend the device time on ``"xla"`` with token blocks of half the default
+    size instead: the float32 ``[V, D]`` carry takes most of the default's temp, so
+    the block size trades temp against the carry's traffic."""
+
+    def fused(impl, lean=False, block=block_size):
         return lambda e, w, y: jcce.linear_cross_entropy(
             e,
             w,
             y,
             classifier_layout="VD",
-            block_size=block_size,
+            block_size=block,
             implementation=impl,
             lean=lean,
         )
@@ -347,7 +378,13 @@ def linear_losses(block_size):
         logits = e @ w.T
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    losses = {f"jcce {impl_name(i)}": fused(i) for i in IMPLEMENTATIONS}
+    if on_accelerator():
+        losses = {f"jcce {i}": fused(i) for i in IMPLEMENTATIONS if i is not None}
+        del losses["jcce xla_cpu"]
+        half = max(8, (block_size or _xla.default_block_size(num_tokens, vocab)) // 2)
+        losses[f"jcce xla, {half}-token blocks"] = fused("xla", block=half)
+    else:
+        losses = {f"jcce {impl_name(i)}": fused(i) for i in IMPLEMENTATIONS}
     losses[f"jcce {impl_name(None)} lean"] = fused(None, lean=True)
     losses["unfused"] = unfused
     return {name: jax.value_and_grad(f, argnums=(0, 1)) for name, f in losses.items()}
@@ -366,11 +403,14 @@ def bench_linear(cases, repeats, block_size):
         label = f"{n}x{d}x{v} {jnp.dtype(dtype).name}"
         args = make_linear(n, d, v, dtype)
         results, err = measure(
-            linear_losses(block_size), args, "unfused", repeats, label, dw_err
+            linear_losses(block_size, n, v), args, "unfused", repeats, label, dw_err
         )
-        rows += _rows(label, results, "unfused", err)
+        rows += _progress(
+            f"linear {label}",
+            LINEAR_COLUMNS + ["dW rel. err"],
+            _rows(label, results, "unfused", err),
+        )
         del args
-        print(f"  done: linear {label}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -451,17 +491,7 @@ def main(argv=None):
             f"w.r.t. logits; median of {repeats}; ratios to plain jcce of the same "
             "implementation\n"
         )
-        print_table(
-            [
-                "shape, implementation",
-                "chain",
-                "time",
-                "time/plain",
-                "temp",
-                "temp/plain",
-            ],
-            bench_chains(core_shapes[0], chain_dtypes, repeats),
-        )
+        print_table(CHAIN_COLUMNS, bench_chains(core_shapes[0], chain_dtypes, repeats))
         print(flush=True)
     if "linear" in sections:
         print(
