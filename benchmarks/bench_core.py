@@ -103,10 +103,10 @@ def loss_fns():
     }
 
 
-def chain_fns(num_classes: int):
-    """Plain ``jcce.cross_entropy``, each transform alone, and chains of several."""
+def chain_configs(num_classes: int):
+    """Plain ``jcce.chain()``, each transform alone, and chains of several."""
     cw = jnp.linspace(0.5, 1.5, num_classes)
-    configs = {
+    return {
         "plain": jcce.chain(),
         "temperature": jcce.temperature(2.0),
         "softcap": jcce.softcap(30.0),
@@ -118,9 +118,13 @@ def chain_fns(num_classes: int):
         "4-transform chain": four_transforms(),
         "every transform": every_transform(num_classes),
     }
+
+
+def chain_fns(num_classes: int):
+    """:func:`chain_configs` as functions of the logits and labels, and masked rows."""
     fns = {
         name: (lambda logits, labels, c=c: c(logits, labels))
-        for name, c in configs.items()
+        for name, c in chain_configs(num_classes).items()
     }
     # Padding-style masks: one row in eight left out (the "xla_cpu" forward reads the
     # raw logits and replaces those rows' results; optax, as a baseline, masks first).
