@@ -329,7 +329,12 @@ def _blocked_sums(
         return jnp.sum(jnp.sum(v.reshape(chunks, -1), axis=-1))
 
     def weighted(v):
-        return total(v if cw is None else v * cw)
+        if cw is None:
+            return total(v)
+        # A matrix-vector product over the block's rows: as a reduction of v * cw, the
+        # weights were broadcast to a [rows, K] copy each block, which YNNPACK then
+        # read beside v (every transform's value_and_grad: 669 -> 599 ms).
+        return jnp.dot(v, cw.astype(v.dtype), precision=lax.Precision.HIGHEST)
 
     def one(zr, yr, keep):
         zr = jnp.where(keep, zr, jnp.zeros((), zr.dtype))
