@@ -27,6 +27,7 @@ BOTH_IMPLEMENTATIONS = {
     "tests.test_linear",
     "tests.test_optax_parity",
     "tests.test_properties",
+    "tests.test_t5x_parity",
     "tests.test_torch_parity",
     "tests.test_vocab_parallel",
 }
