@@ -12,7 +12,9 @@ Covered: integer labels, class weights (PyTorch's weighted mean
 without class weights, label smoothing (with class weights and ``ignore_index``),
 probability targets (with class weights and label smoothing; PyTorch divides their mean
 by the batch size), class axis 1 with extra spatial dims, temperature, jcce's ``where``
-as an equivalent of ``ignore_index``, a float64 run under ``jax.enable_x64``, and the
+as an equivalent of ``ignore_index``, a float64 run under ``jax.enable_x64``, the
+documented losses of Liger-Kernel (soft-cap, label smoothing, z-loss, ``ignore_index``)
+and of Cut Cross-Entropy (the fused linear form, with its ``shift``), and the
 one documented deliberate difference: an all-ignored ``'mean'`` is NaN in PyTorch and
 0 with gradient 0 in jcce (SEMANTICS.md, section 2).
 """
@@ -591,3 +593,94 @@ def test_loss_family_matches_pytorch_by_hand(kind, params, make, eps, soft):
     np.testing.assert_allclose(
         loss(jnp.asarray(z), jl), expected.mean().item(), rtol=RTOL, atol=ATOL
     )
+
+
+# ------------------------------------------- Liger-Kernel and Cut Cross-Entropy's loss
+
+
+def _liger_reference(logits, labels, *, cap, eps, lam, reduction, ignore_index=-100):
+    """The loss Liger-Kernel's ``LigerCrossEntropyLoss(ignore_index, lse_square_scale,
+    label_smoothing, reduction, softcap)`` documents, from PyTorch in float64: the
+    cross-entropy of the soft-capped logits with label smoothing, plus ``lam lse^2``
+    per token that is not ignored, reduced alike (the mean over those tokens)."""
+    capped = cap * torch.tanh(logits / cap)
+    y = torch.as_tensor(labels)
+    ce = F.cross_entropy(
+        capped, y, ignore_index=ignore_index, label_smoothing=eps, reduction=reduction
+    )
+    kept = (y != ignore_index).to(capped.dtype)
+    z = lam * torch.logsumexp(capped, dim=-1) ** 2 * kept
+    if reduction == "mean":
+        return ce + z.sum() / kept.sum()
+    return ce + (z.sum() if reduction == "sum" else z)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_liger_kernel_cross_entropy(reduction):
+    """docs/migration/pytorch.md's mapping of ``LigerCrossEntropyLoss``: a chain of
+    ``softcap``, ``label_smoothing`` and ``z_loss`` with ``ignore_index=-100``."""
+    rng = np.random.default_rng(11)
+    logits = 8.0 * _logits(rng, (12, 40))
+    labels = _labels(rng, (12,), 40)
+    labels[[2, 7]] = -100
+    cap, eps, lam = 15.0, 0.1, 1e-3
+    z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    want = _liger_reference(z, labels, cap=cap, eps=eps, lam=lam, reduction=reduction)
+    want.sum().backward()
+
+    chain = jcce.chain(jcce.softcap(cap), jcce.label_smoothing(eps), jcce.z_loss(lam))
+
+    def loss(v):
+        return chain(v, jnp.asarray(labels), ignore_index=-100, reduction=reduction)
+
+    got, grad = jax.jit(lambda v: (loss(v), jax.grad(lambda u: loss(u).sum())(v)))(
+        jnp.asarray(logits)
+    )
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad, z.grad.numpy(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_cut_cross_entropy_linear(shift):
+    """docs/migration/pytorch.md's mapping of Cut Cross-Entropy's
+    ``linear_cross_entropy(e, c, targets, bias, ignore_index=-100, softcap,
+    reduction="mean", shift)`` (the classifier ``c`` as ``[V, D]``): ``Chain.linear``
+    with ``classifier_layout="VD"``; ``shift`` aligns the embedding at position ``t``
+    with the target at ``t + 1``, which jcce takes as slices."""
+    rng = np.random.default_rng(12)
+    e = _logits(rng, (2, 6, 8)) / 3.0
+    c = _logits(rng, (50, 8)) / 3.0
+    b = _logits(rng, (50,)) / 3.0
+    targets = _labels(rng, (2, 6), 50)
+    targets[0, 3] = -100
+    cap = 10.0
+
+    te, tc, tb = (
+        torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (e, c, b)
+    )
+    t_in, t_y = (te[:, :-1], targets[:, 1:]) if shift else (te, targets)
+    logits = t_in @ tc.T + tb
+    want = _liger_reference(
+        logits.reshape(-1, 50), t_y.reshape(-1), cap=cap, eps=0.0, lam=0.0,
+        reduction="mean",
+    )  # fmt: skip
+    want.backward()
+
+    def loss(e_, c_, b_):
+        j_in, j_y = (e_[:, :-1], targets[:, 1:]) if shift else (e_, targets)
+        return jcce.chain(jcce.softcap(cap)).linear(
+            j_in,
+            c_,
+            jnp.asarray(j_y),
+            bias=b_,
+            ignore_index=-100,
+            classifier_layout="VD",
+            precision="highest",
+        )
+
+    got, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+        jnp.asarray(e), jnp.asarray(c), jnp.asarray(b)
+    )
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=RTOL, atol=ATOL)
+    for g, t in zip(grads, (te, tc, tb), strict=True):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=RTOL, atol=ATOL)
