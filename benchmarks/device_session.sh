@@ -19,6 +19,11 @@
 #
 # Stage limits (seconds) can be set from the environment: CHECK_S, CORE_S, LINEAR_S,
 # TESTS_S (120 + 150 + 180 + 120: the whole within a call's ten minutes).
+#
+# With device time left after it, a second call can count the kernels that touch the
+# logits and time each (issue 15's pass count, measured on the card):
+#   python3 benchmarks/profile_thunks.py --chain "4-transform chain" \
+#     --implementation xla --dtype bfloat16 --shape 8192x131072 --top 25
 set -u
 out=${OUT:-device_out}
 mkdir -p "$out"
