@@ -34,20 +34,14 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, print_table  # noqa: E402
+from _common import environment, print_table, time_fn  # noqa: E402
 
 N, K = 4096, 32768
 CAP = 30.0
 
 
 def median_ms(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * time_fn(fn, *args, repeats=repeats, warmup=1)
 
 
 def in_place_ms(fn, z, repeats):
