@@ -11,6 +11,8 @@ from jcce._binary import binary_cross_entropy as binary_cross_entropy
 from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jcce._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jcce._contrastive import info_nce_loss as info_nce_loss
+from jcce._divergence import convex_kl_divergence as convex_kl_divergence
+from jcce._divergence import generalized_kl_divergence as generalized_kl_divergence
 from jcce._divergence import kl_divergence as kl_divergence
 from jcce._divergence import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
@@ -57,10 +59,12 @@ __all__ = [
     "chain",
     "checks",
     "class_weights",
+    "convex_kl_divergence",
     "focal",
     "generalized",
     "info_nce_loss",
     "generalized_cross_entropy",
+    "generalized_kl_divergence",
     "poly",
     "poly_loss_cross_entropy",
     "symmetric",

@@ -64,7 +64,7 @@ def _kl_log_terms(log_p, log_t):
     return jnp.where(off, _keep_nan(log_p), live)
 
 
-def _kl_impl(fn, log_targets, log_predictions, targets, axis, where):
+def _kl_impl(fn, log_targets, log_predictions, targets, axis, where, generalized=False):
     tname = "log_targets" if log_targets else "targets"
     log_p = v.floating(fn, "log_predictions", log_predictions)
     t = v.floating(fn, tname, targets)
@@ -74,6 +74,7 @@ def _kl_impl(fn, log_targets, log_predictions, targets, axis, where):
     acc = max(acc_dtype(log_p.dtype), acc_dtype(t.dtype), key=lambda d: d.itemsize)
     log_p = jnp.broadcast_to(log_p.astype(acc), shape)
     t = jnp.broadcast_to(t.astype(acc), shape)
+    live = None
     if where is not None:
         live = v.divergence_where(fn, where, shape, what, example_axes=axes)
         # Masked elements become a zero-mass term before any arithmetic: NaN or inf
@@ -82,10 +83,13 @@ def _kl_impl(fn, log_targets, log_predictions, targets, axis, where):
         t = jnp.where(live, t, jnp.full((), off_t, acc))
         log_p = jnp.where(live, log_p, jnp.zeros((), acc))
     terms = (_kl_log_terms if log_targets else _kl_terms)(log_p, t)
+    if generalized:  # the Bregman divergence of x log x - x: + p - t per element
+        mass = jnp.exp(log_p) - t
+        terms = terms + (mass if live is None else jnp.where(live, mass, 0))
     return jnp.sum(terms, axis=axes)
 
 
-_kl_jit = jax.jit(_kl_impl, static_argnums=(0, 1, 4))
+_kl_jit = jax.jit(_kl_impl, static_argnums=(0, 1, 4, 6))
 
 
 def _smooth_impl(fn, labels, alpha, axis, where):
@@ -245,6 +249,100 @@ def kl_divergence_with_log_targets(
     where = None if where is None else v.as_array(fn, "where", where)
     axis = v.divergence_axis_static(fn, axis)
     return _kl_jit(fn, True, log_predictions, log_targets, axis, where)
+
+
+def generalized_kl_divergence(
+    log_predictions: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""optax's ``generalized_kl_divergence``: ``sum_k t_k (log t_k - log p_k) + p_k - t_k``.
+
+    :func:`kl_divergence` for unnormalized measures ``p`` and ``t``: the Bregman
+    divergence of ``f(x) = x log x - x``, which is non-negative for any positive
+    ``p`` and ``t`` and 0 only where they are equal; for distributions (``sum p =
+    sum t = 1``) it is the KL divergence. ``0 log 0 = 0`` as in :func:`kl_divergence`:
+    a zero target contributes ``p_k``, and 0 where ``log p_k = -inf``. Plain JAX
+    autodiff gives the derivatives, ``p_k - t_k`` for ``log p_k`` and
+    ``log t_k - log p_k`` for ``t_k``; for a zero target the ``t log t`` term's
+    derivative is taken as 0, as in :func:`kl_divergence`, which leaves the ``-t``
+    term's ``-1``. Forward mode and ``jax.hessian`` work.
+
+    Args:
+      log_predictions: float ``[..., K]`` logarithms ``log p`` of the predicted
+        measure; ``-inf`` allowed.
+      targets: float ``[..., K]`` non-negative target measure ``t``, broadcastable
+        with ``log_predictions`` (NumPy rules); zeros allowed.
+      axis: the axis, tuple of axes, or ``None`` (all axes) to sum over.
+      where: bool mask broadcastable to the inputs' (broadcast) shape; ``False``
+        elements drop out of the sum and get gradient 0, even if they hold NaN or inf.
+
+    Returns:
+      float32 (float64 if an input is float64) ``[...]`` divergences: the broadcast
+      shape without ``axis``.
+
+    Raises:
+      TypeError: for non-floating inputs, a non-boolean ``where`` or a non-integer
+        ``axis``.
+      ValueError: for inputs that do not broadcast together, a ``where`` that does not
+        broadcast to them, or an ``axis`` out of range, repeated or empty.
+
+    Example:
+      ``t = [2, 1]`` against ``p = [1, 1]``: ``2 log 2 + (1 - 2) + (1 - 1) =
+      0.3863``; a zero target on ``p = 0.5`` costs ``0.5``:
+
+      >>> import jax.numpy as jnp
+      >>> from jcce._divergence import generalized_kl_divergence
+      >>> log_p = jnp.log(jnp.array([[1.0, 1.0], [0.5, 1.0]]))
+      >>> t = jnp.array([[2.0, 1.0], [0.0, 1.0]])
+      >>> [round(float(x), 4) for x in generalized_kl_divergence(log_p, t)]
+      [0.3863, 0.5]
+
+    References:
+      Boyd and Vandenberghe, `Convex Optimization
+      <https://stanford.edu/~boyd/cvxbook/bv_cvxbook.pdf>`_, 2004, p. 90.
+
+    Note:
+      Same signature and defaults as ``optax.losses.generalized_kl_divergence``; the
+      same numbers wherever optax's are finite. Differences: optax returns NaN for
+      ``t_k = 0`` with ``log p_k = -inf``; jcce returns 0 with finite derivatives. NaN
+      or inf in ``where``-masked elements never reaches the gradient. ``where`` must be
+      boolean, ``axis=()`` is rejected, and half-precision inputs give float32.
+    """
+    fn = "generalized_kl_divergence"
+    log_predictions = v.as_array(fn, "log_predictions", log_predictions)
+    targets = v.as_array(fn, "targets", targets)
+    where = None if where is None else v.as_array(fn, "where", where)
+    axis = v.divergence_axis_static(fn, axis)
+    return _kl_jit(fn, False, log_predictions, targets, axis, where, True)
+
+
+def convex_kl_divergence(
+    log_predictions: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""optax's ``convex_kl_divergence``: :func:`generalized_kl_divergence` by its
+    older name.
+
+    optax 0.2.4 renamed it and deprecates this name; jcce keeps it so that code
+    written against either name runs unchanged. Arguments, results and errors are
+    those of :func:`generalized_kl_divergence` (errors name this function).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jcce._divergence import convex_kl_divergence
+      >>> round(float(convex_kl_divergence(jnp.zeros(2), jnp.array([2.0, 1.0]))), 4)
+      0.3863
+    """
+    fn = "convex_kl_divergence"
+    log_predictions = v.as_array(fn, "log_predictions", log_predictions)
+    targets = v.as_array(fn, "targets", targets)
+    where = None if where is None else v.as_array(fn, "where", where)
+    axis = v.divergence_axis_static(fn, axis)
+    return _kl_jit(fn, False, log_predictions, targets, axis, where, True)
 
 
 def smooth_labels(

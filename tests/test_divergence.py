@@ -537,7 +537,12 @@ _OUT_OF_RANGE = (
     "shape {shape} (rank {rank})"
 )
 _ALPHA = "smooth_labels: alpha must be a real number in [0, 1], got "
-_KL_FNS = [("kl_divergence", KL, "targets"), (KL_LOG.__name__, KL_LOG, "log_targets")]
+_KL_FNS = [
+    ("kl_divergence", KL, "targets"),
+    (KL_LOG.__name__, KL_LOG, "log_targets"),
+    ("generalized_kl_divergence", jcce.generalized_kl_divergence, "targets"),
+    ("convex_kl_divergence", jcce.convex_kl_divergence, "targets"),
+]
 
 ERRORS = [
     # (id, call, exception, message)
@@ -779,3 +784,143 @@ def test_gibbs_inequality_and_log_target_consistency(z_p, z_t, zero):
     np.testing.assert_allclose(kl_log, kl, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(kl_self, 0.0, atol=1e-12)
     assert all(np.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------- generalized KL (unnormalized measures)
+
+GKL = jcce.generalized_kl_divergence
+
+
+def np_gkl(log_p, t, axis=-1, where=None):
+    """``sum t (log t - log p) + p - t`` with ``0 log 0 = 0``, float64 NumPy."""
+    log_p, t = np.broadcast_arrays(
+        np.asarray(log_p, np.float64), np.asarray(t, np.float64)
+    )
+    mass = np.exp(log_p) - t
+    if where is not None:
+        mass = np.where(where, mass, 0.0)
+    return np_kl(log_p, t, axis, where) + mass.sum(axis=axis)
+
+
+def measures(seed=0, shape=(N, K)):
+    """make_inputs' rows (a zero target at ``log p = -inf``, zero and one-hot targets),
+    each row's prediction and target scaled by its own positive factor."""
+    log_p, t = make_inputs(seed, shape)
+    rng = np.random.default_rng(seed + 100)
+    scale = rng.uniform(0.3, 3.0, shape[:-1] + (1,))
+    return log_p + np.log(rng.uniform(0.3, 3.0, shape[:-1] + (1,))), t * scale
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generalized_values_match_numpy_reference(x64, variant):
+    log_p, t = measures(1)
+    got = variant(GKL)(log_p, t)
+    assert got.dtype == jnp.float64 and got.shape == (N,)
+    _close(got, np_gkl(log_p, t))
+    _close(jcce.convex_kl_divergence(log_p, t), np_gkl(log_p, t))
+
+
+@pytest.mark.parametrize("axis", [0, (0, 2), None])
+def test_generalized_axes_and_where_match_numpy(x64, axis):
+    log_p, t = measures(2, SHAPE3)
+    where = np.random.default_rng(2).random(SHAPE3) > 0.3
+    _close(GKL(log_p, t, axis=axis), np_gkl(log_p, t, axis))
+    _close(GKL(log_p, t, axis=axis, where=where), np_gkl(log_p, t, axis, where))
+
+
+def test_generalized_optax_parity():
+    rng = np.random.default_rng(3)
+    log_p = jnp.asarray(rng.standard_normal((N, K)), jnp.float32)
+    t = jnp.asarray(rng.uniform(0.05, 2.0, (N, K)), jnp.float32)
+    where = jnp.asarray(rng.random((N, K)) > 0.2)
+    for kw in ({}, {"where": where}):
+
+        def ours(a, b, kw=kw):
+            return jnp.sum(GKL(a, b, **kw))
+
+        def theirs(a, b, kw=kw):
+            return jnp.sum(optax.losses.generalized_kl_divergence(a, b, **kw))
+
+        for f, g in ((ours, theirs),):
+            got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(log_p, t)
+            want = jax.jit(jax.value_and_grad(g, argnums=(0, 1)))(log_p, t)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+            for a, b in zip(got[1], want[1], strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_generalized_zero_target_at_minus_inf_is_zero_where_optax_is_nan():
+    log_p = jnp.array([[-jnp.inf, 0.0], [jnp.log(0.5), 0.0]])
+    t = jnp.array([[0.0, 2.0], [0.0, 1.0]])
+    got = GKL(log_p, t)
+    # row 0: 2 log 2 + (0 - 0) + (1 - 2); row 1: the zero target costs p = 0.5
+    np.testing.assert_allclose(got, [2 * np.log(2) - 1, 0.5], rtol=1e-6)
+    assert np.isnan(
+        np.asarray(jax.jit(optax.losses.generalized_kl_divergence)(log_p, t))
+    )[0]
+    grads = jax.grad(lambda a, b: jnp.sum(GKL(a, b)), argnums=(0, 1))(log_p, t)
+    assert all(np.isfinite(g).all() for g in grads)
+    # a zero target: the t log t term's derivative taken as 0 (as for KL), then -1
+    assert float(grads[1][0, 0]) == -1.0
+
+
+def test_generalized_gradient_matches_closed_form(x64):
+    log_p, t = measures(4)
+    g_log_p, g_t = jax.grad(lambda a, b: jnp.sum(GKL(a, b)), argnums=(0, 1))(log_p, t)
+    p = np.exp(log_p)
+    _close(g_log_p, p - t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want_t = np.where(t == 0, -1.0, np.log(t) - log_p)
+    _close(g_t, want_t)
+
+
+def test_generalized_second_order_matches_naive_autodiff(x64):
+    rng = np.random.default_rng(5)
+    log_p = rng.standard_normal((3, K))
+    t = rng.uniform(0.1, 2.0, (3, K))
+
+    def naive(a, b):
+        return jnp.sum(b * (jnp.log(b) - a) + jnp.exp(a) - b)
+
+    for argnum in (0, 1):
+        got = jax.hessian(lambda a, b: jnp.sum(GKL(a, b)), argnums=argnum)(log_p, t)
+        want = jax.hessian(naive, argnums=argnum)(log_p, t)
+        _close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_generalized_masked_elements_are_inert_even_with_nan_inputs():
+    log_p = jnp.array([[0.0, jnp.nan, 1.0], [jnp.inf, 0.5, 0.0]])
+    t = jnp.array([[1.0, jnp.nan, 2.0], [jnp.inf, 1.0, 0.0]])
+    keep = jnp.array([[True, False, True], [False, True, True]])
+    value, grads = jax.value_and_grad(
+        lambda a, b: jnp.sum(GKL(a, b, where=keep)), argnums=(0, 1)
+    )(log_p, t)
+    clean_p = jnp.where(keep, log_p, 0.0)
+    clean_t = jnp.where(keep, t, 0.0)
+    want = np_gkl(np.asarray(clean_p), np.asarray(clean_t), where=np.asarray(keep))
+    np.testing.assert_allclose(value, want.sum(), rtol=1e-6)
+    for g in grads:
+        assert np.isfinite(g).all() and not np.asarray(g)[~np.asarray(keep)].any()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_generalized_half_precision_accumulates_in_float32(dtype):
+    log_p, t = measures(6)
+    log_p = np.where(np.isfinite(log_p), log_p, -30.0)
+    got = GKL(jnp.asarray(log_p, dtype), jnp.asarray(t, dtype))
+    assert got.dtype == jnp.float32
+    want = np_gkl(np.asarray(jnp.asarray(log_p, dtype), np.float64),
+                  np.asarray(jnp.asarray(t, dtype), np.float64))  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@given(LOGITS, hnp.arrays(np.float64, (3, K), elements=st.floats(0.0, 50.0)))
+def test_generalized_kl_is_a_bregman_divergence(z_p, t):
+    """Non-negative for any measures, 0 where the prediction equals the target."""
+    with jax.enable_x64(True):
+        got = np.asarray(jax.jit(GKL)(z_p, t))
+        same = np.asarray(jax.jit(GKL)(_log(t), t))
+    scale = 1.0 + np.exp(z_p).sum(-1) + t.sum(-1)  # the terms' magnitude
+    assert (got >= -1e-12 * scale).all()
+    assert (np.abs(got - np_gkl(z_p, t)) <= 1e-9 * scale).all()
+    assert (np.abs(same) <= 1e-12 * (1.0 + t.sum(-1))).all()
