@@ -14,6 +14,7 @@ optax runs jitted (its eager dispatch compiles many tiny programs).
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import jax
@@ -924,3 +925,24 @@ def test_generalized_kl_is_a_bregman_divergence(z_p, t):
     assert (got >= -1e-12 * scale).all()
     assert (np.abs(got - np_gkl(z_p, t)) <= 1e-9 * scale).all()
     assert (np.abs(same) <= 1e-12 * (1.0 + t.sum(-1))).all()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "kl_divergence",
+        "kl_divergence_with_log_targets",
+        "generalized_kl_divergence",
+        "convex_kl_divergence",
+        "smooth_labels",
+    ],
+)
+def test_signature_matches_optax(name):
+    """optax's parameters, in order, with its defaults and kinds: every optax call is
+    a jcce call."""
+    ours = inspect.signature(getattr(jcce, name)).parameters
+    theirs = inspect.signature(getattr(optax.losses, name)).parameters
+    assert list(ours) == list(theirs)
+    for p in theirs:
+        assert ours[p].default == theirs[p].default, p
+        assert ours[p].kind == theirs[p].kind, p
