@@ -24,6 +24,7 @@ from jcce._family import symmetric_cross_entropy as symmetric_cross_entropy
 from jcce._linear import linear_cross_entropy as linear_cross_entropy
 from jcce._losses import cross_entropy as cross_entropy
 from jcce._losses import entropy as entropy
+from jcce._losses import ranking_softmax_loss as ranking_softmax_loss
 from jcce._losses import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jcce._losses import softmax_cross_entropy as softmax_cross_entropy
 from jcce._losses import (
@@ -77,6 +78,7 @@ __all__ = [
     "linear_cross_entropy",
     "log_base",
     "nce_loss",
+    "ranking_softmax_loss",
     "safe_softmax_cross_entropy",
     "sampled_softmax_cross_entropy",
     "samplers",

@@ -442,6 +442,91 @@ def safe_softmax_cross_entropy(
     )
 
 
+@v.peer_keywords("ranking_softmax_loss")
+def ranking_softmax_loss(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    reduce_fn=jnp.mean,
+    implementation: str | None = None,
+) -> jax.Array:
+    r"""optax's ``ranking_softmax_loss``: ``-sum_i y_i log softmax(s)_i`` per list.
+
+    The listwise softmax loss of learning to rank (Cao et al. 2007; Bruch et al.
+    2019): each list's scores ``s`` over its items, and relevance labels ``y`` (not
+    normalized; weights multiply them), through jcce's fused kernel with a
+    closed-form gradient, then reduced over the lists by ``reduce_fn``.
+
+    Args:
+      logits: float ``[..., items]`` scores; the last axis holds one list's items.
+      labels: ``[..., items]`` non-negative relevance (or broadcastable to the
+        logits).
+      where: bool per-item mask broadcastable to the logits: ``False`` items leave the
+        softmax and the sum; a list with no item left costs 0 and leaves the mean.
+      weights: per-item weights broadcastable to the logits, multiplying the labels.
+      reduce_fn: applied to the ``[...]`` per-list losses with ``where=`` the lists
+        that kept an item (``jnp.mean``, the default, or ``jnp.sum``), or None for
+        the per-list losses (0 for a list with no item left).
+      implementation: ``None``, ``"xla"``, ``"xla_cpu"`` or ``"pallas"``, as in
+        :func:`cross_entropy` (a keyword jcce adds to optax's signature).
+
+    Returns:
+      float32 (float64 for float64 logits) loss: ``reduce_fn`` of the per-list losses.
+
+    Raises:
+      TypeError: for non-floating logits, non-real labels or weights, a non-boolean
+        ``where`` or a ``reduce_fn`` that is not callable.
+      ValueError: for labels, ``where`` or weights that do not broadcast to the
+        logits.
+
+    Example:
+      Two items of relevance 1 and 3 scored equally: ``-(1 + 3) log(1/2) = 2.7726``:
+
+      >>> import jax.numpy as jnp, jcce
+      >>> logits = jnp.array([[0.0, 0.0], [2.0, -1.0]])
+      >>> labels = jnp.array([[1.0, 3.0], [1.0, 0.0]])
+      >>> [round(float(x), 4) for x in jcce.ranking_softmax_loss(logits, labels, reduce_fn=None)]
+      [2.7726, 0.0486]
+
+    Note:
+      Same signature and defaults as ``optax.losses.ranking_softmax_loss`` (plus
+      ``implementation``) and the same numbers, but a ``-inf`` score with label 0
+      costs 0 where optax returns NaN, and half-precision logits give a float32
+      loss.
+    """
+    fn = "ranking_softmax_loss"
+    arrays = convert_arrays(fn, logits=logits)
+    v.reduce_fn(fn, reduce_fn)
+    logits = v.floating_logits(fn, arrays["logits"])
+    labels = v.optax_targets(fn, labels, logits.shape[:-1], logits.shape)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = labels.astype(acc_dtype(logits.dtype))
+    if weights is not None:  # they multiply the labels: any real values, as in optax
+        scale = v.item_mask(fn, "weights", weights, logits.shape, False)
+        labels = labels * scale.astype(labels.dtype)
+    lists = None
+    if where is not None:
+        where = v.item_mask(fn, "where", where, logits.shape, True)
+        lists = jnp.any(where, axis=-1)
+    per_list = optax_style(
+        fn,
+        logits,
+        labels,
+        -1,
+        where,
+        integer_labels=False,
+        implementation=implementation,
+    )
+    if reduce_fn is None:
+        return per_list if lists is None else jnp.where(lists, per_list, 0)
+    out = reduce_fn(per_list, where=lists)
+    if reduce_fn is jnp.mean:  # 0, not NaN, when no list kept an item
+        out = jnp.where(jnp.isnan(out) & ~jnp.any(jnp.isnan(per_list)), 0, out)
+    return out
+
+
 def _entropy(logits, *, axis, where, weights, reduction, implementation):
     fn = "entropy"
     logits = v.floating_logits(fn, logits)

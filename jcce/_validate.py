@@ -960,6 +960,30 @@ def optax_where(fn: str, where, logits_shape, batch_shape):
     )
 
 
+def item_mask(fn: str, name: str, x, logits_shape, boolean: bool):
+    """A per-item array of a ranking loss (``where``, ``weights``), broadcast to the
+    logits' shape ``[..., items]``."""
+    x = as_array(fn, name, x)
+    if boolean and x.dtype != jnp.bool_:
+        raise TypeError(f"{fn}: {name} must be a boolean mask, got {x.dtype}")
+    if not boolean and not _real(x.dtype):
+        raise TypeError(f"{fn}: {name} must be real, got {x.dtype}")
+    if not _broadcasts(x.shape, logits_shape):
+        raise ValueError(
+            f"{fn}: {name} has shape {x.shape} but must broadcast to the logits' "
+            f"shape {logits_shape} (one value per item)"
+        )
+    return jnp.broadcast_to(x, logits_shape)
+
+
+def reduce_fn(fn: str, f) -> None:
+    if f is not None and not callable(f):
+        raise TypeError(
+            f"{fn}: reduce_fn must be a callable taking where= (such as jnp.mean or "
+            f"jnp.sum) or None, got {type(f).__name__}"
+        )
+
+
 def has_classes(fn: str, shape, axes, axis) -> None:
     if not math.prod(shape[a] for a in axes):
         raise ValueError(

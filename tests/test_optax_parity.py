@@ -13,6 +13,7 @@ dispatch compiles dozens of tiny programs, which would dominate the runtime.
 from __future__ import annotations
 
 import inspect
+import re
 import zlib
 
 import jax
@@ -704,3 +705,137 @@ def test_same_rank_where_broadcasts_like_optax(shape):
         np.testing.assert_allclose(
             ours(z, labels, where=where), theirs(z, labels, where=where), rtol=1e-6
         )
+
+
+# ------------------------------------------------------------ ranking_softmax_loss
+
+RANK = jcce.ranking_softmax_loss
+
+
+def _ranking_inputs(seed=0, shape=(4, 6)):
+    rng = np.random.default_rng(seed)
+    scores = (2.0 * rng.standard_normal(shape)).astype(np.float32)
+    relevance = rng.integers(0, 4, shape).astype(np.float32)
+    where = rng.random(shape) > 0.25
+    where[0] = False  # a list with no item left
+    weights = rng.uniform(0.0, 2.0, shape).astype(np.float32)
+    return scores, relevance, where, weights
+
+
+@pytest.mark.parametrize("reduce_fn", [jnp.mean, jnp.sum, None])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ranking_softmax_loss_matches_optax(reduce_fn, masked, weighted):
+    scores, relevance, where, weights = _ranking_inputs()
+    kw = {"reduce_fn": reduce_fn}
+    if masked:
+        kw["where"] = where
+    if weighted:
+        kw["weights"] = weights
+
+    def run(f):
+        def total(s):
+            return jnp.sum(f(s, relevance, **kw))
+
+        return jax.jit(lambda s: (f(s, relevance, **kw), jax.grad(total)(s)))(scores)
+
+    got, got_grad = run(RANK)
+    want, want_grad = run(optax.losses.ranking_softmax_loss)
+    assert got.dtype == jnp.float32
+    assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    assert_allclose(got_grad, want_grad, rtol=RTOL, atol=ATOL)
+
+
+def test_ranking_softmax_loss_hand_computed_and_leading_dims():
+    scores = jnp.array([[[0.0, 0.0], [2.0, -1.0]]])  # one batch of two lists
+    labels = jnp.array([[[1.0, 3.0], [1.0, 0.0]]])
+    per_list = RANK(scores, labels, reduce_fn=None)
+    assert per_list.shape == (1, 2)
+    assert_allclose(per_list, [[4 * np.log(2), np.log1p(np.exp(-3.0))]], rtol=1e-6)
+    assert_allclose(RANK(scores, labels), per_list.mean(), rtol=1e-6)
+
+
+def test_ranking_softmax_loss_no_list_kept_gives_zero_and_masked_items_are_inert():
+    scores = jnp.array([[1.0, jnp.nan], [jnp.inf, 0.5]])
+    labels = jnp.array([[2.0, jnp.nan], [1.0, 1.0]])
+    none = jnp.zeros((2, 2), bool)
+    assert float(RANK(scores, labels, where=none)) == 0.0
+    keep = jnp.array([[True, False], [False, True]])
+    value, grad = jax.value_and_grad(lambda s: RANK(s, labels, where=keep))(scores)
+    assert_allclose(value, 0.0, atol=1e-7)  # each list keeps one item: log 1 = 0
+    assert np.isfinite(np.asarray(grad)).all() and float(grad[0, 1]) == 0.0
+
+
+def test_ranking_softmax_loss_minus_inf_score_with_label_zero_costs_nothing():
+    scores = jnp.array([[0.0, -jnp.inf, 0.0]])
+    labels = jnp.array([[1.0, 0.0, 0.0]])
+    assert_allclose(RANK(scores, labels), np.log(2), rtol=1e-6)
+    assert np.isnan(float(optax.losses.ranking_softmax_loss(scores, labels)))
+
+
+def test_ranking_softmax_loss_half_precision_gives_float32():
+    scores, relevance, _, _ = _ranking_inputs(1)
+    got = RANK(jnp.asarray(scores, jnp.bfloat16), relevance)
+    assert got.dtype == jnp.float32
+    want = RANK(jnp.asarray(jnp.asarray(scores, jnp.bfloat16), jnp.float32), relevance)
+    assert_allclose(got, want, rtol=1e-6)
+
+
+def test_ranking_softmax_loss_signature_matches_optax():
+    ours = inspect.signature(RANK).parameters
+    theirs = inspect.signature(optax.losses.ranking_softmax_loss).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for p in theirs:
+        assert ours[p].default == theirs[p].default, p
+        assert ours[p].kind == theirs[p].kind, p
+    assert list(ours)[len(theirs) :] == ["implementation"]
+
+
+_RANK_ERRORS = [
+    (
+        lambda: RANK(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3))),
+        TypeError,
+        "ranking_softmax_loss: logits must have a floating dtype (float16, bfloat16, "
+        "float32 or float64), got int32",
+    ),
+    (
+        lambda: RANK(jnp.zeros((2, 3)), jnp.ones((2, 4))),
+        ValueError,
+        "ranking_softmax_loss: labels has shape (2, 4) but must have (or broadcast "
+        "to) the logits' shape (2, 3)",
+    ),
+    (
+        lambda: RANK(jnp.zeros((2, 3)), jnp.ones((2, 3)), where=jnp.ones((2, 3))),
+        TypeError,
+        "ranking_softmax_loss: where must be a boolean mask, got float32",
+    ),
+    (
+        lambda: RANK(jnp.zeros((2, 3)), jnp.ones((2, 3)), where=jnp.ones((3, 2), bool)),
+        ValueError,
+        "ranking_softmax_loss: where has shape (3, 2) but must broadcast to the "
+        "logits' shape (2, 3) (one value per item)",
+    ),
+    (
+        lambda: RANK(jnp.zeros((2, 3)), jnp.ones((2, 3)), weights=jnp.ones(2)),
+        ValueError,
+        "ranking_softmax_loss: weights has shape (2,) but must broadcast to the "
+        "logits' shape (2, 3) (one value per item)",
+    ),
+    (
+        lambda: RANK(jnp.zeros((2, 3)), jnp.ones((2, 3)), weights=jnp.ones(3, bool)),
+        TypeError,
+        "ranking_softmax_loss: weights must be real, got bool",
+    ),
+    (
+        lambda: RANK(jnp.zeros((2, 3)), jnp.ones((2, 3)), reduce_fn="mean"),
+        TypeError,
+        "ranking_softmax_loss: reduce_fn must be a callable taking where= (such as "
+        "jnp.mean or jnp.sum) or None, got str",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "message"), _RANK_ERRORS)
+def test_ranking_softmax_loss_errors(call, exc, message):
+    with pytest.raises(exc, match="^" + re.escape(message) + "$"):
+        call()
