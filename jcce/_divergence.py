@@ -28,6 +28,7 @@ for float64 inputs), like every jcce loss.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,21 @@ def _kl_impl(fn, log_targets, log_predictions, targets, axis, where, generalized
 
 
 _kl_jit = jax.jit(_kl_impl, static_argnums=(0, 1, 4, 6))
+
+
+def _divergence(fn, log_predictions, targets, axis, where, *, log_targets, general):
+    """The public divergences: arguments converted (named in errors), then the kernel."""
+    tname = "log_targets" if log_targets else "targets"
+    log_predictions = v.as_array(fn, "log_predictions", log_predictions)
+    targets = v.as_array(fn, tname, targets)
+    where = None if where is None else v.as_array(fn, "where", where)
+    axis = v.divergence_axis_static(fn, axis)
+    return _kl_jit(fn, log_targets, log_predictions, targets, axis, where, general)
+
+
+_kl = partial(_divergence, log_targets=False, general=False)
+_kl_log = partial(_divergence, log_targets=True, general=False)
+_general = partial(_divergence, log_targets=False, general=True)
 
 
 def _smooth_impl(fn, labels, alpha, axis, where):
@@ -178,12 +194,7 @@ def kl_divergence(
       half-precision inputs give float32 (optax returns the inputs' dtype). NaN in
       ``log_predictions`` still propagates, even where the target is 0.
     """
-    fn = "kl_divergence"
-    log_predictions = v.as_array(fn, "log_predictions", log_predictions)
-    targets = v.as_array(fn, "targets", targets)
-    where = None if where is None else v.as_array(fn, "where", where)
-    axis = v.divergence_axis_static(fn, axis)
-    return _kl_jit(fn, False, log_predictions, targets, axis, where)
+    return _kl("kl_divergence", log_predictions, targets, axis, where)
 
 
 def kl_divergence_with_log_targets(
@@ -243,12 +254,9 @@ def kl_divergence_with_log_targets(
       inputs give float32 (optax returns the inputs' dtype). NaN in
       ``log_predictions`` still propagates, even where the target is 0.
     """
-    fn = "kl_divergence_with_log_targets"
-    log_predictions = v.as_array(fn, "log_predictions", log_predictions)
-    log_targets = v.as_array(fn, "log_targets", log_targets)
-    where = None if where is None else v.as_array(fn, "where", where)
-    axis = v.divergence_axis_static(fn, axis)
-    return _kl_jit(fn, True, log_predictions, log_targets, axis, where)
+    return _kl_log(
+        "kl_divergence_with_log_targets", log_predictions, log_targets, axis, where
+    )
 
 
 def generalized_kl_divergence(
@@ -280,13 +288,7 @@ def generalized_kl_divergence(
 
     Returns:
       float32 (float64 if an input is float64) ``[...]`` divergences: the broadcast
-      shape without ``axis``.
-
-    Raises:
-      TypeError: for non-floating inputs, a non-boolean ``where`` or a non-integer
-        ``axis``.
-      ValueError: for inputs that do not broadcast together, a ``where`` that does not
-        broadcast to them, or an ``axis`` out of range, repeated or empty.
+      shape without ``axis``. Errors are those of :func:`kl_divergence`.
 
     Example:
       ``t = [2, 1]`` against ``p = [1, 1]``: ``2 log 2 + (1 - 2) + (1 - 1) =
@@ -310,12 +312,7 @@ def generalized_kl_divergence(
       or inf in ``where``-masked elements never reaches the gradient. ``where`` must be
       boolean, ``axis=()`` is rejected, and half-precision inputs give float32.
     """
-    fn = "generalized_kl_divergence"
-    log_predictions = v.as_array(fn, "log_predictions", log_predictions)
-    targets = v.as_array(fn, "targets", targets)
-    where = None if where is None else v.as_array(fn, "where", where)
-    axis = v.divergence_axis_static(fn, axis)
-    return _kl_jit(fn, False, log_predictions, targets, axis, where, True)
+    return _general("generalized_kl_divergence", log_predictions, targets, axis, where)
 
 
 def convex_kl_divergence(
@@ -337,12 +334,7 @@ def convex_kl_divergence(
       >>> round(float(convex_kl_divergence(jnp.zeros(2), jnp.array([2.0, 1.0]))), 4)
       0.3863
     """
-    fn = "convex_kl_divergence"
-    log_predictions = v.as_array(fn, "log_predictions", log_predictions)
-    targets = v.as_array(fn, "targets", targets)
-    where = None if where is None else v.as_array(fn, "where", where)
-    axis = v.divergence_axis_static(fn, axis)
-    return _kl_jit(fn, False, log_predictions, targets, axis, where, True)
+    return _general("convex_kl_divergence", log_predictions, targets, axis, where)
 
 
 def smooth_labels(
