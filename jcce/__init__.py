@@ -11,6 +11,7 @@ from jcce._binary import binary_cross_entropy as binary_cross_entropy
 from jcce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jcce._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jcce._contrastive import info_nce_loss as info_nce_loss
+from jcce._contrastive import ntxent as ntxent
 from jcce._divergence import convex_kl_divergence as convex_kl_divergence
 from jcce._divergence import generalized_kl_divergence as generalized_kl_divergence
 from jcce._divergence import kl_divergence as kl_divergence
@@ -78,6 +79,7 @@ __all__ = [
     "linear_cross_entropy",
     "log_base",
     "nce_loss",
+    "ntxent",
     "ranking_softmax_loss",
     "safe_softmax_cross_entropy",
     "sampled_softmax_cross_entropy",

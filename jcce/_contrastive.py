@@ -1,4 +1,4 @@
-"""In-batch contrastive cross-entropy: InfoNCE, and CLIP's symmetric form.
+"""In-batch contrastive cross-entropy: InfoNCE, CLIP's symmetric form, and NT-Xent.
 
 Row ``i`` of ``queries`` and row ``i`` of ``keys`` are a positive pair; every other row
 of the batch is a negative. The logits are the scaled similarities
@@ -121,3 +121,99 @@ def _info_nce(q, k, t, keep, *, symmetric, reduction, axes, implementation):
         return total
     count = n if keep is None else jnp.sum(keep.astype(acc))
     return jnp.where(count == 0, 0 * total, total / jnp.maximum(count, 1))
+
+
+def ntxent(
+    embeddings: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    temperature: jax.typing.ArrayLike = 0.07,
+    *,
+    implementation: str | None = None,
+) -> jax.Array:
+    r"""optax's ``ntxent``: the normalized temperature-scaled cross-entropy of SimCLR.
+
+    With ``s_ij = cos(e_i, e_j) / T``, every ordered pair ``i != j`` of equal labels
+    is a positive pair, and every ``k`` whose label differs from ``i``'s a negative
+    of ``i``:
+
+    ``l_ij = -log(exp(s_ij) / (exp(s_ij) + sum_{k negative of i} exp(s_ik)))``,
+
+    averaged over the positive pairs (Chen et al. 2020). Each anchor's log-sum-exp
+    over its negatives comes from jcce's kernel (one ``[N, N]`` call, its closed-form
+    gradient), then ``l_ij = softplus(L_i - s_ij)`` per pair.
+
+    Args:
+      embeddings: float ``[N, D]``; each is normalized (its norm floored at
+        ``sqrt(eps)`` of its dtype, as in optax).
+      labels: ``[N]`` group labels: embeddings with equal labels are positives.
+      temperature: a positive scalar, a Python number or an array
+        (differentiable).
+      implementation: as in :func:`jcce.cross_entropy` (a keyword jcce adds to
+        optax's signature).
+
+    Returns:
+      float32 (float64 for float64 embeddings) scalar loss; 0 where the batch has no
+      positive pair.
+
+    Raises:
+      TypeError: for non-floating embeddings, labels that are not real or boolean, or
+        a boolean temperature.
+      ValueError: for embeddings not of rank 2, labels not of shape ``[N]``, or a
+        concrete temperature that is not a finite positive scalar.
+
+    Example:
+      Two pairs of views; each view is closest to its partner:
+
+      >>> import jax.numpy as jnp, jcce
+      >>> e = jnp.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+      >>> round(float(jcce.ntxent(e, jnp.array([0, 0, 1, 1]), 0.5)), 4)
+      0.2965
+
+    References:
+      Chen, Kornblith, Norouzi and Hinton, `A Simple Framework for Contrastive
+      Learning of Visual Representations <https://arxiv.org/abs/2002.05709>`_, 2020.
+
+    Note:
+      Same signature and defaults as ``optax.losses.ntxent`` (plus
+      ``implementation``) and the same numbers, up to the rounding of the similarity
+      matrix (a matrix product here, elementwise in optax). A batch without a
+      positive pair gives 0 with gradient 0, where optax divides by zero and returns
+      NaN. Half-precision embeddings give a float32 loss.
+    """
+    fn = "ntxent"
+    e, y = v.grouped_embeddings(fn, embeddings, labels)
+    t = v.positive_scalar(fn, "temperature", temperature)
+    return _ntxent(
+        e, y, t, implementation=_backend.resolve(v.implementation(fn, implementation))
+    )
+
+
+@partial(jax.jit, static_argnames=("implementation",))
+def _ntxent(e, y, t, *, implementation):
+    acc = jnp.promote_types(e.dtype, jnp.float32)
+    x = e.astype(acc)
+    floor = jnp.asarray(jnp.finfo(e.dtype).eps, acc)
+    u = x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), floor))
+    s = jnp.einsum("nd,md->nm", u, u, precision=lax.Precision.HIGHEST)
+    s = s / t.astype(acc)
+    same = y[:, None] == y[None, :]
+    negative = ~same
+    positive = same & ~jnp.eye(s.shape[0], dtype=bool)
+    count = jnp.sum(negative, axis=-1, keepdims=True).astype(acc)
+    has = count[:, 0] > 0
+    # The log-sum-exp over each anchor's negatives from the kernel: the cross-entropy
+    # with uniform targets on them is that log-sum-exp less their mean similarity.
+    uniform = jnp.where(negative, 1 / jnp.maximum(count, 1), 0)
+    ce = _losses.cross_entropy(
+        jnp.where(negative, s, -jnp.inf),
+        uniform,
+        where=has,
+        reduction="none",
+        implementation=implementation,
+    )
+    mean = jnp.sum(jnp.where(negative, s, 0), axis=-1) / jnp.maximum(count[:, 0], 1)
+    lse = jnp.where(has, ce + mean, -jnp.inf)  # no negative: each pair costs 0
+    pairs = jnp.where(positive, jax.nn.softplus(lse[:, None] - s), 0)
+    n_pairs = jnp.sum(positive).astype(acc)
+    total = jnp.sum(pairs)
+    return jnp.where(n_pairs == 0, 0 * total, total / jnp.maximum(n_pairs, 1))

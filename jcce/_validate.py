@@ -1364,6 +1364,23 @@ def contrastive_pair(fn: str, queries, keys):
     return q, k
 
 
+def grouped_embeddings(fn: str, embeddings, labels):
+    """``[N, D]`` floating embeddings and ``[N]`` group labels (any real or boolean
+    dtype: equal labels make positive pairs)."""
+    e = floating(fn, "embeddings", as_array(fn, "embeddings", embeddings))
+    y = as_array(fn, "labels", labels)
+    if e.ndim != 2:
+        raise ValueError(f"{fn}: embeddings must have shape [N, D], got {e.shape}")
+    if y.shape != e.shape[:1]:
+        raise ValueError(
+            f"{fn}: labels must have shape [N] = ({e.shape[0]},), one group per "
+            f"embedding, got {y.shape}"
+        )
+    if not (_real(y.dtype) or y.dtype == jnp.bool_):
+        raise TypeError(f"{fn}: labels must be real or boolean, got {y.dtype}")
+    return e, y
+
+
 def positive_scalar(fn: str, name: str, value) -> jax.Array:
     """A scalar (Python number or array; concrete values must be finite and > 0)."""
     if isinstance(value, (bool, np.bool_)):

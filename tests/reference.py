@@ -275,3 +275,20 @@ def assert_close_to_scale(got, want, rtol, dtype=None):
         np.testing.assert_allclose(
             np.asarray(g, np.float32), ref, rtol=rtol, atol=rtol * scale
         )
+
+
+def assert_optax_signature(ours, theirs, extra=("implementation",)):
+    """``ours`` takes ``theirs``'s parameters, in order, with its defaults and kinds,
+    then only the keyword-only ``extra`` (each defaulting to None): every call of the
+    optax function is a call of the jcce one."""
+    import inspect
+
+    mine = inspect.signature(ours).parameters
+    other = inspect.signature(theirs).parameters
+    assert list(mine)[: len(other)] == list(other)
+    for p in other:
+        assert mine[p].default == other[p].default, p
+        assert mine[p].kind == other[p].kind, p
+    added = [mine[p] for p in list(mine)[len(other) :]]
+    assert [p.name for p in added] == list(extra)
+    assert all(p.kind == p.KEYWORD_ONLY and p.default is None for p in added)

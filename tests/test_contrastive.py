@@ -1,4 +1,4 @@
-"""``jcce.info_nce_loss``: in-batch contrastive cross-entropy (InfoNCE, CLIP).
+"""``jcce.info_nce_loss`` (InfoNCE, CLIP) and ``jcce.ntxent`` (NT-Xent, optax's name).
 
 Against a float64 NumPy reference written from the definition, ``jax.grad`` and
 ``jax.hessian`` of the naive ``log_softmax`` formula, masks, 16-bit inputs, and under
@@ -8,14 +8,18 @@ similarities are ``[N / 8, N]`` and the ``[N, N]`` matrix appears nowhere.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import jcce
+from tests.reference import assert_optax_signature
 
 N, D = 16, 8
 
@@ -166,3 +170,147 @@ def test_errors_name_the_argument():
         jcce.info_nce_loss(q, k, reduction="avg")
     with pytest.raises(TypeError, match=f"{fn}: queries must have a floating dtype"):
         jcce.info_nce_loss(np.ones((2, 2), np.int32), k[:2, :2])
+
+
+# ------------------------------------------------------------------------- ntxent
+
+
+def _ntxent_reference(e, labels, t):
+    """NT-Xent from its definition, float64 NumPy: every ordered pair ``i != j`` of
+    equal labels, against ``i``'s negatives (the other labels)."""
+    e = np.asarray(e, np.float64)
+    eps = np.finfo(np.float32).eps
+    u = e / np.sqrt(np.maximum((e * e).sum(-1, keepdims=True), eps))
+    s = u @ u.T / t
+    losses = []
+    for i in range(len(e)):
+        negatives = s[i][labels != labels[i]]
+        for j in range(len(e)):
+            if j != i and labels[j] == labels[i]:
+                logits = np.concatenate([[s[i, j]], negatives])
+                m = logits.max()
+                losses.append(m + np.log(np.exp(logits - m).sum()) - s[i, j])
+    return np.mean(losses) if losses else 0.0
+
+
+def _ntxent_naive(e, labels, t):
+    """The definition in JAX for autodiff: a log-softmax per pair, float64."""
+    u = e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+    s = u @ u.T / t
+    same = labels[:, None] == labels[None, :]
+    negative_lse = jax.nn.logsumexp(jnp.where(same, -jnp.inf, s), axis=-1)
+    pairs = jnp.logaddexp(s, negative_lse[:, None]) - s
+    positive = same & ~jnp.eye(len(labels), dtype=bool)
+    return jnp.sum(jnp.where(positive, pairs, 0)) / jnp.sum(positive)
+
+
+NTXENT_LABELS = {
+    "two views": np.repeat(np.arange(N // 2), 2),
+    "groups of four": np.repeat(np.arange(N // 4), 4),
+    "mixed, with singletons": np.array(
+        [0, 0, 0, 1, 1, 2, 3, 4, 4, 4, 4, 5, 6, 6, 7, 8]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NTXENT_LABELS))
+@pytest.mark.parametrize("t", [0.07, 0.5])
+def test_ntxent_matches_float64_and_optax(name, t):
+    labels = NTXENT_LABELS[name]
+    e, _ = _pair(3)
+    got, grad = jax.jit(jax.value_and_grad(jcce.ntxent), static_argnums=2)(e, labels, t)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _ntxent_reference(e, labels, t), rtol=2e-5)
+    want, want_grad = jax.jit(
+        jax.value_and_grad(optax.losses.ntxent), static_argnums=2
+    )(e, jnp.asarray(labels), t)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_ntxent_gradients_and_hessian_match_the_naive_formula(x64):
+    """With respect to the embeddings and the temperature, and the Hessian."""
+    labels = jnp.asarray(NTXENT_LABELS["mixed, with singletons"])
+    e = jnp.asarray(_pair(4, np.float64)[0][:, :3])
+
+    def ours(e_, t_):
+        return jcce.ntxent(e_, labels, t_)
+
+    def naive(e_, t_):
+        return _ntxent_naive(e_, labels, t_)
+
+    np.testing.assert_allclose(ours(e, 0.3), naive(e, 0.3), rtol=1e-12)
+    got = jax.grad(ours, argnums=(0, 1))(e, 0.3)
+    want = jax.grad(naive, argnums=(0, 1))(e, 0.3)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    h = jax.hessian(ours)(e, 0.3)
+    np.testing.assert_allclose(h, jax.hessian(naive)(e, 0.3), rtol=1e-9, atol=1e-11)
+
+
+def test_ntxent_without_positive_pairs_or_negatives():
+    e, _ = _pair(5)
+    distinct = np.arange(N)
+    value, grad = jax.value_and_grad(jcce.ntxent)(e, distinct)
+    assert float(value) == 0.0 and not np.asarray(grad).any()  # optax: NaN
+    assert np.isnan(float(optax.losses.ntxent(e, jnp.asarray(distinct))))
+    one_group = np.zeros(N, np.int32)  # positives only: each pair's softmax is itself
+    value, grad = jax.value_and_grad(jcce.ntxent)(e, one_group)
+    assert abs(float(value)) < 1e-6 and np.isfinite(np.asarray(grad)).all()
+
+
+def test_ntxent_zero_embedding_and_16_bit_inputs():
+    e, _ = _pair(6)
+    e[2] = 0.0  # its norm is floored: similarity 0 with everything, no NaN
+    labels = NTXENT_LABELS["two views"]
+    value, grad = jax.value_and_grad(jcce.ntxent)(e, labels)
+    assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_allclose(value, _ntxent_reference(e, labels, 0.07), rtol=2e-5)
+    half = jcce.ntxent(jnp.asarray(e, jnp.bfloat16), labels)
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, value, rtol=0.05)
+
+
+def test_ntxent_signature_matches_optax():
+    assert_optax_signature(jcce.ntxent, optax.losses.ntxent)
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "message"),
+    [
+        (
+            lambda: jcce.ntxent(np.ones((4, 2), np.int32), np.arange(4)),
+            TypeError,
+            "ntxent: embeddings must have a floating dtype",
+        ),
+        (
+            lambda: jcce.ntxent(np.ones((4,)), np.arange(4)),
+            ValueError,
+            "ntxent: embeddings must have shape [N, D], got (4,)",
+        ),
+        (
+            lambda: jcce.ntxent(np.ones((4, 2)), np.arange(3)),
+            ValueError,
+            "ntxent: labels must have shape [N] = (4,), one group per embedding, got "
+            "(3,)",
+        ),
+        (
+            lambda: jcce.ntxent(np.ones((4, 2)), np.array(["a"] * 4)),
+            TypeError,
+            "ntxent: labels must be an array",
+        ),
+        (
+            lambda: jcce.ntxent(np.ones((4, 2)), np.arange(4), 0.0),
+            ValueError,
+            "ntxent: temperature must be a positive number, got 0",
+        ),
+        (
+            lambda: jcce.ntxent(np.ones((4, 2)), np.arange(4), True),
+            TypeError,
+            "ntxent: temperature must be a positive number, got True",
+        ),
+    ],
+)
+def test_ntxent_errors(call, exc, message):
+    with pytest.raises(exc, match="^" + re.escape(message)):
+        call()

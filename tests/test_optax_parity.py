@@ -12,7 +12,6 @@ dispatch compiles dozens of tiny programs, which would dominate the runtime.
 
 from __future__ import annotations
 
-import inspect
 import re
 import zlib
 
@@ -24,6 +23,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 import jcce
+from tests.reference import assert_optax_signature
 
 RTOL = 1e-6
 ATOL = 1e-6
@@ -180,15 +180,7 @@ def test_signature_matches_optax(name):
     """optax's parameters, in order, with its defaults and kinds; after them only
     keyword-only additions with defaults (``implementation``), so every optax call
     is a jcce call."""
-    ours = inspect.signature(getattr(jcce, name)).parameters
-    theirs = inspect.signature(getattr(optax.losses, name)).parameters
-    assert list(ours)[: len(theirs)] == list(theirs)
-    for p in theirs:
-        assert ours[p].default == theirs[p].default, p
-        assert ours[p].kind == theirs[p].kind, p
-    extra = [ours[p] for p in list(ours)[len(theirs) :]]
-    assert [p.name for p in extra] == ["implementation"]
-    assert all(p.kind == p.KEYWORD_ONLY and p.default is None for p in extra)
+    assert_optax_signature(getattr(jcce, name), getattr(optax.losses, name))
 
 
 # ------------------------------------------------------------------ docstring examples
@@ -782,13 +774,7 @@ def test_ranking_softmax_loss_half_precision_gives_float32():
 
 
 def test_ranking_softmax_loss_signature_matches_optax():
-    ours = inspect.signature(RANK).parameters
-    theirs = inspect.signature(optax.losses.ranking_softmax_loss).parameters
-    assert list(ours)[: len(theirs)] == list(theirs)
-    for p in theirs:
-        assert ours[p].default == theirs[p].default, p
-        assert ours[p].kind == theirs[p].kind, p
-    assert list(ours)[len(theirs) :] == ["implementation"]
+    assert_optax_signature(RANK, optax.losses.ranking_softmax_loss)
 
 
 _RANK_ERRORS = [
