@@ -13,8 +13,10 @@ docs/performance.md ("The gradient loop on XLA:CPU") reasons from:
     as one variadic ``lax.reduce`` and as one complex sum; focal's five per-block sums
     as reductions and as one batched ``dot_general``.
 
-Each row is the median of ``--repeats`` calls after one untimed call. The numbers are
-for the machine this runs on; the script prints it.
+Each row is the median of ``--repeats`` calls after one untimed call, with its ratio to
+a baseline measured in the same run (plain's gradient loop in the same kind of buffer,
+or the layout jcce uses). The numbers are for the machine this runs on; the script
+prints it.
 
     python benchmarks/bench_cpu_loops.py             # under a minute on 2 cores
     python benchmarks/bench_cpu_loops.py --repeats 11
@@ -38,6 +40,11 @@ from _common import environment, print_table, time_fn  # noqa: E402
 
 N, K = 4096, 32768
 CAP = 30.0
+# Each row's baseline, measured in the same run.
+PLAIN = "plain's gradient: exp(z - lse) * s"
+PLAIN_NEW = f"(a) {PLAIN}, into a new buffer"
+PLAIN_OLD = f"(a) {PLAIN}, into a buffer written before"
+TWO_SUMS = "two soft-capped sums, two reductions (jcce's way)"
 
 
 def median_ms(fn, *args, repeats):
@@ -157,17 +164,22 @@ def main(argv=None):
         return 1e3 * statistics.median(times)
 
     rows = [
-        ["(a) read: sum(z)", median_ms(jax.jit(jnp.sum), z, repeats=r)],
+        ["(a) read: sum(z)", median_ms(jax.jit(jnp.sum), z, repeats=r), PLAIN_NEW],
         [
             "(a) NumPy z * 2, one core, into a buffer written before",
             numpy_ms(lambda: np.multiply(host, 2, out=written)),
+            None,
         ],
-        ["(a) NumPy z * 2, one core, into a new buffer", numpy_ms(lambda: host * 2)],
+        [
+            "(a) NumPy z * 2, one core, into a new buffer",
+            numpy_ms(lambda: host * 2),
+            "(a) NumPy z * 2, one core, into a buffer written before",
+        ],
     ]
     shift = jnp.full((N, 1), 12.0, jnp.float32)  # a log-sum-exp per row
     for name, fn in [
         ("z * 2", lambda v: v * 2),
-        ("plain's gradient: exp(z - lse) * s", lambda v: jnp.exp(v - shift) * 0.5),
+        (PLAIN, lambda v: jnp.exp(v - shift) * 0.5),
         ("tanh(z / c)", lambda v: jnp.tanh(v / CAP)),
         (
             "t = tanh(z / c); exp(c t - lse) * (1 - t^2)",
@@ -178,16 +190,15 @@ def main(argv=None):
             lambda v: softcap_grad(v, shift[:, 0], rational_tanh),
         ),
     ]:
-        rows.append(
-            [f"(a) {name}, into a new buffer", median_ms(jax.jit(fn), z, repeats=r)]
-        )
-        rows.append(
-            [f"(a) {name}, into a buffer written before", in_place_ms(fn, z, r)]
-        )
+        new = median_ms(jax.jit(fn), z, repeats=r)
+        rows.append([f"(a) {name}, into a new buffer", new, PLAIN_NEW])
+        old = in_place_ms(fn, z, r)
+        rows.append([f"(a) {name}, into a buffer written before", old, PLAIN_OLD])
     rows.append(
         [
             "(b) soft-cap gradient loop",
             median_ms(jax.jit(softcap_grad), z, lse, repeats=r),
+            None,
         ]
     )
     for block in (8, 32, 128):
@@ -200,14 +211,16 @@ def main(argv=None):
             [
                 f"(b) the same in blocks of {block} rows",
                 median_ms(blocked, z, lse, repeats=r),
+                "(b) soft-cap gradient loop",
             ]
         )
     for name, fn in [
-        ("two soft-capped sums, two reductions", two_sums),
+        (TWO_SUMS, two_sums),
         ("the same, one variadic lax.reduce", variadic_sums),
         ("the same, one complex sum", complex_sums),
     ]:
-        rows.append([f"(b) {name}", median_ms(jax.jit(fn), z, repeats=r)])
+        base = None if name.startswith("two") else f"(b) {TWO_SUMS}"
+        rows.append([f"(b) {name}", median_ms(jax.jit(fn), z, repeats=r), base])
     blocks = z.reshape(N // 8, 8, K)
     for name, fn in [
         ("focal's block sums, reductions", focal_block_sums),
@@ -217,9 +230,19 @@ def main(argv=None):
             [
                 f"(b) {name}",
                 median_ms(jax.jit(lambda v, f=fn: lax.map(f, v)), blocks, repeats=r),
+                None
+                if fn is focal_block_sums
+                else "(b) focal's block sums, reductions",
             ]
         )
-    print_table(["loop", "time"], [[n, f"{t:.1f} ms"] for n, t in rows])
+    times = {n: t for n, t, _ in rows}
+    print_table(
+        ["loop", "time", "/ baseline", "baseline (the same run)"],
+        [
+            [n, f"{t:.1f} ms", f"{t / times[b]:.3f}" if b else "", b or ""]
+            for n, t, b in rows
+        ],
+    )
 
 
 if __name__ == "__main__":
