@@ -278,7 +278,7 @@ def _bce_impl(fn, logits, labels, pos_weight, weights, where, reduction):
         weights = v.binary_weights(fn, "weights", weights, shape)
     if where is not None:
         where = v.binary_where(fn, where, shape)
-    out = binary_kernel(
+    out = v.rule_free(binary_kernel)(
         logits,
         labels,
         _as_rank(pos_weight, ndim),
@@ -296,16 +296,18 @@ def _bce_impl(fn, logits, labels, pos_weight, weights, where, reduction):
     return total / jnp.where(count == 0, jnp.ones((), acc), count)
 
 
-_bce_jit = jax.jit(_bce_impl, static_argnames=("fn", "reduction"))
+_bce_jit = v.keyed_jit(_bce_impl, static_argnames=("fn", "reduction"))
 
 
 def _sigmoid_bce_impl(fn, logits, labels):
     logits = v.binary_logits(fn, logits)
     labels = v.binary_labels(fn, labels, logits.shape, broadcast=True)
-    return binary_kernel(logits, _as_rank(labels, logits.ndim), None, None, None)
+    return v.rule_free(binary_kernel)(
+        logits, _as_rank(labels, logits.ndim), None, None, None
+    )
 
 
-_sigmoid_bce_jit = jax.jit(_sigmoid_bce_impl, static_argnums=(0,))
+_sigmoid_bce_jit = v.keyed_jit(_sigmoid_bce_impl, static_argnums=(0,))
 
 
 def _focal_impl(fn, logits, labels, alpha, gamma):
@@ -425,7 +427,6 @@ def binary_cross_entropy(
         weights=weights,
         where=where,
     )
-    v.no_forward_mode(fn, arrays)
     reduction = v.reduction(fn, reduction)
     return _bce_jit(fn, **arrays, reduction=reduction)
 
@@ -464,7 +465,6 @@ def sigmoid_binary_cross_entropy(
     """
     fn = "sigmoid_binary_cross_entropy"
     arrays = _arrays(fn, logits=logits, labels=labels)
-    v.no_forward_mode(fn, arrays)
     return _sigmoid_bce_jit(fn, arrays["logits"], arrays["labels"])
 
 

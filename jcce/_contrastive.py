@@ -85,7 +85,9 @@ def info_nce_loss(
     )  # fmt: skip
 
 
-@partial(jax.jit, static_argnames=("symmetric", "reduction", "axes", "implementation"))
+@partial(
+    v.keyed_jit, static_argnames=("symmetric", "reduction", "axes", "implementation")
+)
 def _info_nce(q, k, t, keep, *, symmetric, reduction, axes, implementation):
     acc = jnp.promote_types(jnp.result_type(q, k), jnp.float32)
     if keep is not None:  # NaN in a removed pair reaches nothing
@@ -188,7 +190,7 @@ def ntxent(
     )
 
 
-@partial(jax.jit, static_argnames=("implementation",))
+@partial(v.keyed_jit, static_argnames=("implementation",))
 def _ntxent(e, y, t, *, implementation):
     acc = jnp.promote_types(e.dtype, jnp.float32)
     x = e.astype(acc)

@@ -169,6 +169,37 @@ def _softcap_jvp(primals, tangents):
     return value, slope * dx + d_c * dc
 
 
+@jax.custom_jvp
+def _weigh(w, v):
+    """``w * v``, exactly 0 where ``w == 0`` even where ``v`` is infinite or NaN (a
+    zero target weighs nothing: ``0 log 0 = 0``). Its derivative in ``w`` is ``v``
+    also where ``w == 0`` (the select ``where(w == 0, 0, w * v)`` alone has 0 there),
+    taken as 0 where ``v`` is not finite, so that a zero tangent contributes 0."""
+    return jnp.where(w == 0, jnp.zeros((), v.dtype), w * v)
+
+
+def _weigh_jvp(primals, tangents):
+    (w, v), (dw, dv) = primals, tangents
+    out = _weigh(w, v)
+    tangent = jnp.zeros_like(out)
+    if not isinstance(dv, SymbolicZero):
+        tangent = tangent + _weigh(w, dv)
+    if not isinstance(dw, SymbolicZero):
+        finite = jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype))
+        tangent = tangent + dw * finite
+    return out, tangent
+
+
+_weigh.defjvp(_weigh_jvp, symbolic_zeros=True)
+
+
+def _finite_off_target(wt, l_k):
+    """The loss terms ``l_k`` to evaluate a nonlinear objective at: as they are, but
+    0 where the target weight is 0 and ``l_k`` is not finite (a ``-inf`` logit), so
+    no ``inf`` or NaN from ``phi`` reaches a derivative through :func:`_weigh`."""
+    return jnp.where((wt == 0) & ~jnp.isfinite(l_k), jnp.zeros((), l_k.dtype), l_k)
+
+
 def _as_row(cw, ndim):
     """Class weights ``[K]`` shaped ``[1, ..., 1, K]`` to broadcast against the logits."""
     return None if cw is None else cw.reshape((1,) * (ndim - 1) + cw.shape)
@@ -277,13 +308,11 @@ def _terms(
         if linear:
             wsum = vsum(jnp.sum(wt, axis=-1))
             wq_a = scaled(wsum)
-            a = scaled(log_se * wsum) - scaled(
-                vsum(jnp.sum(jnp.where(wt == 0, 0, wt * d), axis=-1))
-            )
+            a = scaled(log_se * wsum) - scaled(vsum(jnp.sum(_weigh(wt, d), axis=-1)))
         else:
-            f, df = phi(jnp.where(wt == 0, 0, l_k))
-            a = vsum(jnp.sum(jnp.where(wt == 0, 0, wt * f), axis=-1))
-            wq_a = vsum(jnp.sum(jnp.where(wt == 0, 0, wt * df), axis=-1))
+            f, df = phi(_finite_off_target(wt, l_k))
+            a = vsum(jnp.sum(_weigh(wt, f), axis=-1))
+            wq_a = vsum(jnp.sum(_weigh(wt, df), axis=-1))
 
     b = wq_b = ks = None
     support = d > -jnp.inf
@@ -1144,9 +1173,7 @@ def _backward(static, saved, ct, logits_only=False):
             if linear:
                 target_a = wt if scale is None else scale * wt
             else:
-                target_a = jnp.where(
-                    wt == 0, 0, wt * phi(jnp.where(wt == 0, 0, l_k))[1]
-                )
+                target_a = _weigh(wt, phi(_finite_off_target(wt, l_k))[1])
         parts = [(None if eps is None else 1 - eps, _col(t.wq_a), target_a)]
         target_b = None  # label smoothing's per-logit target, before eps / K_S
         if eps is not None:
@@ -1308,9 +1335,7 @@ def _input_cotangents(
         else:
             tq = target.astype(acc)
             q = tq if eps is None else (1 - eps) * tq
-            dcw = jnp.sum(
-                jnp.where(q == 0, 0, c_k[..., None] * q * f_k), axis=batch_axes
-            )
+            dcw = jnp.sum(_weigh(q, c_k[..., None] * f_k), axis=batch_axes)
         if eps is not None:
             u = jnp.where(support, (c_k * eps / t.ks)[..., None] * f_k, 0)
             dcw = dcw + jnp.sum(u, axis=batch_axes)
@@ -1377,7 +1402,7 @@ def _entropy_forward(implementation, z, s):
     # 0 log 0 = 0 for -inf logits; a +inf logit makes p NaN (inf - inf), and so H:
     # the entropy of such a row is indeterminate (it depends on how the logit grows;
     # one +inf logit tends to H = 0, two to log 2), never the +inf that p > 0 hid.
-    h = log_se - jnp.sum(jnp.where(p == 0, 0, p * d), axis=-1)
+    h = log_se - jnp.sum(_weigh(p, d), axis=-1)
     out = h if s is None else jnp.where(live, s * h, jnp.zeros((), acc))
     return out, (m, log_se, h)
 

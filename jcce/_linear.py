@@ -249,7 +249,7 @@ def _tiled_sweep(static, plan, tiling, e, w, b, y, s, cw, params, g):
     acc, vocab, take = bl.acc, bl.vocab, bl.take
 
     def loss_of(z, s_b, cw_, params_, y_b):
-        return fused_cross_entropy(static, z, y_b, s_b, cw_, params_)
+        return v.rule_free(fused_cross_entropy)(static, z, y_b, s_b, cw_, params_)
 
     if g is None:
 
@@ -584,8 +584,8 @@ def _native_linear(
     tiling = Tiling(block_size, precision, layout, lean)
     args = (static, tiling, e, w, bias, y, s_k, cw_k, params)
     if reduction == "none":
-        return linear_each(*args).reshape(batch_shape)
-    total = linear_sum(*args)
+        return v.rule_free(linear_each)(*args).reshape(batch_shape)
+    total = v.rule_free(linear_sum)(*args)
     if reduction == "sum":
         return total
     denom = mean_denominator(
@@ -594,7 +594,7 @@ def _native_linear(
     return weighted_mean(total, denom)
 
 
-_native_linear_jit = v.jit_keyed_on_checks(
+_native_linear_jit = v.keyed_jit(
     _native_linear,
     static_argnames=(
         "fn",
@@ -633,7 +633,6 @@ def configured_linear_cross_entropy(
     """The entry point shared by :func:`linear_cross_entropy` and ``Chain.linear``."""
     arrays = convert_arrays(
         fn,
-        chain,
         embeddings=embeddings,
         classifier=classifier,
         labels=labels,

@@ -87,7 +87,7 @@ def _native(
     return reduce_losses(out, s, cw, target, integer_labels, reduction, vocab_axis)
 
 
-_native_jit = v.jit_keyed_on_checks(
+_native_jit = v.keyed_jit(
     _native,
     static_argnames=(
         "fn",
@@ -118,7 +118,6 @@ def configured_cross_entropy(
     """The native entry point shared by :func:`cross_entropy` and every chain (jitted)."""
     arrays = convert_arrays(
         fn,
-        chain,
         logits=logits,
         labels=labels,
         where=where,
@@ -281,7 +280,7 @@ def _optax_style(
     )
 
 
-_optax_style_jit = v.jit_keyed_on_checks(
+_optax_style_jit = v.keyed_jit(
     _optax_style,
     static_argnums=(0, 3),
     static_argnames=("integer_labels", "implementation"),
@@ -292,7 +291,6 @@ def optax_style(
     fn, logits, labels, axis, where, *, integer_labels, implementation, chain=PLAIN
 ):
     arrays = convert_arrays(fn, logits=logits, labels=labels, where=where)
-    v.no_forward_mode(fn, arrays, chain)
     axis, _ = v.static_options(fn, axis, "none", None)
     return _optax_style_jit(
         fn,
@@ -536,11 +534,11 @@ def _entropy(logits, *, axis, where, weights, reduction, implementation):
     v.has_classes(fn, logits.shape, axes, axis)
     acc = acc_dtype(logits.dtype)
     s = example_scale(fn, weights, where, batch_shape, acc)
-    out = fused_entropy(implementation, class_last(logits, axes), s)
+    out = v.rule_free(fused_entropy)(implementation, class_last(logits, axes), s)
     return reduce_losses(out, s, None, None, False, reduction)
 
 
-_entropy_jit = v.jit_keyed_on_checks(
+_entropy_jit = v.keyed_jit(
     _entropy, static_argnames=("axis", "reduction", "implementation")
 )
 
@@ -582,7 +580,6 @@ def entropy(
       [1.0397, 0.0]
     """
     arrays = convert_arrays("entropy", logits=logits, where=where, weights=weights)
-    v.no_forward_mode("entropy", arrays)
     axis, _ = v.static_options("entropy", axis, reduction, None)
     return _entropy_jit(
         **arrays,

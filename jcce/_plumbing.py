@@ -93,7 +93,7 @@ def kernel_call(
         chain, jax.typeof(z), s, cw, alpha, z.shape[-1], vocab_axis
     )
     static = Static(spec, integer_labels, vocab_axis, implementation)
-    return fused_cross_entropy(static, z, target, s, cw, params)
+    return v.rule_free(fused_cross_entropy)(static, z, target, s, cw, params)
 
 
 def no_classes(z, integer_labels, s):
@@ -270,10 +270,8 @@ def loss_weights(
     return s, cw, alpha
 
 
-def convert_arrays(fn, chain=None, **named):
-    """Converts array arguments before jit sees them, so bad ones get a named error;
-    with a ``chain`` (the kernel's callers), also rejects forward-mode differentiation
-    of the arrays and of the chain's values."""
+def convert_arrays(fn, **named):
+    """Converts array arguments before jit sees them, so bad ones get a named error."""
     for name in ("weights", "class_weights"):
         v.nonnegative_host(fn, name, named.get(name))
 
@@ -282,7 +280,4 @@ def convert_arrays(fn, chain=None, **named):
             return None
         return v.as_labels(fn, x) if k == "labels" else v.as_array(fn, k, x)
 
-    arrays = {k: convert(k, x) for k, x in named.items()}
-    if chain is not None:
-        v.no_forward_mode(fn, arrays, chain)
-    return arrays
+    return {k: convert(k, x) for k, x in named.items()}

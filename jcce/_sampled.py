@@ -188,7 +188,7 @@ def _sampled_loss(
 
 
 @partial(
-    jax.jit,
+    v.keyed_jit,
     static_argnames=(
         "fn", "num_samples", "unique", "hits", "log_q", "layout", "ignore_index",
         "reduction", "implementation",

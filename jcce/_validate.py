@@ -142,18 +142,51 @@ def checks_enabled() -> bool:
     return _CHECKS.get()
 
 
-def jit_keyed_on_checks(fun, **jit_options):
+def keyed_jit(fun, **jit_options):
     """``jax.jit(fun, **jit_options)`` with a compiled program for each setting of
-    :func:`checks`: the checks read the switch while tracing, so a program traced
-    without them must not serve a call made with them on. Each setting jits its own
-    ``partial`` of ``fun``, so no trace cache is shared between them."""
-    jitted = {flag: jax.jit(functools.partial(fun), **jit_options) for flag in (0, 1)}
+    :func:`checks` and for each mode of differentiation: the checks read the switch
+    while tracing, so a program traced without them must not serve a call made with
+    them on; and a call differentiated in forward mode (an argument traced by a
+    direct ``jax.jvp`` or ``jax.jacfwd``, or a caller's trace in that mode) traces
+    ``fun`` with :func:`forward_mode` on, so that its kernels run without their
+    ``custom_vjp`` (:func:`rule_free`). Each setting jits its own ``partial`` of
+    ``fun``, so no trace cache is shared between them."""
+    jitted = {
+        (flag, fwd): jax.jit(functools.partial(fun), **jit_options)
+        for flag in (0, 1)
+        for fwd in (0, 1)
+    }
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        return jitted[checks_enabled()](*args, **kwargs)
+        fwd = forward_mode() or any(
+            _forward_mode_tracer(leaf) for leaf in jax.tree.leaves((args, kwargs))
+        )
+        token = _FORWARD_MODE.set(fwd)
+        try:
+            return jitted[checks_enabled(), fwd](*args, **kwargs)
+        finally:
+            _FORWARD_MODE.reset(token)
 
     return call
+
+
+_FORWARD_MODE = contextvars.ContextVar("jcce_forward_mode", default=False)
+
+
+def forward_mode() -> bool:
+    """Whether the loss traced now is differentiated in forward mode (set by the
+    entry points that :func:`keyed_jit` wraps)."""
+    return _FORWARD_MODE.get()
+
+
+def rule_free(kernel):
+    """``kernel`` (a ``jax.custom_vjp`` function), or under :func:`forward_mode` the
+    function it wraps, which JAX differentiates in forward mode through its own
+    operations: a ``custom_vjp`` cannot be differentiated in forward mode. Reverse
+    mode (and forward-over-reverse: ``jax.hessian``, ``jax.jvp`` of ``jax.grad``)
+    keeps the closed-form rule."""
+    return kernel.fun if forward_mode() else kernel
 
 
 def _first(bad, x, name: str):
@@ -219,35 +252,27 @@ def check_domain(kind: str, value, ok, requirement: str) -> None:
 
 
 def _forward_mode_tracer(x) -> bool:
-    """True if ``x`` is traced by a direct ``jax.jvp`` (not forward-over-reverse).
+    """True if ``x`` is traced by a direct ``jax.jvp``, ``jax.jacfwd`` or
+    ``jax.linearize`` (not forward-over-reverse).
 
-    Walks down nested tracers; a linearize (reverse-mode) trace inside a JVP trace is
-    ``jax.hessian`` or ``jvp(grad(f))``, which work. Uses JAX internals defensively: on
-    any surprise it answers False and JAX's own error applies.
+    Walks down nested tracers; a reverse-mode trace (``jax.grad``, ``jax.vjp``) inside
+    a JVP trace is ``jax.hessian`` or ``jvp(grad(f))``, which keep the closed-form
+    rule. Uses JAX internals defensively: on any surprise it answers False (reverse
+    mode, the ``custom_vjp``).
     """
     try:
         while isinstance(x, jax.core.Tracer):
             name = type(x).__name__
             if name == "LinearizeTracer":
-                return False
+                # jax.linearize evaluates its linear map forward, which a custom_vjp's
+                # linearization cannot do; jax.vjp and jax.grad transpose it.
+                return not getattr(x._trace, "is_vjp", True)
             if name == "JVPTracer":
                 return True
             x = getattr(x, "val", None)
         return False
     except Exception:  # pragma: no cover - depends on JAX internals
         return False
-
-
-def no_forward_mode(fn: str, *args) -> None:
-    """Rejects ``jax.jvp``/``jax.jacfwd`` of a loss with a message that says what works."""
-    for leaf in jax.tree_util.tree_leaves(args):
-        if _forward_mode_tracer(leaf):
-            raise TypeError(
-                f"{fn}: forward-mode autodiff (jax.jvp, jax.jacfwd) of a jcce loss is "
-                "not supported: its derivative is a closed-form custom_vjp. Use "
-                "reverse mode (jax.grad, jax.vjp, jax.jacrev); for second order, "
-                "jax.hessian and jax.jvp(jax.grad(f), ...) work."
-            )
 
 
 def static_options(fn: str, axis, reduction_, ignore_index_):

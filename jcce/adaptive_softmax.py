@@ -283,7 +283,7 @@ def _strategy(implementation):
 def _tail(block_rows, implementation, h, w, relative, selected):
     """A cluster's losses, in blocks of the implementation's size (unless given)."""
     rows = block_rows or _strategy(implementation).cluster_rows(h.shape[0], w.shape[1])
-    return _cluster_losses(rows, implementation, h, w, relative, selected)
+    return v.rule_free(_cluster_losses)(rows, implementation, h, w, relative, selected)
 
 
 def _cluster_block(implementation, h, w, relative, valid):
@@ -313,7 +313,7 @@ def _cluster_losses(rows, implementation, h, w, relative, selected):
 
 
 def _cluster_fwd(rows, implementation, h, w, relative, selected):
-    out = _cluster_losses(rows, implementation, h, w, relative, selected)
+    out = v.rule_free(_cluster_losses)(rows, implementation, h, w, relative, selected)
     return out, (h, w, relative, selected)
 
 
@@ -349,7 +349,7 @@ _cluster_losses.defvjp(_cluster_fwd, _cluster_bwd)
 
 
 @partial(
-    jax.jit,
+    v.keyed_jit,
     static_argnames=("ignore_index", "reduction", "block_rows", "implementation"),
 )
 def _loss(params, x, y, keep, weights, *, ignore_index, reduction, block_rows,

@@ -197,19 +197,6 @@ def test_third_order(x64):
     np.testing.assert_allclose(d3, want, rtol=1e-8, atol=1e-12)
 
 
-def test_direct_forward_mode_raises_and_names_the_alternative():
-    z, y, *_ = make_inputs(dtype=np.float32)
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(lambda z: jcce.cross_entropy(z, y), (z,), (z,))
-    # jax.hessian (forward over reverse) is the supported route to second order.
-    assert jax.hessian(lambda z: jcce.cross_entropy(z[:2], y[:2]))(z).shape == (
-        N,
-        K,
-        N,
-        K,
-    )
-
-
 @pytest.mark.parametrize("transform", [jax.jit, lambda f: f], ids=["jit", "eager"])
 def test_jit_and_eager_agree(transform):
     z, y, t, cw, s = make_inputs(dtype=np.float32)

@@ -4,8 +4,7 @@ Each case runs eagerly, under ``jax.jit`` of a wrapper and under ``jax.vmap`` of
 (every array argument gets a leading batch axis of 2, so the per-example shapes, and hence
 the message, are those of the eager call). All checks read static information only, so
 they fire at trace time; ``test_raised_at_trace_time`` pins that with ``jax.eval_shape``.
-Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) of every loss is rejected with a
-named message, while forward-over-reverse (``jax.hessian``) still traces.
+Forward-over-reverse (``jax.hessian``) traces through every loss's closed-form rule.
 """
 
 from __future__ import annotations
@@ -1158,16 +1157,9 @@ def test_chain_duplicate_traced_value(mode):
 
 
 # --------------------------------------------------------------------------------------
-# Forward-mode autodiff: the derivative is a closed-form custom_vjp, so jax.jvp and
-# jax.jacfwd are rejected with a message that names the function and what works instead;
-# forward-over-reverse (jax.hessian, jax.jvp of jax.grad) works.
-
-_FORWARD_MODE = (
-    "{fn}: forward-mode autodiff (jax.jvp, jax.jacfwd) of a jcce loss is not "
-    "supported: its derivative is a closed-form custom_vjp. Use reverse mode "
-    "(jax.grad, jax.vjp, jax.jacrev); for second order, jax.hessian and "
-    "jax.jvp(jax.grad(f), ...) work."
-)
+# Second order keeps the closed-form rule: forward-over-reverse (jax.hessian, jax.jvp of
+# jax.grad) traces through the custom_vjp's backward. (Direct forward mode runs the
+# kernels' own operations: tests/test_forward_mode.py checks its values.)
 
 # entry -> (function name in messages, loss of the logits alone)
 _DIFF_ENTRIES = {
@@ -1182,67 +1174,10 @@ _DIFF_ENTRIES = {
     SAFE: (SAFE, lambda z: jcce.safe_softmax_cross_entropy(z, P)),
 }
 
-_FORWARD = {
-    "jvp": lambda f, z: jax.jvp(f, (z,), (jnp.ones_like(z),)),
-    "jacfwd": lambda f, z: jax.jacfwd(f)(z),
-}
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("forward", list(_FORWARD))
-@pytest.mark.parametrize("entry", list(_DIFF_ENTRIES))
-def test_forward_mode_errors(entry, forward, mode):
-    fn, loss = _DIFF_ENTRIES[entry]
-
-    def call(z):
-        return _FORWARD[forward](loss, z)
-
-    with pytest.raises(TypeError, match=_exact(_FORWARD_MODE.format(fn=fn))):
-        MODES[mode](call, (Z,))
-
-
-@pytest.mark.parametrize(
-    ("fn", "call"),
-    [
-        pytest.param(
-            "chain",
-            lambda: jax.jvp(lambda t: jcce.temperature(t)(Z, Y), (TWO,), (TWO,)),
-            id="chain-jvp_of_a_hyper_parameter",
-        ),
-        pytest.param(
-            "cross_entropy",
-            lambda: jax.jvp(lambda p: jcce.cross_entropy(Z, p), (P,), (P,)),
-            id="cross_entropy-jvp_of_the_targets",
-        ),
-        pytest.param(
-            "cross_entropy",
-            lambda: jax.jvp(
-                lambda s: jcce.cross_entropy(Z, Y, weights=s),
-                (jnp.ones(2),),
-                (jnp.ones(2),),
-            ),
-            id="cross_entropy-jvp_of_the_weights",
-        ),
-        pytest.param(
-            SCE,
-            lambda: jax.jvp(lambda p: jcce.softmax_cross_entropy(Z, p), (P,), (P,)),
-            id=f"{SCE}-jvp_of_the_targets",
-        ),
-        pytest.param(
-            "cross_entropy",
-            lambda: jax.jvp(jax.vmap(lambda z: jcce.cross_entropy(z, Y)), (Z3,), (Z3,)),
-            id="cross_entropy-jvp_of_vmap",
-        ),
-    ],
-)
-def test_forward_mode_errors_for_other_arguments(fn, call):
-    with pytest.raises(TypeError, match=_exact(_FORWARD_MODE.format(fn=fn))):
-        call()
-
 
 def _shape(f, *args):
-    """Output shapes of ``f`` from tracing alone (the forward-mode check is at trace
-    time; running these would compile for seconds, and test_core checks the values)."""
+    """Output shapes of ``f`` from tracing alone (running these would compile for
+    seconds, and test_core checks the values)."""
     return jax.tree_util.tree_map(lambda a: a.shape, jax.eval_shape(f, *args))
 
 

@@ -365,6 +365,12 @@ def test_symmetric_rejects_class_weights():
         )
 
 
-def test_entropy_forward_mode_says_what_to_use():
-    with pytest.raises(TypeError, match="jax.grad"):
-        jax.jvp(lambda z: jcce.entropy(z), (jnp.zeros((2, 3)),), (jnp.ones((2, 3)),))
+def test_entropy_forward_mode_matches_its_gradient():
+    # (tests/test_forward_mode.py checks every loss; this one under both implementations)
+    z = jnp.array([[0.5, -1.0, 2.0], [0.0, 0.0, -jnp.inf]])
+    v = jnp.array([[0.3, 0.2, -0.4], [1.0, -2.0, 0.0]])
+    _, tangent = jax.jvp(lambda z: jcce.entropy(z, reduction="sum"), (z,), (v,))
+    grad = jax.grad(lambda z: jcce.entropy(z, reduction="sum"))(z)
+    np.testing.assert_allclose(
+        tangent, jnp.sum(jnp.where(v == 0, 0, grad * v)), rtol=1e-6
+    )

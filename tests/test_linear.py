@@ -507,12 +507,6 @@ def test_chain_errors_name_the_chain_method():
         jcce.chain(jcce.class_weights(CW)).linear(e, w, y, class_weights=CW)
 
 
-def test_forward_mode_is_rejected_with_a_pointer_to_reverse_mode():
-    e, w, _, y = make()
-    with pytest.raises(TypeError, match="forward-mode autodiff"):
-        jax.jvp(lambda e: jcce.linear_cross_entropy(e, w, y), (e,), (e,))
-
-
 # ------------------------------------------------------------------ the lean mode
 #
 # lean=True: token blocks for the loss, the embeddings' gradient and per-token
