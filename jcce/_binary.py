@@ -378,8 +378,7 @@ def binary_cross_entropy(
 
     Raises:
       TypeError: for non-floating logits, non-real labels or weights, a non-boolean
-        ``where`` or a wrong argument type; and for ``jax.jvp`` / ``jax.jacfwd`` (use
-        reverse mode, or ``jax.hessian`` for second order).
+        ``where`` or a wrong argument type.
       ValueError: for labels not of the logits' shape, ``pos_weight``, ``weights`` or
         ``where`` that do not broadcast to it, or an unknown ``reduction``.
 
