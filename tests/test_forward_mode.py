@@ -414,3 +414,19 @@ def test_property_jvp_is_the_transpose_of_the_vjp(z, masked, v, t, eps, cap):
         float(a) for a in _chain_transpose_identity(z, y, v, u, cap, t, eps)
     )
     assert abs(forward - reverse) <= 1e-9 * (1.0 + abs(reverse)), (forward, reverse)
+
+
+def test_a_user_jit_goes_inside_the_forward_mode_transformation():
+    """docs/semantics.md: jit(jvp(f)) works; jvp(jit(f)) traces f before forward mode
+    is applied, so the loss stages out its custom_vjp and JAX rejects it."""
+    z, y, _ = _data(14)
+    v = np.random.default_rng(15).normal(size=z.shape)
+
+    def f(z):
+        return jcce.cross_entropy(z, y, reduction="sum")
+
+    want = np.sum(np.asarray(jax.grad(f)(z)) * v)
+    got = jax.jit(lambda z, v: jax.jvp(f, (z,), (v,)))(z, v)[1]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(jax.jit(f), (z,), (v,))
