@@ -133,13 +133,13 @@ def test_sharded_lm_quick_run(examples_on_path, capsys):
 
 
 def test_extreme_example_trains_every_loss_for_the_same_time(examples_on_path):
-    """A small run of examples/extreme.py: each loss trains for 2 s and ends with a
+    """A small run of examples/extreme.py: each loss trains for 1 s and ends with a
     held-out exact loss far below the uniform log V and a useful precision@1 (step
     counts depend on the machine's load; the example's docs give measured ones)."""
     import extreme
 
     summary = extreme.main(
-        ["--classes", "4096", "--seconds", "2", "--samples", "128", "--evals", "2",
+        ["--classes", "4096", "--seconds", "1", "--samples", "128", "--evals", "2",
          "--no-plots"]
     )  # fmt: skip
     assert set(summary) == {"exact", "sampled softmax", "NCE", "adaptive softmax"}
