@@ -39,6 +39,29 @@ os.environ.setdefault(
     + (" --xla_backend_optimization_level=0" if _cpu_only() else ""),
 )
 
+
+def _shared_compilation_cache() -> None:
+    """A persistent compilation cache for this run, shared by the xdist workers: tests
+    compile many identical programs (the same loss and shapes from different tests
+    and workers), and a program compiled once is loaded from disk after that (about
+    14% of the suite's time on two cores). Set up in the controlling process, whose
+    environment the workers inherit, in a temporary directory removed at exit; a
+    ``JAX_COMPILATION_CACHE_DIR`` of your own is used as it is."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="jcce-tests-jax-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+_shared_compilation_cache()
+
 import jax  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
