@@ -22,8 +22,6 @@ import pytest
 
 import jcce
 
-pytest.importorskip("absl.testing.absltest")
-
 # optax's test module -> the module whose functions it calls.
 MODULES = {
     "optax.losses._classification_test": "optax.losses._classification",

@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from torch.testing._internal import common_modules
 
 import jcce
-
-torch = pytest.importorskip("torch")
-common_modules = pytest.importorskip("torch.testing._internal.common_modules")
 
 
 @pytest.fixture(autouse=True)
