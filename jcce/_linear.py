@@ -561,8 +561,8 @@ def _native_linear(
     )
     v.check_labels(fn, y.reshape(batch_shape), vocab * vocab_shards(vocab_axis),
                    None if s is None else s != 0)  # fmt: skip
-    if vocab == 0:  # no classes: the losses of the (empty) logits
-        z = _logits(e, w, bias, layout, acc).reshape(batch_shape + (0,))
+    if 0 in (n, hidden, vocab):  # no tokens, no features or no classes: no sweep
+        z = _logits(e, w, bias, layout, acc).reshape(batch_shape + (vocab,))
         y = y.reshape(batch_shape)
         out = kernel_call(chain, z, y, True, s, cw)
         return reduce_losses(out, s, cw, y, True, reduction)

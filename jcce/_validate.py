@@ -185,8 +185,25 @@ def rule_free(kernel):
     function it wraps, which JAX differentiates in forward mode through its own
     operations: a ``custom_vjp`` cannot be differentiated in forward mode. Reverse
     mode (and forward-over-reverse: ``jax.hessian``, ``jax.jvp`` of ``jax.grad``)
-    keeps the closed-form rule."""
-    return kernel.fun if forward_mode() else kernel
+    keeps the closed-form rule.
+
+    The wrapped function's NaN outputs (an out-of-range label's loss) get NaN tangents,
+    as the closed-form rule gives that example NaN gradients: differentiated through
+    its operations, the label's masked gather would give 0 (or the label smoothing
+    terms alone)."""
+    if not forward_mode():
+        return kernel
+
+    def poison_nan_tangents(x):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return x
+        one_or_nan = jnp.where(jnp.isnan(jax.lax.stop_gradient(x)), jnp.nan, 1)
+        return x * one_or_nan.astype(x.dtype)
+
+    def fun(*args):
+        return jax.tree.map(poison_nan_tangents, kernel.fun(*args))
+
+    return fun
 
 
 def _first(bad, x, name: str):
@@ -1009,11 +1026,13 @@ def reduce_fn(fn: str, f) -> None:
         )
 
 
-def has_classes(fn: str, shape, axes, axis) -> None:
+def has_classes(
+    fn: str, shape, axes, axis, need="the entropy of a distribution needs"
+) -> None:
     if not math.prod(shape[a] for a in axes):
         raise ValueError(
             f"{fn}: logits has shape {shape} with no classes on axis "
-            f"{axis!r}; the entropy of a distribution needs at least one class"
+            f"{axis!r}; {need} at least one class"
         )
 
 

@@ -220,7 +220,7 @@ def vocab_chunk(vocab: int, hidden: int, nbytes: int) -> int:
     """Classes per chunk such that a float32 ``[chunk, D]`` slice of the classifier (or of
     its gradient) takes about ``nbytes``: at least 512, at most ``vocab``."""
     chunk = 512
-    while chunk * 2 * hidden * 4 <= nbytes:
+    while chunk * 2 * max(hidden, 1) * 4 <= nbytes:
         chunk *= 2
     return min(chunk, vocab)
 
@@ -230,7 +230,7 @@ def lean_classes(num_tokens: int, vocab: int, hidden: int) -> int:
     logits and its ``[chunk, D]`` float32 classifier gradient near 32 MiB, at least
     128 classes, at most ``vocab``."""
     chunk = 128
-    while chunk * 2 * (num_tokens + hidden) * 4 <= 32 * 2**20:
+    while chunk * 2 * max(num_tokens + hidden, 1) * 4 <= 32 * 2**20:
         chunk *= 2
     return min(chunk, vocab)
 

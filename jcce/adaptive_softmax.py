@@ -246,6 +246,8 @@ def _over_selected_rows(selected, rows, compute, empty):
     a time; each result row lands at its example's place (``empty`` elsewhere). A
     block past the selected count is not computed."""
     n = selected.shape[0]
+    if n == 0:  # no examples: nothing to compute
+        return jax.tree.map(lambda e: jnp.broadcast_to(e, (0,) + e.shape), empty)
     index, count = _compacted(selected, rows)
     blocks = index.shape[0]
 
@@ -319,6 +321,8 @@ def _cluster_fwd(rows, implementation, h, w, relative, selected):
 
 def _cluster_bwd(rows, implementation, saved, ct):
     h, w, relative, selected = saved
+    if selected.shape[0] == 0:  # no examples
+        return jnp.zeros_like(h), jnp.zeros_like(w), None, None
     index, count = _compacted(selected, rows)
 
     def step(carry, args):

@@ -239,6 +239,7 @@ def fit_temperature(
         fn, logits=logits, labels=labels, where=where, weights=weights
     )
     arrays["logits"] = v.floating_logits(fn, arrays["logits"])
+    v.has_classes(fn, arrays["logits"].shape, (-1,), -1, "a temperature fit needs")
     v.not_differentiated(fn, arrays, init)
     return _fit_jit(
         **arrays, init=init, max_iter=max_iter, tol=jnp.asarray(tol, jnp.float32)
@@ -365,6 +366,7 @@ def _check_ece_inputs(fn, logits, labels, where, num_bins):
     num_bins = v.positive_int(fn, "num_bins", num_bins)
     arrays = convert_arrays(fn, logits=logits, labels=labels, where=where)
     logits = v.floating_logits(fn, arrays["logits"])
+    v.has_classes(fn, logits.shape, (-1,), -1, "a prediction needs")
     batch_shape = logits.shape[:-1]
     _, labels = v.labels_kind(
         fn, arrays["labels"], batch_shape, logits.shape, allow=("int",)

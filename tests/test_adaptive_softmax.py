@@ -375,3 +375,16 @@ def test_errors_name_the_argument():
 
 def test_is_exported():
     assert jcce.adaptive_softmax is asm and "adaptive_softmax" in jcce.__all__
+
+
+def test_no_examples():
+    """N = 0 gives empty losses, log-probabilities and predictions, a zero mean and
+    zero gradients (the row compaction once gathered from an empty batch)."""
+    params = asm.init(jax.random.key(0), 8, 20, (5, 10), div_value=2.0)
+    x, y = jnp.zeros((0, 8)), jnp.zeros((0,), jnp.int32)
+    assert asm.loss(params, x, y, reduction="none").shape == (0,)
+    assert float(asm.loss(params, x, y)) == 0.0
+    grads = jax.grad(asm.loss)(params, x, y)
+    assert all(not np.any(g) for g in jax.tree.leaves(grads))
+    assert asm.log_prob(params, x).shape == (0, 20)
+    assert asm.predict(params, x).shape == (0,)

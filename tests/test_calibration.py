@@ -555,3 +555,14 @@ def test_ece_errors(small, fn):
         y,
         10,
     )
+
+
+@pytest.mark.parametrize(
+    "fn", [calibration.expected_calibration_error, calibration.reliability_diagram_data,
+           calibration.fit_temperature],
+)  # fmt: skip
+def test_logits_without_classes_raise(fn):
+    with pytest.raises(ValueError, match=re.escape(
+        f"{fn.__name__}: logits has shape (20, 0) with no classes on axis -1"
+    )):  # fmt: skip
+        fn(jnp.zeros((20, 0)), jnp.zeros(20, jnp.int32))

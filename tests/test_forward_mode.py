@@ -430,3 +430,41 @@ def test_a_user_jit_goes_inside_the_forward_mode_transformation():
     np.testing.assert_allclose(got, want, rtol=1e-12)
     with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
         jax.jvp(jax.jit(f), (z,), (v,))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        jcce.cross_entropy,
+        jcce.label_smoothing(0.1),
+        jcce.softcap(5.0),
+        jcce.chain(jcce.focal(2.0), jcce.temperature(2.0)),
+        lambda z, y, **kw: jcce.linear_cross_entropy(
+            z, jnp.eye(3, dtype=z.dtype), y, **kw
+        ),
+    ],
+    ids=["cross_entropy", "label_smoothing", "softcap", "focal+temperature", "linear"],
+)
+@pytest.mark.parametrize("bad", [3, -1])
+def test_an_out_of_range_label_has_nan_tangents(loss, bad):
+    """As in reverse mode, an out-of-range label makes its example's derivative NaN
+    (differentiated through the kernel's operations, its masked gather gave 0, and
+    label smoothing a finite wrong tangent); the other examples' tangents are those
+    of a valid label there."""
+    z = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [-1.0, 0.0, 1.0]])
+    t = jnp.array([[0.3, -0.2, 0.5], [1.0, 0.7, -0.4], [0.2, 0.1, -0.6]])
+    y = jnp.array([0, bad, 2])
+
+    def each(a, y=y):
+        return loss(a, y, reduction="none")
+
+    value, tangent = jax.jvp(each, (z,), (t,))
+    want_value, want_tangent = jax.jvp(lambda a: each(a, y.at[1].set(1)), (z,), (t,))
+    assert np.isnan(value[1]) and np.isnan(tangent[1])
+    np.testing.assert_allclose(value[::2], want_value[::2], rtol=1e-6)
+    np.testing.assert_allclose(tangent[::2], want_tangent[::2], rtol=1e-5, atol=1e-7)
+    # jacfwd's row of the bad example is NaN, as jacrev's is; jacfwd's reduced loss is
+    # NaN in every direction (NaN times a zero tangent is NaN).
+    assert np.isnan(jax.jacfwd(each)(z)[1]).all()
+    assert np.isnan(jax.jacrev(each)(z)[1, 1]).all()
+    assert np.isnan(jax.jacfwd(lambda a: loss(a, y))(z)).all()

@@ -758,3 +758,32 @@ def test_lean_is_as_accurate_as_the_default_in_float16():
     default, lean = error(False), error(True)
     assert default < 5e-4, default  # float16 rounding of the gradient itself
     assert lean <= 1.25 * default, (lean, default)
+
+
+@pytest.mark.parametrize(("n", "d", "v"), [(0, 5, 7), (4, 0, 7), (4, 5, 0), (0, 0, 0)])
+def test_no_tokens_no_features_or_no_classes_match_the_unfused_loss(n, d, v):
+    """An empty axis takes no sweep (D = 0 once made the XLA:CPU chunk sizing loop
+    forever, and N = 0 a block reshape divide by zero): the loss and the gradients
+    are those of the logits ``e @ W``, empty or all zero."""
+    chain = jcce.chain(jcce.label_smoothing(0.1), jcce.z_loss(1e-3))
+    e, w = jnp.ones((n, d)) * 0.5, jnp.ones((d, v)) * 0.25
+    y = jnp.arange(n) % max(v, 1)
+    for lean in (False, True):
+        for reduction in ("mean", "sum", "none"):
+            kw = dict(reduction=reduction)
+            got = chain.linear(e, w, y, lean=lean, **kw)
+            want = chain(e @ w, y, **kw)
+            kw_linear = dict(kw, lean=lean)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+            if reduction == "none":
+                continue
+            g = jax.grad(lambda e, w, kw=kw_linear: chain.linear(e, w, y, **kw), (0, 1))
+            g_want = jax.grad(lambda e, w, kw=kw: chain(e @ w, y, **kw), (0, 1))
+            for a, b in zip(g(e, w), g_want(e, w), strict=True):
+                assert a.shape == b.shape
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    if d == 0 and v:  # every logit is 0, so the loss is log V
+        np.testing.assert_allclose(
+            jcce.linear_cross_entropy(e, w, y), np.log(v), rtol=1e-6
+        )
