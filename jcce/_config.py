@@ -20,6 +20,11 @@ LOGIT_MAPS = ("softcap", "temperature")
 # Kinds that replace the per-class loss -log p_k by another function of p_k; a chain
 # holds at most one of them.
 OBJECTIVES = ("focal", "poly", "generalized", "symmetric")
+# Every kind of transform, and the length of the tuple value of those that hold one.
+KINDS = (
+    LOGIT_MAPS + OBJECTIVES + ("label_smoothing", "z_loss", "log_base", "class_weights")
+)
+TUPLE_VALUES = {"focal": 2, "poly": 1, "generalized": 1, "symmetric": 3}
 # The largest focal gamma taken as a static integer power (see Spec.focal_power).
 FOCAL_POWERS = 3
 
@@ -122,7 +127,12 @@ class Configuration:
     __slots__ = ("transforms", "focal_power")
 
     def __init__(self, transforms: tuple = (), focal_power: int | None = None):
-        object.__setattr__(self, "transforms", tuple(transforms))
+        transforms = tuple(transforms)
+        for t in transforms:
+            if getattr(t, "kind", None) not in KINDS:
+                _validate.not_a_transform(t)
+        _validate.chain_members(transforms, OBJECTIVES)
+        object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "focal_power", focal_power)
 
     def __setattr__(self, name, value):

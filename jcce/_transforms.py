@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jcce import _linear, _losses, _validate
-from jcce._config import OBJECTIVES, Configuration, value_key
+from jcce._config import KINDS, TUPLE_VALUES, Configuration, value_key
 
 
 def _shown(v) -> str:
@@ -36,12 +36,15 @@ def _shown(v) -> str:
 class Transform:
     """One hyper-parameter of the loss, built by a function such as :func:`temperature`.
 
-    Calling a transform is calling ``chain(transform)``.
+    Calling a transform is calling ``chain(transform)`` (and ``.linear`` is
+    ``chain(transform).linear``). Build transforms with those functions, which check
+    their values; the class itself checks only the kind and the value's structure.
     """
 
     __slots__ = ("kind", "value")
 
     def __init__(self, kind: str, value):
+        _validate.transform_record(kind, value, KINDS, TUPLE_VALUES)
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "value", value)
 
@@ -73,6 +76,10 @@ class Transform:
 
     def __call__(self, *args, **kwargs):
         return chain(self)(*args, **kwargs)
+
+    def linear(self, *args, **kwargs):
+        """``chain(transform).linear(...)``: see :meth:`Chain.linear`."""
+        return chain(self).linear(*args, **kwargs)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -201,8 +208,7 @@ def chain(*transforms: Transform | Chain) -> Chain:
             flat.append(t)
         else:
             _validate.not_a_transform(t)
-    _validate.chain_members(flat, OBJECTIVES)
-    return Chain(tuple(flat))
+    return Chain(tuple(flat))  # which checks the members (Configuration)
 
 
 def label_smoothing(eps) -> Transform:

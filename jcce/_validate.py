@@ -893,6 +893,24 @@ def not_a_transform(t) -> None:
     )
 
 
+def transform_record(kind, value, kinds, tuple_values) -> None:
+    """A :class:`jcce.Transform` built directly: a known kind, and the value's shape of
+    tuple (whatever its leaves, which JAX replaces when it maps over a chain)."""
+    if not isinstance(kind, str) or kind not in kinds:
+        raise ValueError(
+            f"Transform: unknown kind {kind!r}; build transforms with the functions "
+            f"of the same names ({', '.join(kinds)}), such as jcce.temperature(2.0)"
+        )
+    arity = tuple_values.get(kind)
+    if arity is None and isinstance(value, tuple):
+        raise TypeError(f"Transform: a {kind} holds one value, got a tuple {value!r}")
+    if arity is not None and not (isinstance(value, tuple) and len(value) == arity):
+        raise TypeError(
+            f"Transform: a {kind} holds a tuple of {arity} values, got {value!r}; "
+            f"build it with jcce.{kind}(...)"
+        )
+
+
 def chain_members(flat, objectives) -> None:
     """A chain's flattened transforms: each kind once, at most one objective, and no
     class weights with the symmetric cross-entropy."""

@@ -1118,6 +1118,62 @@ _CHAIN_CASES = [
         "chain: softcap appears twice (softcap(30.0) and softcap(50.0)); give one "
         "softcap per chain",
     ),
+    # The classes built directly, as a pytree's unflatten builds them: the same checks.
+    (
+        "Chain_duplicate",
+        lambda: jcce.Chain((jcce.temperature(1.0), jcce.temperature(2.0))),
+        ValueError,
+        "chain: temperature appears twice (temperature(1.0) and temperature(2.0)); "
+        "give one temperature per chain",
+    ),
+    (
+        "Chain_two_objectives",
+        lambda: jcce.Chain((jcce.focal(2.0), jcce.poly(2.0))),
+        ValueError,
+        "chain: focal(2.0) and poly(2.0) both replace the per-class loss -log p; give "
+        "at most one of focal, poly, generalized, symmetric",
+    ),
+    (
+        "Chain_float",
+        lambda: jcce.Chain((1.0,)),
+        TypeError,
+        _NOT_A_TRANSFORM + "float",
+    ),
+    (
+        "Chain_nested",
+        lambda: jcce.Chain((jcce.chain(jcce.temperature(2.0)),)),
+        TypeError,
+        _NOT_A_TRANSFORM + "Chain",
+    ),
+    (
+        "Transform_unknown_kind",
+        lambda: jcce.Transform("Temperature", 2.0),
+        ValueError,
+        "Transform: unknown kind 'Temperature'; build transforms with the functions "
+        "of the same names (softcap, temperature, focal, poly, generalized, symmetric, "
+        "label_smoothing, z_loss, log_base, class_weights), such as "
+        "jcce.temperature(2.0)",
+    ),
+    (
+        "Transform_focal_scalar",
+        lambda: jcce.Transform("focal", 2.0),
+        TypeError,
+        "Transform: a focal holds a tuple of 2 values, got 2.0; build it with "
+        "jcce.focal(...)",
+    ),
+    (
+        "Transform_symmetric_short",
+        lambda: jcce.Transform("symmetric", (0.1,)),
+        TypeError,
+        "Transform: a symmetric holds a tuple of 3 values, got (0.1,); build it with "
+        "jcce.symmetric(...)",
+    ),
+    (
+        "Transform_temperature_tuple",
+        lambda: jcce.Transform("temperature", (2.0,)),
+        TypeError,
+        "Transform: a temperature holds one value, got a tuple (2.0,)",
+    ),
     (
         "duplicate_array_value",
         lambda: jcce.chain(jcce.log_base(TWO), jcce.z_loss(0.1), jcce.log_base(10.0)),

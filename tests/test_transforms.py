@@ -219,3 +219,14 @@ def test_mixed_second_derivatives_through_the_smoothing_sums(
             del zs, vs
         got, want = mixed(ours), mixed(naive)
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_transform_has_the_linear_loss_of_its_chain():
+    e = jnp.array([[0.5, -1.0], [2.0, 0.25], [0.0, 1.5]])
+    w = jnp.array([[1.0, -0.5, 0.25], [0.5, 2.0, -1.0]])
+    y = jnp.array([2, 0, 1])
+    np.testing.assert_allclose(
+        jcce.z_loss(1e-2).linear(e, w, y),
+        jcce.chain(jcce.z_loss(1e-2))(e @ w, y),
+        rtol=1e-6,
+    )
