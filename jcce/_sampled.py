@@ -202,6 +202,8 @@ def _sampled_jit(
     if ignore_index is not None:
         kept = y != ignore_index
         keep = kept if keep is None else keep & kept
+    v.check_labels(fn, y, vocab, keep)
+    v.check_nonnegative(fn, "weights", weights)
     if keep is not None:  # NaN in a masked row must reach no gradient (dW = e^T g)
         e = jnp.where(keep[..., None], e, jnp.zeros((), e.dtype))
     drawn = samplers.sample(sampler, key, num_samples, unique=unique)

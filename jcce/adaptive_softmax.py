@@ -369,6 +369,8 @@ def _loss(params, x, y, keep, weights, *, ignore_index, reduction, block_rows,
     if live is not None:  # NaN in a masked row reaches no gradient
         x = jnp.where(live[:, None], x, jnp.zeros((), x.dtype))
     bounds = params.cutoffs
+    # Checked here, against every class, before the head's loss checks its own labels.
+    v.check_labels("adaptive_softmax.loss", y, bounds[-1], live)
     shortlist = bounds[0]
     clusters = [(y >= bounds[i]) & (y < bounds[i + 1]) for i in range(len(bounds) - 1)]
     head_label = y

@@ -48,6 +48,8 @@ _MAX_HALVINGS = 30
 def _fit(logits, labels, where, weights, init, max_iter, tol):
     """The jitted solver: safeguarded Newton on u = log T (see fit_temperature)."""
     fn = "fit_temperature"
+    if jnp.issubdtype(labels.dtype, jnp.integer):  # once, not in each Newton step
+        v.check_labels(fn, labels, logits.shape[-1], where)
     dtype = acc_dtype(logits.dtype)
     tol = tol.astype(dtype)
     lo, hi = -math.log(_T_LIMIT), math.log(_T_LIMIT)
@@ -143,7 +145,7 @@ def _fit(logits, labels, where, weights, init, max_iter, tol):
     return jnp.where(jnp.isfinite(f), t, jnp.nan)
 
 
-_fit_jit = jax.jit(_fit)
+_fit_jit = v.keyed_jit(_fit)
 
 
 def fit_temperature(
@@ -343,8 +345,9 @@ class ReliabilityDiagram(NamedTuple):
         return low.astype(a.dtype), high.astype(a.dtype)
 
 
-def _calibration(logits, labels, where, num_bins):
+def _calibration(logits, labels, where, num_bins, fn):
     """The ECE and the reliability diagram from one binning (one compiled program)."""
+    v.check_labels(fn, labels, logits.shape[-1], where)
     conf_sum, correct_sum, count, invalid = _binned(logits, labels, where, num_bins)
     dtype = conf_sum.dtype
     nan = jnp.where(invalid, jnp.nan, 0).astype(dtype)
@@ -359,7 +362,7 @@ def _calibration(logits, labels, where, num_bins):
     return ece, diagram
 
 
-_calibration_jit = jax.jit(_calibration, static_argnames="num_bins")
+_calibration_jit = v.keyed_jit(_calibration, static_argnames=("num_bins", "fn"))
 
 
 def _check_ece_inputs(fn, logits, labels, where, num_bins):
@@ -442,10 +445,11 @@ def expected_calibration_error(
       Using Bayesian Binning, AAAI. Guo, Pleiss, Sun and Weinberger (2017), On
       Calibration of Modern Neural Networks, ICML.
     """
+    fn = "expected_calibration_error"
     logits, labels, where, num_bins = _check_ece_inputs(
-        "expected_calibration_error", logits, labels, where, num_bins
+        fn, logits, labels, where, num_bins
     )
-    return _calibration_jit(logits, labels, where, num_bins=num_bins)[0]
+    return _calibration_jit(logits, labels, where, num_bins=num_bins, fn=fn)[0]
 
 
 def reliability_diagram_data(
@@ -499,7 +503,8 @@ def reliability_diagram_data(
       Statistician. Guo, Pleiss, Sun and Weinberger (2017), On Calibration of Modern
       Neural Networks, ICML.
     """
+    fn = "reliability_diagram_data"
     logits, labels, where, num_bins = _check_ece_inputs(
-        "reliability_diagram_data", logits, labels, where, num_bins
+        fn, logits, labels, where, num_bins
     )
-    return _calibration_jit(logits, labels, where, num_bins=num_bins)[1]
+    return _calibration_jit(logits, labels, where, num_bins=num_bins, fn=fn)[1]

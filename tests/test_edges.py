@@ -457,6 +457,49 @@ def test_checkify_ignores_masked_and_ignored_labels():
             "linear_cross_entropy: labels[2] = 5 is outside [0, 5)",
         ),
         (
+            lambda z, y: jcce.sampled_softmax_cross_entropy(
+                jnp.eye(3), z, y, key=jax.random.key(0), num_samples=2
+            ),
+            "sampled_softmax_cross_entropy: labels[2] = 5 is outside [0, 5)",
+        ),
+        (
+            lambda z, y: jcce.sampled_softmax_cross_entropy(
+                jnp.eye(3),
+                z,
+                y % 5,
+                key=jax.random.key(0),
+                num_samples=2,
+                weights=jnp.array([1.0, -2.0, 1.0]),
+            ),  # fmt: skip
+            "sampled_softmax_cross_entropy: weights[1] = -2.0 but weights must be >= 0",
+        ),
+        (
+            lambda z, y: jcce.nce_loss(
+                jnp.eye(3), z, y, key=jax.random.key(0), num_samples=2
+            ),
+            "nce_loss: labels[2] = 5 is outside [0, 5)",
+        ),
+        (
+            lambda z, y: jcce.calibration.expected_calibration_error(z, y),
+            "expected_calibration_error: labels[2] = 5 is outside [0, 5)",
+        ),
+        (
+            lambda z, y: jcce.calibration.reliability_diagram_data(z, y).count,
+            "reliability_diagram_data: labels[2] = 5 is outside [0, 5)",
+        ),
+        (
+            lambda z, y: jcce.calibration.fit_temperature(z, y),
+            "fit_temperature: labels[2] = 5 is outside [0, 5)",
+        ),
+        (
+            # 5 is a class of the model (K = 7), 7 is not: named against every class,
+            # not the head's 4 (3 shortlist classes and one cluster).
+            lambda z, y: jcce.adaptive_softmax.loss(
+                jcce.adaptive_softmax.init(jax.random.key(0), 5, 7, (3,)), z, y + 2
+            ),
+            "adaptive_softmax.loss: labels[2] = 7 is outside [0, 7)",
+        ),
+        (
             lambda z, y: jcce.cross_entropy(
                 z, jnp.array([0, 1, 2]), weights=jnp.array([1.0, -2.0, 1.0])
             ),
