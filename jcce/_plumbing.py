@@ -53,7 +53,7 @@ def kernel_args(
     spec, params = chain.config()
     acc = acc_dtype(like.dtype)
     if alpha is not None:
-        alpha = nonnegative("focal", "alpha", jnp.asarray(alpha, acc))
+        alpha = v.nonnegative("focal", "alpha", jnp.asarray(alpha, acc))
         alpha = jnp.broadcast_to(alpha, (num_classes,))
         cw = alpha if cw is None else cw.astype(acc) * alpha
     # Per-class values vary as the logits do; per-example and scalar ones are
@@ -65,14 +65,6 @@ def kernel_args(
         None if cw is None else vary_like(like, cw.astype(acc)),
         jax.tree.map(vary, in_domain(spec, cast_params(params, acc))),
     )
-
-
-def nonnegative(fn, name, x):
-    """``x`` with negative entries replaced by NaN (weights must be >= 0: a weighted
-    mean over weights that can cancel has no meaning), and a ``checkify`` check that
-    names the first one."""
-    v.check_nonnegative(fn, name, x)
-    return jnp.where(x >= 0, x, jnp.nan)
 
 
 def kernel_call(
@@ -220,7 +212,7 @@ def example_scale(fn, weights, where, batch_shape, acc):
     s = None
     if weights is not None:
         s = v.example_weights(fn, weights, batch_shape).astype(acc)
-        s = nonnegative(fn, "weights", s)
+        s = v.nonnegative(fn, "weights", s)
     if where is not None:
         live = v.mask(fn, "where", where, batch_shape)
         s = live.astype(acc) if s is None else jnp.where(live, s, 0)
@@ -264,7 +256,7 @@ def loss_weights(
     if class_weights is not None:
         class_weights = v.as_array(fn, "class_weights", class_weights)
         cw = v.class_weights(fn, local(class_weights), num_classes).astype(acc)
-        cw = nonnegative(fn, "class_weights", cw)
+        cw = v.nonnegative(fn, "class_weights", cw)
     if alpha is not None and jnp.ndim(alpha) == 1:
         alpha = v.focal_alpha(fn, local(jnp.asarray(alpha)), num_classes)
     return s, cw, alpha

@@ -104,6 +104,14 @@ def nonnegative_host(fn: str, name: str, x) -> None:
         )
 
 
+def nonnegative(fn, name, x):
+    """``x`` with negative entries replaced by NaN (weights must be >= 0: a weighted
+    mean over weights that can cancel has no meaning), and a ``checkify`` check that
+    names the first one."""
+    check_nonnegative(fn, name, x)
+    return jnp.where(x >= 0, x, jnp.nan)
+
+
 _CHECKS = contextvars.ContextVar("jcce_checks", default=False)
 
 
