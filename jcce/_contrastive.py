@@ -50,7 +50,8 @@ def info_nce_loss(
       keys: float ``[N, D]`` (e.g. text embeddings); row ``i`` is ``queries[i]``'s
         positive.
       temperature: a positive scalar, a Python number or an array (differentiable:
-        CLIP learns ``1 / temperature``).
+        CLIP learns ``1 / temperature``). A traced value that is not finite and
+        positive makes the loss NaN (and :func:`jcce.checks` names it).
       symmetric: average both directions (CLIP) or only queries against keys.
       where: bool ``[N]``; ``False`` removes the pair: neither its loss nor its rows
         as negatives for the others.
@@ -90,6 +91,7 @@ def info_nce_loss(
 )
 def _info_nce(q, k, t, keep, *, symmetric, reduction, axes, implementation):
     acc = jnp.promote_types(jnp.result_type(q, k), jnp.float32)
+    t = v.positive_or_nan("info_nce_loss", "temperature", t)
     if keep is not None:  # NaN in a removed pair reaches nothing
         q = jnp.where(keep[:, None], q, jnp.zeros((), q.dtype))
         k = jnp.where(keep[:, None], k, jnp.zeros((), k.dtype))
@@ -149,7 +151,8 @@ def ntxent(
         ``sqrt(eps)`` of its dtype, as in optax).
       labels: ``[N]`` group labels: embeddings with equal labels are positives.
       temperature: a positive scalar, a Python number or an array
-        (differentiable).
+        (differentiable). A traced value that is not finite and positive makes the
+        loss NaN (and :func:`jcce.checks` names it).
       implementation: as in :func:`jcce.cross_entropy` (a keyword jcce adds to
         optax's signature).
 
@@ -193,6 +196,7 @@ def ntxent(
 @partial(v.keyed_jit, static_argnames=("implementation",))
 def _ntxent(e, y, t, *, implementation):
     acc = jnp.promote_types(e.dtype, jnp.float32)
+    t = v.positive_or_nan("ntxent", "temperature", t)
     x = e.astype(acc)
     floor = jnp.asarray(jnp.finfo(e.dtype).eps, acc)
     u = x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), floor))

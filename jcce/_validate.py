@@ -276,6 +276,15 @@ def check_domain(kind: str, value, ok, requirement: str) -> None:
         )
 
 
+def positive_or_nan(fn: str, name: str, value):
+    """A scalar hyper-parameter that must be finite and > 0, inside the jitted loss:
+    a traced value outside that domain becomes NaN (so the loss is NaN, never a
+    wrong finite number), and :func:`checks` names it."""
+    ok = jnp.isfinite(value) & (value > 0)
+    check_domain(fn, value, ok, f"{name} must be finite and > 0")
+    return jnp.where(ok, value, jnp.nan)
+
+
 def _forward_mode_tracer(x) -> bool:
     """True if ``x`` is traced by a direct ``jax.jvp``, ``jax.jacfwd`` or
     ``jax.linearize`` (not forward-over-reverse).

@@ -314,3 +314,24 @@ def test_ntxent_signature_matches_optax():
 def test_ntxent_errors(call, exc, message):
     with pytest.raises(exc, match="^" + re.escape(message)):
         call()
+
+
+@pytest.mark.parametrize("t", [-1.0, 0.0, float("nan"), float("inf")])
+def test_a_traced_temperature_outside_its_domain_gives_nan_and_checkify_names_it(t):
+    from jax.experimental import checkify
+
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    y = jnp.array([0, 0, 1, 1])
+    calls = {
+        "info_nce_loss": lambda t: jcce.info_nce_loss(x, x[::-1], temperature=t),
+        "ntxent": lambda t: jcce.ntxent(x, y, t),
+    }
+    for fn, call in calls.items():
+        assert np.isnan(jax.jit(call)(jnp.float32(t)))
+        with jcce.checks():  # a new function: jax.jit's cache holds call's trace
+            err, _ = checkify.checkify(
+                jax.jit(lambda t, call=call: call(t)), errors=checkify.user_checks
+            )(jnp.float32(t))
+        assert err.get().startswith(f"{fn}: temperature must be finite and > 0, got ")
+        # In the domain: the value is unchanged and no check fails.
+        assert np.isfinite(jax.jit(call)(jnp.float32(0.5)))
