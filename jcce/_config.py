@@ -177,6 +177,7 @@ class Configuration:
 
     def config(self) -> tuple[Spec, Params]:
         """Folds the transforms into the kernel's static spec and parameter values."""
+        _validate.scalar_hyper_parameters(self.transforms)
         maps, map_values = [], []
         terms: dict[str, Any] = {}
         objective, objective_values = None, ()

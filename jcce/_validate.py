@@ -928,6 +928,23 @@ def transform_record(kind, value, kinds, tuple_values) -> None:
         )
 
 
+def scalar_hyper_parameters(transforms) -> None:
+    """Every hyper-parameter a scalar when the loss is called (the transforms' functions
+    check this, but a ``jax.tree.map`` over a chain can give its leaves any shape);
+    ``class_weights`` and focal's ``alpha`` are checked against the classes."""
+    for t in transforms:
+        if t.kind == "class_weights":
+            continue
+        values = t.value if isinstance(t.value, tuple) else (t.value,)
+        if t.kind == "focal":
+            values = values[:1]
+        for x in values:
+            if x is not None and np.ndim(x) != 0:
+                raise ValueError(
+                    f"{t.kind}: expected a scalar, got an array of shape {np.shape(x)}"
+                )
+
+
 def chain_members(flat, objectives) -> None:
     """A chain's flattened transforms: each kind once, at most one objective, and no
     class weights with the symmetric cross-entropy."""

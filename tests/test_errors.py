@@ -1330,3 +1330,25 @@ def test_valid_optax_inputs_and_values_still_pass():
         (jcce.log_base, jnp.array(0.5)),
     ]:
         factory(value)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "shape"), [(jnp.ones(2), (2,)), (jnp.ones((2, 1)), (2, 1))]
+)
+def test_a_mapped_chain_checks_its_hyper_parameters_shapes_at_the_call(leaf, shape):
+    """The transforms' functions check that a hyper-parameter is a scalar; a chain
+    mapped afterwards (``jax.tree.map``) is checked again when it is called, rather
+    than failing in the kernel with a bare broadcasting error."""
+    chain = jcce.chain(jcce.temperature(2.0), jcce.label_smoothing(0.1))
+    mapped = jax.tree.map(lambda v: v * leaf, chain)
+    message = f"temperature: expected a scalar, got an array of shape {shape}"
+    for call in (
+        lambda: mapped(Z, Y),
+        lambda: jax.jit(lambda c: c(Z, Y))(mapped),
+        lambda: mapped.linear(Z, jnp.eye(Z.shape[-1]), Y),
+    ):
+        with pytest.raises(ValueError, match=_exact(message)):
+            call()
+    # Mapped to scalars (or batched by vmap), it runs.
+    jax.tree.map(lambda v: 2 * v, chain)(Z, Y)
+    jax.vmap(lambda c: c(Z, Y))(jax.tree.map(lambda v: v * jnp.ones(2), chain))
