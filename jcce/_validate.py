@@ -1403,15 +1403,39 @@ def sampled_inputs(fn, embeddings, classifier, labels, layout, key, num_samples)
         raise TypeError(f"{fn}: key is required (a jax.random key for the samples)")
     if num_samples is None:
         raise TypeError(f"{fn}: num_samples is required (how many classes to draw)")
+    prng_key(fn, key)
     classifier_layout(fn, layout)
     e = as_array(fn, "embeddings", embeddings)
     w = as_array(fn, "classifier", classifier)
     vocab = linear_shapes(fn, e, w, None, layout)
+    if vocab == 0:
+        raise ValueError(
+            f"{fn}: classifier has shape {w.shape}, no classes to draw samples from"
+        )
     batch_shape = e.shape[:-1]
     _, y = labels_kind(
         fn, as_labels(fn, labels), batch_shape, batch_shape + (vocab,), allow=("int",)
     )
     return e, w, class_indices(y), vocab
+
+
+def prng_key(fn: str, key) -> None:
+    """One ``jax.random`` key: a typed key of shape ``()`` (``jax.random.key``), or a
+    legacy raw ``uint32`` key (``jax.random.PRNGKey``)."""
+    shape = getattr(key, "shape", None)
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and shape is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+            return
+        if dtype == np.uint32 and len(shape) == 1 and shape[0] in (2, 4):
+            return
+        shown = f"an array of shape {shape} and dtype {dtype}"
+    else:
+        shown = repr(key) if isinstance(key, (int, float)) else type(key).__name__
+    raise TypeError(
+        f"{fn}: key must be one jax.random key, such as jax.random.key(0) (or a legacy "
+        f"jax.random.PRNGKey(0)), got {shown}"
+    )
 
 
 def sampler_for(fn: str, sampler, vocab: int) -> None:
@@ -1495,8 +1519,19 @@ def positive_scalar(fn: str, name: str, value) -> jax.Array:
 
 
 def batch_axes(fn: str, batch_axis):
-    """A mesh axis name or a tuple of them (static)."""
-    return _axis_names(fn, "batch_axis", batch_axis)
+    """A mesh axis name or a tuple of them (static), bound where the loss is traced
+    (by ``jax.shard_map`` or ``jax.pmap``)."""
+    axes = _axis_names(fn, "batch_axis", batch_axis)
+    for name in (axes,) if isinstance(axes, str) else axes:
+        try:
+            jax.lax.psum(1, name)  # the axis's size where it is bound
+        except NameError:
+            raise ValueError(
+                f"{fn}: batch_axis={batch_axis!r} names no axis in scope; call the "
+                "loss inside jax.shard_map (or jax.pmap) over that axis, on each "
+                "device's shard of the batch"
+            ) from None
+    return axes
 
 
 # Adaptive softmax (jcce.adaptive_softmax).

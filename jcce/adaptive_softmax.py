@@ -115,6 +115,7 @@ def init(
         projection of 0 dimensions.
     """
     fn = "adaptive_softmax.init"
+    v.prng_key(fn, key)
     d = v.positive_int(fn, "in_features", in_features)
     vocab = v.positive_int(fn, "num_classes", num_classes)
     bounds = v.adaptive_cutoffs(fn, cutoffs, vocab) + (vocab,)

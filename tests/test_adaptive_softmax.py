@@ -326,6 +326,8 @@ def test_memory_never_holds_the_full_logits():
 def test_errors_name_the_argument():
     fn = "adaptive_softmax.init"
     key = jax.random.key(0)
+    with pytest.raises(TypeError, match=f"{fn}: key must be one jax.random key"):
+        asm.init(0, 8, 100, [10, 50])
     with pytest.raises(ValueError, match=f"{fn}: cutoffs must be strictly increasing"):
         asm.init(key, 8, 100, [10, 10, 50])
     with pytest.raises(

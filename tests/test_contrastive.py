@@ -166,6 +166,15 @@ def test_errors_name_the_argument():
         jcce.info_nce_loss(q, k, symmetric="yes")
     with pytest.raises(TypeError, match=f"{fn}: batch_axis must be a mesh axis name"):
         jcce.info_nce_loss(q, k, batch_axis=3)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{fn}: batch_axis='data' names no axis in scope; call the loss inside "
+            "jax.shard_map (or jax.pmap) over that axis, on each device's shard of "
+            "the batch"
+        ),
+    ):
+        jcce.info_nce_loss(q, k, batch_axis="data")
     with pytest.raises(ValueError, match=f"{fn}: reduction must be"):
         jcce.info_nce_loss(q, k, reduction="avg")
     with pytest.raises(TypeError, match=f"{fn}: queries must have a floating dtype"):

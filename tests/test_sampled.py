@@ -9,6 +9,8 @@ keys, its mean gradient against the exact gradient (the log-Q correction's purpo
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -376,6 +378,24 @@ def test_sampled_softmax_errors_name_the_argument():
     fn = "sampled_softmax_cross_entropy"
     with pytest.raises(TypeError, match=f"{fn}: key is required"):
         call(e, w, y, num_samples=4)
+    key_message = (
+        f"{fn}: key must be one jax.random key, such as jax.random.key(0) (or a "
+        "legacy jax.random.PRNGKey(0)), got "
+    )
+    with pytest.raises(TypeError, match=re.escape(key_message + "3")):
+        call(e, w, y, key=3, num_samples=4)
+    with pytest.raises(
+        TypeError,
+        match=re.escape(key_message + "an array of shape (2,) and dtype key<fry>"),
+    ):
+        call(e, w, y, key=jax.random.split(key, 2), num_samples=4)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{fn}: classifier has shape (8, 0), no classes to draw"),
+    ):
+        call(e, w[:, :0], y, key=key, num_samples=4)
+    # A legacy raw key is a key.
+    assert np.isfinite(call(e, w, y, key=jax.random.PRNGKey(0), num_samples=4))
     with pytest.raises(TypeError, match=f"{fn}: num_samples is required"):
         call(e, w, y, key=key)
     with pytest.raises(
