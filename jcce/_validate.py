@@ -414,6 +414,7 @@ def mask(fn: str, name: str, where, batch_shape) -> jax.Array:
 
 
 def example_weights(fn: str, weights, batch_shape) -> jax.Array:
+    nonnegative_host(fn, "weights", weights)
     weights = as_array(fn, "weights", weights)
     if weights.dtype == jnp.bool_:
         raise TypeError(

@@ -394,6 +394,18 @@ def test_sampled_softmax_errors_name_the_argument():
         match=re.escape(f"{fn}: classifier has shape (8, 0), no classes to draw"),
     ):
         call(e, w[:, :0], y, key=key, num_samples=4)
+    # Negative host weights are rejected, as cross_entropy rejects them.
+    with pytest.raises(ValueError, match=re.escape(
+        f"{fn}: weights has a negative entry (-1 at index 2); weights must be >= 0"
+    )):  # fmt: skip
+        call(
+            e,
+            w,
+            y,
+            key=key,
+            num_samples=4,
+            weights=np.where(np.arange(len(y)) == 2, -1.0, 1.0),
+        )
     # A legacy raw key is a key.
     assert np.isfinite(call(e, w, y, key=jax.random.PRNGKey(0), num_samples=4))
     with pytest.raises(TypeError, match=f"{fn}: num_samples is required"):
