@@ -1366,6 +1366,8 @@ def unigram_counts(fn: str, counts, distortion):
     concrete), ``distortion`` a real number."""
     if not isinstance(distortion, numbers.Real) or isinstance(distortion, bool):
         raise TypeError(f"{fn}: distortion must be a real number, got {distortion!r}")
+    if not math.isfinite(distortion):
+        raise ValueError(f"{fn}: distortion must be finite, got {distortion!r}")
     counts = jnp.asarray(counts, jnp.float32)
     if counts.ndim != 1 or counts.shape[0] < 1:
         raise ValueError(

@@ -148,6 +148,8 @@ def test_sampler_errors_name_the_argument():
         samplers.unigram(np.zeros(4))
     with pytest.raises(TypeError, match="unigram: distortion must be a real number"):
         samplers.unigram(np.ones(4), distortion="x")
+    with pytest.raises(ValueError, match="unigram: distortion must be finite, got nan"):
+        samplers.unigram(np.ones(4), distortion=float("nan"))
 
 
 # ------------------------------------------------------------------ sampled softmax
