@@ -274,10 +274,8 @@ def _bce_impl(fn, logits, labels, pos_weight, weights, where, reduction):
             else ""
         )
         pos_weight = v.binary_weights(fn, "pos_weight", pos_weight, shape, hint)
-        pos_weight = v.nonnegative(fn, "pos_weight", pos_weight)
     if weights is not None:
         weights = v.binary_weights(fn, "weights", weights, shape)
-        weights = v.nonnegative(fn, "weights", weights)
     if where is not None:
         where = v.binary_where(fn, where, shape)
     out = v.rule_free(binary_kernel)(
@@ -366,10 +364,9 @@ def binary_cross_entropy(
         axis), as in PyTorch.
       weights: float ``[#*shape]`` elementwise weights broadcast to the logits' shape
         (PyTorch's ``weight``). A zero weight is not a mask: NaN logits there still give
-        NaN, as in PyTorch. Use ``where`` to exclude elements. ``pos_weight`` and
-        ``weights`` must be ``>= 0``: a negative entry of a NumPy or Python value is
-        a ``ValueError``; in a JAX array it makes that element's loss NaN (and
-        :func:`jcce.checks` names it).
+        NaN, as in PyTorch. Use ``where`` to exclude elements. Both weights are
+        plain multipliers and ``"mean"`` does not divide by them, so, as in PyTorch,
+        any real values are allowed (a negative one negates its element's loss).
       where: bool ``[#*shape]`` mask broadcast to the logits' shape; ``False`` elements
         cost 0 and get gradient 0 (every input), even if their logits are NaN or inf.
         Lower-rank masks align with the trailing axes: to mask whole rows of
@@ -385,8 +382,7 @@ def binary_cross_entropy(
       TypeError: for non-floating logits, non-real labels or weights, a non-boolean
         ``where`` or a wrong argument type.
       ValueError: for labels not of the logits' shape, ``pos_weight``, ``weights`` or
-        ``where`` that do not broadcast to it, a negative entry of host ``pos_weight``
-        or ``weights``, or an unknown ``reduction``.
+        ``where`` that do not broadcast to it, or an unknown ``reduction``.
 
     Example:
       The textbook multi-label example: targets ``[1, 0, 1]`` predicted with
@@ -424,8 +420,6 @@ def binary_cross_entropy(
       rescaling and ``"mean"`` divides by the element count, as PyTorch does.
     """
     fn = "binary_cross_entropy"
-    for name, x in (("pos_weight", pos_weight), ("weights", weights)):
-        v.nonnegative_host(fn, name, x)
     arrays = _arrays(
         fn,
         logits=logits,

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import unittest
 from unittest import mock
 
 import pytest
 
-if "keras" not in __import__("sys").modules:
+# Keras reads its backend once, at its first import (docs/conftest.py sets the same).
+if "keras" not in sys.modules:
     os.environ["KERAS_BACKEND"] = "jax"
 
 import jax  # noqa: E402
