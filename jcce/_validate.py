@@ -1603,6 +1603,7 @@ def adaptive_embeddings(fn: str, params, embeddings) -> jax.Array:
             f"{fn}: params must be a jcce.adaptive_softmax.AdaptiveSoftmax (from "
             f"adaptive_softmax.init), got {type(params).__name__}"
         )
+    adaptive_params(fn, params)
     x = floating(fn, "embeddings", as_array(fn, "embeddings", embeddings))
     d = params.head.shape[0]
     if x.ndim < 1 or x.shape[-1] != d:
@@ -1611,6 +1612,37 @@ def adaptive_embeddings(fn: str, params, embeddings) -> jax.Array:
             f"{params.head.shape}; embeddings must be [*batch, {d}]"
         )
     return x
+
+
+def adaptive_params(fn: str, params) -> None:
+    """The parameters' shapes agree with their cutoffs (as ``init`` makes them; a
+    hand-built or mis-mapped ``AdaptiveSoftmax`` would give NaN losses)."""
+    cuts = params.cutoffs
+    k = len(cuts) - 1
+    head = jnp.shape(params.head)
+    d = head[0] if len(head) == 2 else None
+    expected = [("head", head, (d, cuts[0] + k))]
+    if params.head_bias is not None:
+        expected.append(("head_bias", jnp.shape(params.head_bias), (cuts[0] + k,)))
+    if len(params.projections) != k or len(params.outputs) != k:
+        raise ValueError(
+            f"{fn}: params has {len(params.projections)} projections and "
+            f"{len(params.outputs)} outputs but its cutoffs {cuts} make {k} clusters"
+        )
+    for i, (proj, out) in enumerate(
+        zip(params.projections, params.outputs, strict=True)
+    ):
+        p_shape, o_shape = jnp.shape(proj), jnp.shape(out)
+        h = p_shape[1] if len(p_shape) == 2 else None
+        expected.append((f"projections[{i}]", p_shape, (d, h)))
+        expected.append((f"outputs[{i}]", o_shape, (h, cuts[i + 1] - cuts[i])))
+    for name, shape, want in expected:
+        if tuple(shape) != want:
+            raise ValueError(
+                f"{fn}: params.{name} has shape {tuple(shape)} but the cutoffs {cuts} "
+                f"and the head need {want}; build the parameters with "
+                "adaptive_softmax.init"
+            )
 
 
 def adaptive_inputs(fn: str, params, embeddings, labels):

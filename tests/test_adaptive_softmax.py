@@ -11,6 +11,8 @@ definition written naively.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -390,3 +392,27 @@ def test_no_examples():
     assert all(not np.any(g) for g in jax.tree.leaves(grads))
     assert asm.log_prob(params, x).shape == (0, 20)
     assert asm.predict(params, x).shape == (0,)
+
+
+def test_parameters_that_disagree_with_their_cutoffs_are_named():
+    """A hand-built (or mis-mapped) AdaptiveSoftmax gave NaN losses; its shapes are
+    checked against its cutoffs."""
+    import dataclasses
+
+    params = asm.init(jax.random.key(0), 8, 20, (5, 10), div_value=2.0)
+    x, y = jnp.ones((3, 8)), jnp.array([0, 7, 15])
+    short = dataclasses.replace(
+        params, outputs=(params.outputs[0], params.outputs[1][:, :5])
+    )
+    with pytest.raises(ValueError, match=re.escape(
+        "adaptive_softmax.loss: params.outputs[1] has shape (2, 5) but the cutoffs "
+        "(5, 10, 20) and the head need (2, 10); build the parameters with "
+        "adaptive_softmax.init"
+    )):  # fmt: skip
+        asm.loss(short, x, y)
+    fewer = dataclasses.replace(params, projections=params.projections[:1])
+    with pytest.raises(ValueError, match=re.escape(
+        "adaptive_softmax.predict: params has 1 projections and 2 outputs but its "
+        "cutoffs (5, 10, 20) make 2 clusters"
+    )):  # fmt: skip
+        asm.predict(fewer, x)
