@@ -492,9 +492,16 @@ def labels_kind(fn: str, labels, batch_shape, logits_shape, *, allow=("int", "pr
                 "labels.astype(jnp.float32)"
             )
         if labels.shape != batch_shape:
+            hint = ""
+            if not batch_shape and len(logits_shape) > 1:  # axis=None, or a tuple
+                hint = (
+                    "; every axis of the logits is a class axis here (axis=None or "
+                    "a tuple of every axis), so a class index is a scalar: pass "
+                    "axis=-1 for one class axis"
+                )
             raise ValueError(
                 f"{fn}: labels has shape {labels.shape} but logits {logits_shape} "
-                f"need labels of shape {need}"
+                f"need labels of shape {need}{hint}"
             )
         return "int", labels
     if jnp.issubdtype(labels.dtype, jnp.floating):

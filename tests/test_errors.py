@@ -1352,3 +1352,15 @@ def test_a_mapped_chain_checks_its_hyper_parameters_shapes_at_the_call(leaf, sha
     # Mapped to scalars (or batched by vmap), it runs.
     jax.tree.map(lambda v: 2 * v, chain)(Z, Y)
     jax.vmap(lambda c: c(Z, Y))(jax.tree.map(lambda v: v * jnp.ones(2), chain))
+
+
+def test_class_indices_for_logits_whose_every_axis_holds_classes():
+    """With axis=None every axis of the logits is a class axis, so a class index is a
+    scalar; the error says so rather than only asking for shape ()."""
+    with pytest.raises(ValueError, match=_exact(
+        "cross_entropy: labels has shape (2,) but logits (2, 3) need labels of shape "
+        "() (integer class indices) or (2, 3) (floating probability targets); every "
+        "axis of the logits is a class axis here (axis=None or a tuple of every "
+        "axis), so a class index is a scalar: pass axis=-1 for one class axis"
+    )):  # fmt: skip
+        jcce.cross_entropy(Z, Y, axis=None)
