@@ -72,22 +72,30 @@ def _log_odds(p):
     return jnp.log(p) - jnp.log1p(-p)
 
 
-def _smoothed(y, eps, centre):
-    return y * (1 - eps) + eps * centre if eps else y
+def _categorical(y_true, y_pred, from_logits, label_smoothing, axis, *transforms):
+    """Keras's categorical losses per example: jcce's chain of label smoothing (if
+    any) and ``transforms``."""
+    y_pred = jnp.asarray(y_pred)
+    logits = y_pred if from_logits else _log_probabilities(y_pred, axis)
+    smoothing = [jcce.label_smoothing(label_smoothing)] if label_smoothing else []
+    loss = jcce.chain(*smoothing, *transforms)
+    return loss(logits, jnp.asarray(y_true, y_pred.dtype), axis=axis, reduction="none")
+
+
+def _binary(y_true, y_pred, from_logits, label_smoothing):
+    """Keras's binary inputs as jcce's: logits, and targets smoothed towards 1/2."""
+    y_pred = jnp.asarray(y_pred)
+    y_true = jnp.asarray(y_true, y_pred.dtype)
+    if label_smoothing:
+        y_true = y_true * (1 - label_smoothing) + 0.5 * label_smoothing
+    return (y_pred if from_logits else _log_odds(y_pred)), y_true
 
 
 @_counted
 def categorical_crossentropy(
     y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1
 ):
-    y_pred = jnp.asarray(y_pred)
-    logits = y_pred if from_logits else _log_probabilities(y_pred, axis)
-    loss = (
-        jcce.chain(jcce.label_smoothing(label_smoothing))
-        if label_smoothing
-        else jcce.chain()
-    )
-    return loss(logits, jnp.asarray(y_true, y_pred.dtype), axis=axis, reduction="none")
+    return _categorical(y_true, y_pred, from_logits, label_smoothing, axis)
 
 
 @_counted
@@ -100,11 +108,8 @@ def categorical_focal_crossentropy(
     label_smoothing=0.0,
     axis=-1,
 ):
-    y_pred = jnp.asarray(y_pred)
-    logits = y_pred if from_logits else _log_probabilities(y_pred, axis)
-    smoothing = [jcce.label_smoothing(label_smoothing)] if label_smoothing else []
-    loss = jcce.chain(*smoothing, jcce.focal(gamma, alpha))
-    return loss(logits, jnp.asarray(y_true, y_pred.dtype), axis=axis, reduction="none")
+    focal = jcce.focal(gamma, alpha)
+    return _categorical(y_true, y_pred, from_logits, label_smoothing, axis, focal)
 
 
 @_counted
@@ -132,9 +137,7 @@ def sparse_categorical_crossentropy(
 def binary_crossentropy(
     y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1
 ):
-    y_pred = jnp.asarray(y_pred)
-    y_true = _smoothed(jnp.asarray(y_true, y_pred.dtype), label_smoothing, 0.5)
-    logits = y_pred if from_logits else _log_odds(y_pred)
+    logits, y_true = _binary(y_true, y_pred, from_logits, label_smoothing)
     return jnp.mean(jcce.binary_cross_entropy(logits, y_true, reduction="none"), axis)
 
 
@@ -149,9 +152,7 @@ def binary_focal_crossentropy(
     label_smoothing=0.0,
     axis=-1,
 ):
-    y_pred = jnp.asarray(y_pred)
-    y_true = _smoothed(jnp.asarray(y_true, y_pred.dtype), label_smoothing, 0.5)
-    logits = y_pred if from_logits else _log_odds(y_pred)
+    logits, y_true = _binary(y_true, y_pred, from_logits, label_smoothing)
     alpha = alpha if apply_class_balancing else None
     return jnp.mean(
         jcce.sigmoid_focal_loss(logits, y_true, alpha=alpha, gamma=gamma), axis
