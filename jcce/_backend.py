@@ -29,6 +29,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
+import jax
 from jax import lax
 
 from jcce import _validate
@@ -169,11 +170,58 @@ def dispatch(implementation: str | None, fun: Callable, *args):
     Pallas lowers its kernels (``cuda``, or anywhere under :func:`interpret_pallas`)
     and ``"xla"`` elsewhere."""
     if implementation == "pallas" and not interpreting_pallas():
-        return lax.platform_dependent(
-            *args, cuda=partial(fun, "pallas"), default=partial(fun, "xla")
-        )
+        branches = {"cuda": partial(fun, "pallas"), "default": partial(fun, "xla")}
+        if any(varying(jax.typeof(a)) for a in jax.tree.leaves(args)):
+            branches = _typed_alike(branches, args)
+        return lax.platform_dependent(*args, **branches)
     if implementation is not None:
         return fun(implementation, *args)
     return lax.platform_dependent(
         *args, cpu=partial(fun, "xla_cpu"), default=partial(fun, "xla")
     )
+
+
+def varying(aval) -> set:
+    """The mesh axes an abstract value varies over inside ``jax.shard_map`` (empty
+    elsewhere, and where ``check_vma=False``)."""
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if manual is not None:
+        return set(manual.varying)
+    return set(getattr(aval, "vma", ()))
+
+
+def shaped_like(shape, dtype, *args) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a result computed from ``args``: varying inside
+    ``jax.shard_map`` over every mesh axis one of them varies over (the type a
+    ``pallas_call`` must be told for its results where ``check_vma=True``)."""
+    axes = frozenset().union(*(varying(jax.typeof(a)) for a in args))
+    if hasattr(jax.sharding, "ManualAxisType"):  # jax >= 0.10
+        mat = jax.sharding.ManualAxisType(varying=axes)
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+
+
+def _typed_alike(branches: dict, args) -> dict:
+    """``branches`` whose results are typed alike inside ``jax.shard_map``
+    (``check_vma=True``), as ``platform_dependent`` needs: each result varies over the
+    mesh axes it varies over in any branch (a kernel's per-row sum varies over the
+    batch where the other branch's constant does not)."""
+    shapes = [jax.eval_shape(branch, *args) for branch in branches.values()]
+    axes = jax.tree.map(lambda *s: frozenset().union(*map(varying, s)), *shapes)
+
+    def typed(branch):
+        def run(*args):
+            return jax.tree.map(vary_over, branch(*args), axes)
+
+        return run
+
+    return {name: typed(branch) for name, branch in branches.items()}
+
+
+def vary_over(x, axes):
+    """``x`` typed as varying over the mesh axes ``axes`` (and its own) inside
+    ``jax.shard_map``; ``x`` itself elsewhere."""
+    missing = tuple(sorted(set(axes) - varying(jax.typeof(x))))
+    if not missing or jax.dtypes.issubdtype(jax.typeof(x).dtype, jax.dtypes.float0):
+        return x
+    return lax.pcast(x, missing, to="varying")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jcce import _pallas, _xla, _xla_cpu
+from jcce import _backend, _pallas, _xla, _xla_cpu
 from jcce._backend import Ops, dispatch
 from jcce._config import Params, Spec, acc_dtype
 
@@ -95,10 +95,7 @@ def vocab_shares(vocab_axis) -> bool:
     if vocab_axis is None:
         return False
     axes = vocab_axis if isinstance(vocab_axis, tuple) else (vocab_axis,)
-    aval = jax.typeof(lax.axis_index(axes))
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
-    return not set(axes) <= set(varying)
+    return not set(axes) <= _backend.varying(jax.typeof(lax.axis_index(axes)))
 
 
 def vocab_cotangent(vocab_axis, ct):

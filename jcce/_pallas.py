@@ -72,19 +72,26 @@ def _spec(shape, index_map):
     return pl.BlockSpec(shape, index_map)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape):
+def _call(kernel, grid, in_specs, out_specs, out_shape, args):
+    """``kernel`` run over ``grid`` on ``args``. ``out_shape`` (one
+    ``jax.ShapeDtypeStruct`` or a list) gives the results' shapes and dtypes; inside
+    ``jax.shard_map`` they vary over every mesh axis an argument varies over."""
+
+    def typed(struct):
+        return _backend.shaped_like(struct.shape, struct.dtype, *args)
+
     interpreting = _backend.interpreting_pallas()
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=out_shape,
+        out_shape=jax.tree.map(typed, out_shape),
         interpret=interpreting,
         # Triton, not Mosaic GPU (whose resource estimator rejects custom_jvp calls,
         # as the logit maps are).
         compiler_params=None if interpreting else pltriton.CompilerParams(num_warps=4),
-    )
+    )(*args)
 
 
 def _rescaled(total, factor):
@@ -207,7 +214,8 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
         in_specs,
         [row] * len(names),
         [jax.ShapeDtypeStruct((n,), acc)] * len(names),
-    )(*args)
+        args,
+    )
     found = dict(zip(names, results, strict=True))
     e, f = (
         tuple(found[f"{s}{j}"] for j in range(1, powers + 1)) if powers else None
@@ -272,4 +280,5 @@ def column_map(fun, z, y, rows, cols, scalars, dtype):
         in_specs,
         _spec((1, k), lambda i: (i, 0)),
         jax.ShapeDtypeStruct((n, k), dtype),
-    )(vector, z, y.astype(jnp.int32), *row_leaves, *col_leaves)
+        [vector, z, y.astype(jnp.int32), *row_leaves, *col_leaves],
+    )

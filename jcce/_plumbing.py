@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jcce import _backend
 from jcce import _validate as v
 from jcce._config import Configuration, Params, acc_dtype, in_domain
 from jcce._kernel import Static, fused_cross_entropy, label_slot, label_weight
@@ -160,17 +161,7 @@ def vary_like(logits_type, x, exclude=()):
     ``jax.shard_map``), so the kernel's per-shard cotangent of a replicated class weight
     or hyper-parameter has its type; JAX sums it over the shards (psum) on the way out.
     Axes in ``exclude`` (the vocabulary's) are left alone."""
-    axes = varying(logits_type) - set(exclude)
-    missing = tuple(sorted(axes - varying(jax.typeof(x))))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def varying(aval) -> set:
-    """The mesh axes an abstract value varies over inside ``shard_map`` (else empty)."""
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-    if manual is not None:
-        return set(manual.varying)
-    return set(getattr(aval, "vma", ()))
+    return _backend.vary_over(x, _backend.varying(logits_type) - set(exclude))
 
 
 def reduce_losses(out, s, cw, target, integer_labels, reduction, vocab_axis=None):

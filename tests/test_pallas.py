@@ -248,6 +248,82 @@ def test_batch_dimensions_are_rows():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def _mesh(axis):
+    return jax.make_mesh((2,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# Pallas's interpret mode fails under shard_map(check_vma=True) in JAX's own rules (a
+# varying scalar vector indexed inside the kernel; a loop carry that changes type), so
+# the interpreted kernels run with check_vma=False. What a GPU compiles is traced with
+# check_vma=True: on the CPU, without interpret mode, the "cuda" branch of
+# platform_dependent (the Triton kernels) is traced beside the "xla" one.
+SHARDED = [(False, True), (False, False), (True, False)]  # (interpret, check_vma)
+
+
+@pytest.mark.parametrize(("interpret", "check_vma"), SHARDED)
+def test_inside_shard_map_over_the_batch(interpret, check_vma):
+    """The kernels' results vary over the mesh axes their inputs vary over, and with
+    ``check_vma=True`` a ``pallas_call`` and both branches of the platform switch must
+    say so (they raised a ValueError and a TypeError)."""
+    z, y = _inputs(n=8)
+    mesh = _mesh("batch")
+
+    def grads(impl):
+        def body(z, y):
+            return _loss("four_and_log_base", impl, reduction="none")(z, y)
+
+        f = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(jax.P("batch"), jax.P("batch")),
+            out_specs=jax.P("batch"),
+            check_vma=check_vma,
+        )
+        return jax.value_and_grad(lambda z: jnp.sum(f(z, y)))
+
+    with _backend.interpret_pallas(interpret):
+        assert _pallas_calls(grads("pallas"), z) > 0  # (the cuda branch, if not)
+        got = jax.jit(grads("pallas"))(z)
+    want = grads("xla")(z)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(("interpret", "check_vma"), SHARDED)
+def test_lean_linear_loss_with_a_sharded_vocabulary(interpret, check_vma):
+    """The lean class sweep runs the gradient kernel on each shard's classes."""
+    rng = np.random.default_rng(5)
+    e = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 512)) / 3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 512, 16), jnp.int32)
+    chain = jcce.chain(jcce.softcap(20.0), jcce.label_smoothing(0.1))
+
+    def grads(impl):
+        def body(e, w):
+            return chain.linear(
+                e, w, y, vocab_axis="model", lean=True, implementation=impl
+            )
+
+        f = jax.shard_map(
+            body,
+            mesh=_mesh("model"),
+            in_specs=(jax.P(), jax.P(None, "model")),
+            out_specs=jax.P(),
+            check_vma=check_vma,
+        )
+        return jax.value_and_grad(f, argnums=(0, 1))
+
+    with _backend.interpret_pallas(interpret):
+        assert _pallas_calls(grads("pallas"), e, w) > 0
+        got = jax.jit(grads("pallas"))(e, w)
+    want = jax.value_and_grad(
+        lambda e, w: chain(e @ w, y, implementation="xla"), argnums=(0, 1)
+    )(e, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("lean", [False, True])
 def test_linear_cross_entropy_blocks_run_the_kernels(lean):
     rng = np.random.default_rng(3)
@@ -383,3 +459,24 @@ def test_lowered_for_cuda_the_linear_loss_runs_the_kernels(lean, kernels):
         jax.ShapeDtypeStruct((256,), jnp.int32),
     )
     assert text.count(TRITON) == kernels
+
+
+def test_lowered_for_cuda_inside_shard_map():
+    """Inside ``shard_map`` (``check_vma=True``) the GPU program still holds the two
+    kernels and nothing else touches the logits' shard."""
+
+    def body(z, y):
+        return _loss("four_and_log_base", "pallas", reduction="none")(z, y)
+
+    f = jax.shard_map(
+        body,
+        mesh=_mesh("batch"),
+        in_specs=(jax.P("batch"), jax.P("batch")),
+        out_specs=jax.P("batch"),
+    )
+    text = _cuda_program(
+        jax.value_and_grad(lambda z, y: jnp.sum(f(z, y))),
+        jax.ShapeDtypeStruct((8, K), jnp.bfloat16),
+        jax.ShapeDtypeStruct((8,), jnp.int32),
+    )
+    assert text.count(TRITON) == 2
