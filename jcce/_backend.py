@@ -171,14 +171,18 @@ def dispatch(implementation: str | None, fun: Callable, *args):
     and ``"xla"`` elsewhere."""
     if implementation == "pallas" and not interpreting_pallas():
         branches = {"cuda": partial(fun, "pallas"), "default": partial(fun, "xla")}
-        if any(varying(jax.typeof(a)) for a in jax.tree.leaves(args)):
-            branches = _typed_alike(branches, args)
-        return lax.platform_dependent(*args, **branches)
+        return lax.platform_dependent(*args, **_typed_alike(branches, args))
     if implementation is not None:
         return fun(implementation, *args)
-    return lax.platform_dependent(
-        *args, cpu=partial(fun, "xla_cpu"), default=partial(fun, "xla")
-    )
+    branches = {"cpu": partial(fun, "xla_cpu"), "default": partial(fun, "xla")}
+    return lax.platform_dependent(*args, **_typed_alike(branches, args))
+
+
+def cond(pred, true_fun: Callable, false_fun: Callable, *operands):
+    """``lax.cond``, with the branches' results typed alike inside ``jax.shard_map``
+    (a constant in one branch where the other computes from varying values)."""
+    branches = _typed_alike({"t": true_fun, "f": false_fun}, operands)
+    return lax.cond(pred, branches["t"], branches["f"], *operands)
 
 
 def varying(aval) -> set:
@@ -203,9 +207,12 @@ def shaped_like(shape, dtype, *args) -> jax.ShapeDtypeStruct:
 
 def _typed_alike(branches: dict, args) -> dict:
     """``branches`` whose results are typed alike inside ``jax.shard_map``
-    (``check_vma=True``), as ``platform_dependent`` needs: each result varies over the
-    mesh axes it varies over in any branch (a kernel's per-row sum varies over the
-    batch where the other branch's constant does not)."""
+    (``check_vma=True``), as ``lax.cond`` and ``platform_dependent`` need: each result
+    varies over the mesh axes it varies over in any branch (a kernel's per-row sum
+    varies over the batch where the other branch's constant does not). Outside
+    ``shard_map`` the branches themselves; inside, each is traced once more here."""
+    if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+        return branches
     shapes = [jax.eval_shape(branch, *args) for branch in branches.values()]
     axes = jax.tree.map(lambda *s: frozenset().union(*map(varying, s)), *shapes)
 

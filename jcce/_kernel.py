@@ -486,7 +486,7 @@ def _log_sum_exp(
             _apply_maps(spec, jnp.full(zc.shape[:-1], jnp.inf, acc), map_values)
         )
         fits = jnp.all(2 * cap <= _SHIFT_RANGE * -jnp.log(jnp.finfo(acc).tiny))
-        m, floor = lax.cond(
+        m, floor = _backend.cond(
             fits, lambda: (cap, jnp.zeros((), acc)), lambda: (row_max(), floor)
         )
     else:

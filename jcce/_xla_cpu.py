@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jcce import _backend
 from jcce._backend import LinearPlan, Ops, rows_within
 
 # XLA:CPU (YNNPACK) reduces rows longer than ~32k elements about 5x slower; reductions
@@ -187,8 +188,8 @@ def _support_sums(exact, unmasked, k):
     saves one of label smoothing's two extra passes (a ``lax.cond``; under ``vmap`` it
     becomes a select and both run)."""
     wd = unmasked()
-    fast = (jnp.zeros_like(wd) + k, wd)  # varying as wd is, inside shard_map
-    return lax.cond(jnp.all(jnp.isfinite(wd)), lambda: fast, exact)
+    fast = (jnp.full_like(wd, k), wd)
+    return _backend.cond(jnp.all(jnp.isfinite(wd)), lambda: fast, exact)
 
 
 def _full_support(full, exact, ks, k):
@@ -199,7 +200,7 @@ def _full_support(full, exact, ks, k):
     1.1x without). A ``lax.cond``: under ``vmap`` a select that runs both."""
     if k >= 2**24:  # K_S would round in float32
         return exact()
-    return lax.cond(jnp.all(ks == k), full, exact)
+    return _backend.cond(jnp.all(ks == k), full, exact)
 
 
 # The fused linear loss.
@@ -306,7 +307,7 @@ def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
         return walk(smoothing=False)
     fast = walk(smoothing=True, finite=True)
     wd = fast[_SUMS.index("wd")]
-    return lax.cond(
+    return _backend.cond(
         jnp.all(jnp.isfinite(wd)), lambda: fast, lambda: walk(smoothing=True)
     )
 

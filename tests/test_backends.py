@@ -473,17 +473,31 @@ def test_kept_and_recomputed_exponentials_agree(monkeypatch):
         jax.clear_caches()
 
 
-def test_none_differentiates_inside_a_data_parallel_shard_map():
-    """With implementation=None both platforms' residuals are staged out; the one that
-    keeps no exponentials fills their slot with zeros that must vary over the mesh
-    axes as the logits do (check_vma), or the platform switch rejects the branches.
-    A regression: plain cross_entropy with few classes under shard_map."""
+SHARDED_CHAINS = {
+    "plain": jcce.chain(),
+    "focal_smoothing": jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1)),
+    "softcap_smoothing": jcce.chain(jcce.softcap(30.0), jcce.label_smoothing(0.1)),
+}
+
+
+@pytest.mark.parametrize("k", [10, 3000])
+@pytest.mark.parametrize("name", SHARDED_CHAINS)
+def test_none_differentiates_inside_a_data_parallel_shard_map(name, k):
+    """With implementation=None both platforms' paths are staged out, and inside
+    shard_map (check_vma) the platform switch, like each lax.cond in the kernel, needs
+    its branches' results typed alike: a constant in one (the "xla" path's empty slot
+    for kept exponentials, the full support's K) must vary over the mesh axes as the
+    other's sums of the logits do. Regressions: plain cross_entropy with few classes
+    and focal label smoothing at K = 3000 raised TypeErrors. Rows 0 and 3 hold a -inf
+    class, so their shards take the exact branches and the others the fast ones."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    z, y = _inputs(n=16, k=10)
+    z, y = _inputs(n=16, k=k)
+    z = z.at[3, 1].set(-jnp.inf)
     spec = jax.sharding.PartitionSpec("data")
+    chain = SHARDED_CHAINS[name]
 
     def local_sum(z, y):
-        return jax.lax.psum(jnp.sum(jcce.cross_entropy(z, y, reduction="none")), "data")
+        return jax.lax.psum(jnp.sum(chain(z, y, reduction="none")), "data")
 
     f = jax.shard_map(
         local_sum,
@@ -492,5 +506,6 @@ def test_none_differentiates_inside_a_data_parallel_shard_map():
         out_specs=jax.sharding.PartitionSpec(),
     )
     got = jax.jit(jax.grad(f))(z, y)
-    want = jax.grad(lambda z: jnp.sum(jcce.cross_entropy(z, y, reduction="none")))(z)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    want = jax.grad(lambda z: jnp.sum(chain(z, y, reduction="none")))(z)
+    # the shards without a -inf take the fast branches, the whole batch the exact ones
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

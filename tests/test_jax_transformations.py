@@ -280,6 +280,43 @@ def test_shard_map_chain_with_replicated_values():
     assert_close(got, reference("chain")[1:])
 
 
+BRANCHING_CHAINS = {
+    # each takes a lax.cond inside the kernel whose branches type results differently
+    # under check_vma (a constant where the other computes from the sharded logits)
+    "focal_smoothing": jcce.chain(jcce.focal(2.0), jcce.label_smoothing(0.1)),
+    "softcap_smoothing": jcce.chain(
+        jcce.softcap(30.0), jcce.temperature(2.0), jcce.label_smoothing(0.1)
+    ),
+}
+
+
+@needs_8_devices
+@pytest.mark.parametrize("k", [7, 3000])
+@pytest.mark.parametrize("name", BRANCHING_CHAINS)
+def test_shard_map_over_the_batch_with_vma_checks(name, k):
+    """With ``check_vma=True`` (the default) every layout and every branch inside the
+    kernel works on a batch shard: focal label smoothing at K = 3000 raised a
+    TypeError ("cond branches must have equal output types") on the CPU's default
+    path. One shard holds a ``-inf`` class (the exact branch), the others none.
+    ``tests/test_backends.py`` checks ``implementation=None``'s platform switch."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 3, (16, k)).astype(np.float32)
+    z[5, 2] = -np.inf
+    z, y = jnp.asarray(z), jnp.asarray(rng.integers(0, k, 16), jnp.int32)
+    chain = BRANCHING_CHAINS[name]
+
+    def losses(z, y):
+        return chain(z, y, reduction="none")
+
+    mesh = _mesh()
+    f = jax.shard_map(
+        losses, mesh=mesh, in_specs=(P("batch"), P("batch")), out_specs=P("batch")
+    )
+    got = jax.jit(jax.value_and_grad(lambda z: jnp.sum(f(z, y))))(z)
+    want = jax.jit(jax.value_and_grad(lambda z: jnp.sum(losses(z, y))))(z)
+    assert_close(got, want)
+
+
 # ---------------------------------------------------------------- jit with NamedSharding
 
 
