@@ -1364,8 +1364,9 @@ def _input_cotangents(
             )
             return _combine(static, ov_, eps_, terms)
 
-        _, pull = jax.vjp(per_example, ov, eps)
-        dov, deps = pull(c)
+        out, pull = jax.vjp(per_example, ov, eps)
+        # typed as the per-example losses (varying inside shard_map where c is not)
+        dov, deps = pull(_backend.vary_over(c, _backend.varying(jax.typeof(out))))
     if spec.z_loss:
         dlam = jnp.sum(c * r.lse**2)
     if spec.log_base:

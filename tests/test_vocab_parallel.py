@@ -324,6 +324,43 @@ def test_linear_with_a_sharded_classifier(mesh_shape, reduction, layout, lean):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4)])
+def test_linear_objective_with_tokens_over_data(mesh_shape, lean):
+    """An objective's per-example sums (focal with label smoothing), their gradients
+    for gamma and epsilon included, with tokens over "data": the lean mode's
+    classifier sweep raised a ValueError under check_vma (its unit cotangent was typed
+    as replicated where the per-example losses vary over "data")."""
+    mesh = _mesh(mesh_shape)
+    e, w, _ = _linear_data()
+    y = jnp.asarray(np.where(Y < 0, 0, Y))
+
+    def chain(gamma, eps):
+        return jcce.chain(jcce.focal(gamma), jcce.label_smoothing(eps))
+
+    def body(e, w, y, gamma, eps):
+        out = chain(gamma, eps).linear(
+            e, w, y, reduction="sum", vocab_axis="model", block_size=3, lean=lean
+        )
+        return jax.lax.psum(out, "data")
+
+    f = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("data"), P(), P()),
+        out_specs=P(),
+    )
+
+    def unfused(e, w, y, gamma, eps):
+        return chain(gamma, eps)(e @ w, y, reduction="sum")
+
+    args = (e, w, y, jnp.float32(2.0), jnp.float32(0.1))
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3, 4)))(*args)
+    want = jax.value_and_grad(unfused, argnums=(0, 1, 3, 4))(*args)
+    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize(("dtype", "rtol"), [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
 def test_linear_over_vocabulary_chunks_on_each_shard(dtype, rtol):
     """2,300 classes per device with D = 1,100: the backward matmuls run over 4 chunks
