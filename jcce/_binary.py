@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jcce import _backend
 from jcce import _validate as v
 from jcce._config import acc_dtype
 
@@ -159,6 +160,17 @@ def _kernel_bwd(saved, ct):
 binary_kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
+def _call_kernel(*args):
+    """:func:`binary_kernel` on ``args``, inside ``jax.shard_map`` each typed as
+    varying over every mesh axis one of them varies over: the cotangent of a
+    replicated argument (labels or weights broadcast over sharded logits) is then this
+    shard's sum, which JAX adds up over the shards on the way out."""
+    present = [a for a in args if a is not None]
+    axes = set().union(*(_backend.varying(jax.typeof(a)) for a in present))
+    args = [None if a is None else _backend.vary_over(a, axes) for a in args]
+    return v.rule_free(binary_kernel)(*args)
+
+
 # ---------------------------------------------------------------------- focal core
 
 
@@ -278,7 +290,7 @@ def _bce_impl(fn, logits, labels, pos_weight, weights, where, reduction):
         weights = v.binary_weights(fn, "weights", weights, shape)
     if where is not None:
         where = v.binary_where(fn, where, shape)
-    out = v.rule_free(binary_kernel)(
+    out = _call_kernel(
         logits,
         labels,
         _as_rank(pos_weight, ndim),
@@ -302,9 +314,7 @@ _bce_jit = v.keyed_jit(_bce_impl, static_argnames=("fn", "reduction"))
 def _sigmoid_bce_impl(fn, logits, labels):
     logits = v.binary_logits(fn, logits)
     labels = v.binary_labels(fn, labels, logits.shape, broadcast=True)
-    return v.rule_free(binary_kernel)(
-        logits, _as_rank(labels, logits.ndim), None, None, None
-    )
+    return _call_kernel(logits, _as_rank(labels, logits.ndim), None, None, None)
 
 
 _sigmoid_bce_jit = v.keyed_jit(_sigmoid_bce_impl, static_argnums=(0,))

@@ -255,7 +255,7 @@ def _over_selected_rows(selected, rows, compute, empty):
     def block(args):
         b, idx = args
         valid = b * rows + jnp.arange(rows) < count
-        return lax.cond(
+        return _backend.cond(
             b * rows < count,
             compute,
             lambda idx, valid: jax.tree.map(
@@ -286,6 +286,10 @@ def _strategy(implementation):
 def _tail(block_rows, implementation, h, w, relative, selected):
     """A cluster's losses, in blocks of the implementation's size (unless given)."""
     rows = block_rows or _strategy(implementation).cluster_rows(h.shape[0], w.shape[1])
+    # Inside shard_map, h and w typed alike (a replicated w's cotangent is a sum over
+    # the shards' tokens: JAX adds it up on the way out).
+    axes = _backend.varying(jax.typeof(h)) | _backend.varying(jax.typeof(w))
+    h, w = _backend.vary_over(h, axes), _backend.vary_over(w, axes)
     return v.rule_free(_cluster_losses)(rows, implementation, h, w, relative, selected)
 
 
@@ -342,7 +346,7 @@ def _cluster_bwd(rows, implementation, saved, ct):
             dhb = jnp.where(valid[:, None], dhb, jnp.zeros((), dhb.dtype))
             return dh.at[idx].add(dhb.astype(dh.dtype)), dw + dwb.astype(dw.dtype)
 
-        carry = lax.cond(b * rows < count, run, lambda dh, dw: (dh, dw), *carry)
+        carry = _backend.cond(b * rows < count, run, lambda dh, dw: (dh, dw), *carry)
         return carry, None
 
     zeros = (jnp.zeros_like(h), jnp.zeros_like(w))

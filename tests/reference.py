@@ -292,3 +292,27 @@ def assert_optax_signature(ours, theirs, extra=("implementation",)):
     added = [mine[p] for p in list(mine)[len(other) :]]
     assert [p.name for p in added] == list(extra)
     assert all(p.kind == p.KEYWORD_ONLY and p.default is None for p in added)
+
+
+def data_parallel_value_and_grad(fn, args, sharded, argnums, shards=2):
+    """``value_and_grad`` of ``sum(fn(*args))`` computed in ``jax.shard_map`` (with
+    ``check_vma``) over a mesh axis "batch" of ``shards`` host devices, the arguments
+    whose ``sharded`` flag is set split along their first axis and the others
+    replicated, the sums psummed; and the same on one device, for comparison."""
+    mesh = jax.make_mesh(
+        (shards,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    specs = tuple(jax.P("batch") if s else jax.P() for s in sharded)
+
+    def total(*a):
+        return jnp.sum(fn(*a))
+
+    local = jax.shard_map(
+        lambda *a: jax.lax.psum(total(*a), "batch"),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=jax.P(),
+    )
+    got = jax.jit(jax.value_and_grad(local, argnums=argnums))(*args)
+    want = jax.value_and_grad(total, argnums=argnums)(*args)
+    return got, want

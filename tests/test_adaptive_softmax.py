@@ -21,6 +21,7 @@ import torch
 
 import jcce
 from jcce import adaptive_softmax as asm
+from tests.reference import data_parallel_value_and_grad
 
 D, V, CUTOFFS = 16, 300, (20, 80, 200)
 
@@ -258,6 +259,25 @@ def test_batch_dims_jit_and_vmap():
     np.testing.assert_allclose(single, flat[0], rtol=1e-6)
     got = jax.jit(jax.vmap(lambda x, y: asm.loss(p, x, y, block_rows=2)))(x3[0], y3[0])
     np.testing.assert_allclose(got, flat.reshape(2, 3, 4)[0].mean(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("block_rows", [None, 2])
+def test_inside_a_data_parallel_shard_map(block_rows):
+    """Examples over two devices, the parameters replicated (shard_map with
+    check_vma): a cluster's skipped blocks and its replicated weights raised
+    TypeErrors and ValueErrors before."""
+    p = _params(8)
+    x, y = _problem(8, n=24)
+
+    def losses(p, x, y):
+        return asm.loss(p, x, y, reduction="none", block_rows=block_rows)
+
+    got, want = data_parallel_value_and_grad(
+        losses, (p, x, y), (False, True, True), argnums=(0, 1)
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("dtype", "rtol"), [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jcce
+from tests.reference import data_parallel_value_and_grad
 
 F = torch.nn.functional
 
@@ -438,6 +439,29 @@ def test_jit_and_vmap_agree_with_eager(entry):
     np.testing.assert_allclose(vals[0], want, rtol=1e-6)
     np.testing.assert_allclose(grads[0], want_g, rtol=1e-6)
     np.testing.assert_allclose(vals[1], f(2 * z, t), rtol=1e-6)
+
+
+def test_inside_a_data_parallel_shard_map():
+    """Rows over two devices (shard_map with check_vma), ``pos_weight`` and, for the
+    sigmoid loss, labels of shape [K] replicated: the cotangent of a replicated
+    argument is each shard's sum, added up over the shards (a ValueError before)."""
+    z, t, pw, w, live = make_inputs(12, np.float32)
+
+    def bce(z, t, pw, w, live):
+        return BCE(z, t, pos_weight=pw, weights=w, where=live, reduction="none")
+
+    got, want = data_parallel_value_and_grad(
+        bce, (z, t, pw, w, live), (True, True, False, True, True), argnums=(0, 1, 2, 3)
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    got, want = data_parallel_value_and_grad(
+        SBCE, (z, t[1]), (True, False), argnums=(0, 1)
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_vmap_over_rows_matches_a_loop():

@@ -18,6 +18,7 @@ import pytest
 
 import jcce
 from jcce import samplers
+from tests.reference import data_parallel_value_and_grad
 
 V = 64
 
@@ -461,6 +462,27 @@ def test_nce_matches_the_float64_definition(hits):
         want = _softplus(-true) + noise.sum(1)
         np.testing.assert_allclose(got, want, rtol=1e-5)  # q in float32
         assert np.any(s[None, :] == y[:, None])  # so hits=True changes something
+
+
+@pytest.mark.parametrize("loss", ["nce_loss", "sampled_softmax_cross_entropy"])
+def test_inside_a_data_parallel_shard_map(loss):
+    """Tokens over two devices, the classifier replicated (shard_map with check_vma),
+    one key for every shard: NCE's noise targets, broadcast over the sharded logits,
+    gave a replicated argument a sharded cotangent (a ValueError before)."""
+    e, w, b, y = _problem(9)
+    key = jax.random.key(5)
+
+    def losses(e, w, b, y):
+        return getattr(jcce, loss)(
+            e, w, y, bias=b, key=key, num_samples=20, reduction="none"
+        )
+
+    got, want = data_parallel_value_and_grad(
+        losses, (e, w, b, y), (True, False, False, True), argnums=(0, 1, 2)
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b_ in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
 
 
 def test_nce_optimum_recovers_the_distribution():
