@@ -248,6 +248,15 @@ def test_batch_dimensions_are_rows():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def _linear_problem(seed, v):
+    """Embeddings [16, 8], a classifier [8, v], labels and a chain for the linear loss."""
+    rng = np.random.default_rng(seed)
+    e = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, v)) / 3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, 16), jnp.int32)
+    return e, w, y, jcce.chain(jcce.softcap(20.0), jcce.label_smoothing(0.1))
+
+
 def _mesh(axis):
     return jax.make_mesh((2,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -292,11 +301,7 @@ def test_inside_shard_map_over_the_batch(interpret, check_vma):
 @pytest.mark.parametrize(("interpret", "check_vma"), SHARDED)
 def test_lean_linear_loss_with_a_sharded_vocabulary(interpret, check_vma):
     """The lean class sweep runs the gradient kernel on each shard's classes."""
-    rng = np.random.default_rng(5)
-    e = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(8, 512)) / 3, jnp.float32)
-    y = jnp.asarray(rng.integers(0, 512, 16), jnp.int32)
-    chain = jcce.chain(jcce.softcap(20.0), jcce.label_smoothing(0.1))
+    e, w, y, chain = _linear_problem(5, 512)
 
     def grads(impl):
         def body(e, w):
@@ -326,11 +331,7 @@ def test_lean_linear_loss_with_a_sharded_vocabulary(interpret, check_vma):
 
 @pytest.mark.parametrize("lean", [False, True])
 def test_linear_cross_entropy_blocks_run_the_kernels(lean):
-    rng = np.random.default_rng(3)
-    e = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(8, 256)) / 3, jnp.float32)
-    y = jnp.asarray(rng.integers(0, 256, 16), jnp.int32)
-    chain = jcce.chain(jcce.softcap(20.0), jcce.label_smoothing(0.1))
+    e, w, y, chain = _linear_problem(3, 256)
 
     def grads(impl):
         def loss(e, w):
