@@ -487,8 +487,9 @@ def test_none_differentiates_inside_a_data_parallel_shard_map(name, k):
     shard_map (check_vma) the platform switch, like each lax.cond in the kernel, needs
     its branches' results typed alike: a constant in one (the "xla" path's empty slot
     for kept exponentials, the full support's K) must vary over the mesh axes as the
-    other's sums of the logits do. Regressions: plain cross_entropy with few classes
-    and focal label smoothing at K = 3000 raised TypeErrors. Rows 0 and 3 hold a -inf
+    other's sums of the logits do. Regressions: plain cross_entropy with few classes,
+    any loss with where= or weights= (docs/sharding.md's masked mean) and focal label
+    smoothing at K = 3000 raised TypeErrors. Rows 0 and 3 hold a -inf
     class, so their shards take the exact branches and the others the fast ones."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     z, y = _inputs(n=16, k=k)
@@ -496,16 +497,22 @@ def test_none_differentiates_inside_a_data_parallel_shard_map(name, k):
     spec = jax.sharding.PartitionSpec("data")
     chain = SHARDED_CHAINS[name]
 
-    def local_sum(z, y):
-        return jax.lax.psum(jnp.sum(chain(z, y, reduction="none")), "data")
+    mask = jnp.arange(16) % 5 != 2  # docs/sharding.md's masked global mean
+    weights = jnp.linspace(0.5, 1.5, 16)
+
+    def losses(z, y, mask, weights):
+        return chain(z, y, where=mask, weights=weights, reduction="none")
+
+    def local_sum(z, y, mask, weights):
+        return jax.lax.psum(jnp.sum(losses(z, y, mask, weights)), "data")
 
     f = jax.shard_map(
         local_sum,
         mesh=mesh,
-        in_specs=(spec, spec),
+        in_specs=(spec,) * 4,
         out_specs=jax.sharding.PartitionSpec(),
     )
-    got = jax.jit(jax.grad(f))(z, y)
-    want = jax.grad(lambda z: jnp.sum(chain(z, y, reduction="none")))(z)
+    got = jax.jit(jax.grad(f))(z, y, mask, weights)
+    want = jax.grad(lambda z: jnp.sum(losses(z, y, mask, weights)))(z)
     # the shards without a -inf take the fast branches, the whole batch the exact ones
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
