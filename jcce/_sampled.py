@@ -204,8 +204,12 @@ def _sampled_jit(
         keep = kept if keep is None else keep & kept
     v.check_labels(fn, y, vocab, keep)
     v.check_nonnegative(fn, "weights", weights)
-    if keep is not None:  # NaN in a masked row must reach no gradient (dW = e^T g)
-        e = jnp.where(keep[..., None], e, jnp.zeros((), e.dtype))
+    live = keep
+    if weights is not None:  # a zero weight masks its example too
+        nonzero = jnp.broadcast_to(weights != 0, y.shape)
+        live = nonzero if live is None else live & nonzero
+    if live is not None:  # NaN in a masked row must reach no gradient (dW = e^T g)
+        e = jnp.where(live[..., None], e, jnp.zeros((), e.dtype))
     drawn = samplers.sample(sampler, key, num_samples, unique=unique)
     s_idx = jax.lax.stop_gradient(drawn.classes)
     rows = w.T if layout == "DV" else w  # [V, D] view: gathers rows

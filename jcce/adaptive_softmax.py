@@ -371,6 +371,9 @@ def _loss(params, x, y, keep, weights, *, ignore_index, reduction, block_rows,
         kept = (y != ignore_index).reshape(batch_shape)
         keep = kept if keep is None else keep & kept
     live = None if keep is None else keep.reshape(-1)
+    if weights is not None:  # a zero weight masks its example too
+        nonzero = jnp.broadcast_to(weights != 0, batch_shape).reshape(-1)
+        live = nonzero if live is None else live & nonzero
     if live is not None:  # NaN in a masked row reaches no gradient
         x = jnp.where(live[:, None], x, jnp.zeros((), x.dtype))
     bounds = params.cutoffs

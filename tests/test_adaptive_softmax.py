@@ -261,6 +261,25 @@ def test_batch_dims_jit_and_vmap():
     np.testing.assert_allclose(got, flat.reshape(2, 3, 4)[0].mean(-1), rtol=1e-6)
 
 
+def test_a_zero_weight_masks_nan_embeddings_as_where_does():
+    """NaN embeddings in a row of weight 0 reach no parameter's gradient, as with
+    ``where=False`` (they made every cluster's gradient NaN before)."""
+    p = _params(9)
+    x, y = _problem(9, n=12)
+    x[1] = np.nan
+    weights = np.array([1.0, 0.0] + [1.0] * 10, np.float32)
+
+    def total(p, **mask):
+        return asm.loss(p, x, y, **mask)
+
+    got = jax.value_and_grad(lambda p: total(p, weights=weights))(p)
+    want = jax.value_and_grad(lambda p: total(p, where=weights > 0))(p)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("block_rows", [None, 2])
 def test_inside_a_data_parallel_shard_map(block_rows):
     """Examples over two devices, the parameters replicated (shard_map with

@@ -10,6 +10,7 @@ keys, its mean gradient against the exact gradient (the log-Q correction's purpo
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -462,6 +463,26 @@ def test_nce_matches_the_float64_definition(hits):
         want = _softplus(-true) + noise.sum(1)
         np.testing.assert_allclose(got, want, rtol=1e-5)  # q in float32
         assert np.any(s[None, :] == y[:, None])  # so hits=True changes something
+
+
+@pytest.mark.parametrize("loss", ["nce_loss", "sampled_softmax_cross_entropy"])
+def test_a_zero_weight_masks_nan_embeddings_as_where_does(loss):
+    """A weight of 0 masks its example (semantics section 2), so NaN embeddings in that
+    row reach no gradient, as with ``where=False`` (they made the classifier's
+    gradient NaN before)."""
+    e, w, b, y = _problem(10)
+    e[1] = np.nan
+    weights = np.array([1.0, 0.0] + [1.0] * (N - 2), np.float32)
+    key = jax.random.key(6)
+
+    def total(w, **mask):
+        return getattr(jcce, loss)(e, w, y, bias=b, key=key, num_samples=20, **mask)
+
+    got = jax.value_and_grad(partial(total, weights=weights))(w)
+    want = jax.value_and_grad(partial(total, where=weights > 0))(w)
+    assert np.all(np.isfinite(got[1]))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["nce_loss", "sampled_softmax_cross_entropy"])
