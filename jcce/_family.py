@@ -135,8 +135,9 @@ def symmetric_cross_entropy(
 ) -> jax.Array:
     r"""Symmetric cross-entropy (Wang et al. 2019): ``alpha CE + beta RCE``.
 
-    ``RCE = -sum_k p_k log q_k`` is the cross-entropy with prediction and target
-    swapped, ``log 0`` replaced by ``log_zero`` (the paper's ``A = -4``); for class
+    ``RCE = -sum_k p_k max(log q_k, log_zero)`` is the cross-entropy with prediction
+    and target swapped, the target's logs clamped below at ``log_zero`` (the paper's
+    ``A = -4`` for ``log 0``); for class
     indices ``RCE = -log_zero (1 - p_y)``. The gradient is in closed form. It is
     ``jcce.chain(jcce.symmetric(alpha, beta, log_zero))``; the other arguments are those
     of :func:`cross_entropy` (class weights are not defined for this loss).

@@ -434,14 +434,16 @@ def generalized(q=0.7) -> Transform:
 def symmetric(alpha=0.1, beta=1.0, log_zero=-4.0) -> Transform:
     """Symmetric cross-entropy (Wang et al. 2019): ``alpha CE + beta RCE``.
 
-    The reverse cross-entropy ``RCE = -sum_k p_k log q_k`` swaps prediction and target,
-    with ``log 0`` replaced by ``log_zero`` (the paper's ``A = -4``). For class indices
-    ``RCE = -log_zero (1 - p_y)``. Class weights are not defined for this loss.
+    The reverse cross-entropy ``RCE = -sum_k p_k max(log q_k, log_zero)`` swaps
+    prediction and target, the target's logs clamped below at ``log_zero`` (the
+    paper's ``A = -4`` for ``log 0``). For class indices ``RCE = -log_zero (1 - p_y)``.
+    Class weights are not defined for this loss.
 
     Args:
       alpha: weight of the cross-entropy, float ``>= 0``.
       beta: weight of the reverse cross-entropy, float ``>= 0``.
-      log_zero: the value used for ``log 0``, float ``< 0``.
+      log_zero: the floor of ``log q_k`` (the value used for ``log 0``), float
+        ``< 0``.
 
     Raises:
       ValueError: if ``alpha < 0``, ``beta < 0`` or ``log_zero >= 0``.
