@@ -387,6 +387,40 @@ def test_traced_hyper_parameter_inside_its_domain_equals_the_concrete_one(make, 
     np.testing.assert_allclose(traced, make(good)(z, y, reduction="none"), rtol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "xla_cpu"])
+def test_generalized_q_derivatives_with_label_smoothing_and_a_masked_class(
+    implementation,
+):
+    """d/dq of generalized smoothing's power sum sum_k exp(q d_k) is sum_k d_k e^{q d_k},
+    whose -inf * 0 at a masked class was NaN (first and second derivative); a -inf
+    class contributes nothing. Against the float64 definition and central
+    differences."""
+    with jax.enable_x64(True):
+        z = jnp.array([[1.0, -jnp.inf, 0.5, -1.0], [0.2, 0.1, -jnp.inf, 2.0]])
+        y = jnp.array([0, 3])
+
+        def loss(q):
+            chain = jcce.chain(jcce.generalized(q), jcce.label_smoothing(0.1))
+            return chain(z, y, implementation=implementation)
+
+        def reference(q):
+            zz = np.asarray(z, np.float64)
+            live = np.isfinite(zz)
+            p = np.where(live, np.exp(zz - zz.max(-1, keepdims=True)), 0.0)
+            p /= p.sum(-1, keepdims=True)
+            t = 0.9 * np.eye(4)[np.asarray(y)] + 0.1 * live / live.sum(
+                -1, keepdims=True
+            )
+            return np.mean(np.sum(np.where(t > 0, t * (1 - p**q) / q, 0.0), -1))
+
+        q, h = 0.5, 1e-5
+        first = (reference(q + h) - reference(q - h)) / (2 * h)
+        second = (reference(q + h) - 2 * reference(q) + reference(q - h)) / h**2
+        np.testing.assert_allclose(loss(q), reference(q), rtol=1e-12)
+        np.testing.assert_allclose(jax.grad(loss)(q), first, rtol=1e-7)
+        np.testing.assert_allclose(jax.hessian(loss)(q), second, rtol=1e-4)
+
+
 def test_negative_temperature_was_a_wrong_infinity():
     """Logits +-100 and T = -1 once gave inf (the formula gives 200)."""
     z = jnp.array([[100.0, -100.0]])
