@@ -689,11 +689,18 @@ def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
     return ops.row_reduce(
         jnp.sum,
         zc,
-        lambda v, mr: _exp_of_product(power, _apply_maps(spec, v, map_values) - mr),
+        lambda v, mr: _exp_of_product(
+            *_floats(power, _apply_maps(spec, v, map_values) - mr)
+        ),
         m,
         layout=4,
         col=cw,
     )
+
+
+def _floats(a, d):
+    """``a`` (poly's power is the integer 1) in ``d``'s dtype, and ``d``."""
+    return jnp.asarray(a, d.dtype), d
 
 
 @jax.custom_jvp
