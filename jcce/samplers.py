@@ -104,7 +104,10 @@ def log_uniform(num_classes: int) -> Sampler:
 def unigram(counts, distortion: float = 1.0) -> Sampler:
     """``q(c)`` proportional to ``counts[c] ** distortion`` (``distortion=0.75``
     flattens a word-frequency distribution as word2vec does; 0 makes it uniform).
-    Classes with count 0 are never drawn."""
+    Classes with count 0 are never drawn, and their expected count is 0: a label of
+    such a class has ``log Q = -inf``, so with ``subtract_log_q=True`` (the default)
+    its example's loss is NaN, as in TensorFlow's sampled losses. Give every class
+    that can be a label a positive count (add-one smoothing, say)."""
     counts = v.unigram_counts("unigram", counts, distortion)
     positive = counts > 0
     w = jnp.where(

@@ -465,6 +465,25 @@ def test_nce_matches_the_float64_definition(hits):
         assert np.any(s[None, :] == y[:, None])  # so hits=True changes something
 
 
+def test_a_label_of_count_zero_is_nan_with_the_correction_only():
+    """A unigram class of count 0 is never drawn and has expected count 0: its label's
+    log Q is -inf, so the correction makes that example NaN (as documented in
+    ``samplers.unigram``) and leaves the others alone; without it the loss is finite."""
+    e, w, b, y = _problem(11, v=6)
+    y[1] = 2
+    sampler = samplers.unigram(np.array([5.0, 3.0, 0.0, 2.0, 1.0, 4.0]))
+
+    def losses(log_q):
+        return jcce.sampled_softmax_cross_entropy(
+            e, w, y, key=jax.random.key(7), num_samples=3, sampler=sampler,
+            subtract_log_q=log_q, reduction="none",
+        )  # fmt: skip
+
+    got = np.asarray(losses(True))
+    assert np.all(np.isnan(got[y == 2])) and np.all(np.isfinite(got[y != 2]))
+    assert np.all(np.isfinite(losses(False)))
+
+
 @pytest.mark.parametrize("loss", ["nce_loss", "sampled_softmax_cross_entropy"])
 def test_a_zero_weight_masks_nan_embeddings_as_where_does(loss):
     """A weight of 0 masks its example (semantics section 2), so NaN embeddings in that
