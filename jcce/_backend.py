@@ -194,11 +194,24 @@ def varying(aval) -> set:
     return set(getattr(aval, "vma", ()))
 
 
+def varying_of(*arrays) -> set:
+    """The mesh axes any of ``arrays`` varies over (None entries are skipped)."""
+    return set().union(*(varying(jax.typeof(a)) for a in arrays if a is not None))
+
+
+def vary_alike(*arrays) -> list:
+    """``arrays`` (None entries kept), each typed as varying over every mesh axis one
+    of them varies over: passed so to a ``custom_vjp``, a replicated argument's
+    cotangent is this shard's sum, which JAX adds up over the shards on the way out."""
+    axes = varying_of(*arrays)
+    return [None if a is None else vary_over(a, axes) for a in arrays]
+
+
 def shaped_like(shape, dtype, *args) -> jax.ShapeDtypeStruct:
     """The shape and dtype of a result computed from ``args``: varying inside
     ``jax.shard_map`` over every mesh axis one of them varies over (the type a
     ``pallas_call`` must be told for its results where ``check_vma=True``)."""
-    axes = frozenset().union(*(varying(jax.typeof(a)) for a in args))
+    axes = frozenset(varying_of(*args))
     if hasattr(jax.sharding, "ManualAxisType"):  # jax >= 0.10
         mat = jax.sharding.ManualAxisType(varying=axes)
         return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)

@@ -161,14 +161,9 @@ binary_kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def _call_kernel(*args):
-    """:func:`binary_kernel` on ``args``, inside ``jax.shard_map`` each typed as
-    varying over every mesh axis one of them varies over: the cotangent of a
-    replicated argument (labels or weights broadcast over sharded logits) is then this
-    shard's sum, which JAX adds up over the shards on the way out."""
-    present = [a for a in args if a is not None]
-    axes = set().union(*(_backend.varying(jax.typeof(a)) for a in present))
-    args = [None if a is None else _backend.vary_over(a, axes) for a in args]
-    return v.rule_free(binary_kernel)(*args)
+    """:func:`binary_kernel` on ``args`` typed alike inside ``jax.shard_map`` (labels
+    or weights broadcast over sharded logits: :func:`jcce._backend.vary_alike`)."""
+    return v.rule_free(binary_kernel)(*_backend.vary_alike(*args))
 
 
 # ---------------------------------------------------------------------- focal core

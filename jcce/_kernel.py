@@ -689,32 +689,30 @@ def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
     return ops.row_reduce(
         jnp.sum,
         zc,
-        lambda v, mr: _exp_of_product(
-            *_floats(power, _apply_maps(spec, v, map_values) - mr)
-        ),
+        lambda v, mr: _exp_of_product(power, _apply_maps(spec, v, map_values) - mr),
         m,
         layout=4,
         col=cw,
     )
 
 
-def _floats(a, d):
-    """``a`` (poly's power is the integer 1) in ``d``'s dtype, and ``d``."""
-    return jnp.asarray(a, d.dtype), d
+def _exp_of_product(a, d):
+    """``exp(a d)`` for ``a > 0``, whose derivatives at ``d = -inf`` (a masked class)
+    are 0 in ``a`` too: autodiff's ``d exp(a d)`` would be ``-inf * 0 = NaN`` there.
+    ``a`` is taken in ``d``'s dtype (poly's power is the integer 1)."""
+    return _exp_of_float_product(jnp.asarray(a, d.dtype), d)
 
 
 @jax.custom_jvp
-def _exp_of_product(a, d):
-    """``exp(a d)`` for ``a > 0``, whose derivatives at ``d = -inf`` (a masked class)
-    are 0 in ``a`` too: autodiff's ``d exp(a d)`` would be ``-inf * 0 = NaN`` there."""
+def _exp_of_float_product(a, d):
     return jnp.exp(a * d)
 
 
-@_exp_of_product.defjvp
-def _exp_of_product_jvp(primals, tangents):
+@_exp_of_float_product.defjvp
+def _exp_of_float_product_jvp(primals, tangents):
     a, d = primals
     da, dd = tangents
-    out = _exp_of_product(a, d)
+    out = _exp_of_float_product(a, d)
     return out, out * (a * dd + da * jnp.where(d > -jnp.inf, d, 0))
 
 

@@ -286,10 +286,7 @@ def _strategy(implementation):
 def _tail(block_rows, implementation, h, w, relative, selected):
     """A cluster's losses, in blocks of the implementation's size (unless given)."""
     rows = block_rows or _strategy(implementation).cluster_rows(h.shape[0], w.shape[1])
-    # Inside shard_map, h and w typed alike (a replicated w's cotangent is a sum over
-    # the shards' tokens: JAX adds it up on the way out).
-    axes = _backend.varying(jax.typeof(h)) | _backend.varying(jax.typeof(w))
-    h, w = _backend.vary_over(h, axes), _backend.vary_over(w, axes)
+    h, w = _backend.vary_alike(h, w)  # a replicated w inside shard_map
     return v.rule_free(_cluster_losses)(rows, implementation, h, w, relative, selected)
 
 
