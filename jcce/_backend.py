@@ -70,7 +70,8 @@ class Ops(NamedTuple):
     """The layout decisions of one implementation, as the kernel uses them.
 
     ``row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None)`` is
-    ``reduce(elementwise(x, row[..., None]) * col, axis=-1)``; ``layout`` (a small int)
+    ``reduce(elementwise(x, row[..., None]) * col, axis=-1)`` (``row``: a per-example
+    array, or a tuple of them, each broadcast so); ``layout`` (a small int)
     names reductions that must not share a ``[..., K]`` subexpression on XLA:CPU.
     ``sum_exp(x, m)`` is ``sum_k exp(x_k - m)``. ``widen(z)`` turns bfloat16 into
     float32. ``take_label(z, yc)`` gathers each row's label entry (``[..., 1]``).

@@ -4,7 +4,9 @@ Everything jcce computes over the class axis happens here. The class axis is las
 each example, in one fused pass over the logits ``z``:
 
 1. logit maps in chain order (soft-cap ``c tanh(z / c)``, temperature ``z / T``) give ``x``;
-2. ``m = max x`` (a non-finite max is replaced by 0) and ``d = x - m``;
+2. ``m = max x`` (a non-finite max is replaced by 0) and ``d = x - m`` (for a
+   temperature alone ``d = (z - max z) / T``, so that nothing rounds ``m`` first:
+   :func:`_shifted`);
 3. ``log_se = log sum exp d`` and ``lse = m + log_se``;
 4. the target term ``A = sum_k w_k q_k (lse - x_k)`` written as
    ``A = log_se sum(w q) - sum(w q d)``, so no large ``lse`` is subtracted from a large
@@ -124,6 +126,60 @@ def _apply_maps(spec: Spec, z, map_values):
     for kind, v in zip(spec.maps, map_values, strict=True):
         x = _softcap(x, v) if kind == "softcap" else _temperature(x, v)
     return x
+
+
+# The shift. Every sum subtracts a per-row shift from the mapped logits, d = x - m, and
+# the max's own d must come out exactly 0: one exp(d) of a huge error is 0 or inf. With
+# temperatures alone, x = z / T is unbounded, and an accelerator or LLVM contracts
+# z * (1 / T) - m into one fused multiply-add, which leaves the rounding error of m
+# (about 1e23 at |z| = 1e30, 8 at 1e9) in d. So there the shift is taken before the
+# maps, d = (z - max z) / T: nothing to contract, and one rounding where there were
+# three. Any chain with a soft-cap is bounded by the cap (the error is a rounding of a
+# logit's size), and takes its shift after the maps. Either way, ``shift`` below is a
+# per-row number in the space before the shift (the raw logits, or the mapped ones),
+# ``d = post(pre(z) - shift)``, and the max itself is ``post(shift)``.
+
+
+def shifts_raw(spec: Spec) -> bool:
+    """Whether ``spec``'s shift is taken on the raw logits (temperatures alone)."""
+    return _temperatures_only(spec)
+
+
+def pre_shift(spec: Spec, z, map_values):
+    """The logits in the space their shift is taken in (increasing in ``z``)."""
+    if shifts_raw(spec):
+        return z.astype(acc_dtype(z.dtype))
+    return _apply_maps(spec, z, map_values)
+
+
+def post_shift(spec: Spec, u, map_values):
+    """``d`` from ``u = pre_shift(z) - shift`` (for temperatures, ``u / T``)."""
+    return _apply_maps(spec, u, map_values) if shifts_raw(spec) else u
+
+
+def _shifted(spec: Spec, z, map_values, shift):
+    """``d = x - m``, the mapped logits less the row's max ``m = post_shift(shift)``
+    (``shift`` broadcast against ``z``). Its derivatives are those of ``x`` with ``m``
+    held constant, as ``m`` is everywhere (a stopped max)."""
+    if shifts_raw(spec):
+        return _scaled_difference(spec, z, map_values, shift)
+    return _apply_maps(spec, z, map_values) - shift
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _scaled_difference(spec, z, map_values, shift):
+    return _apply_maps(spec, z.astype(acc_dtype(z.dtype)) - shift, map_values)
+
+
+@_scaled_difference.defjvp
+def _scaled_difference_jvp(spec, primals, tangents):
+    # d(x - m) = dx: the maps' tangent at z itself (d/dT of z / T is -z / T^2, not
+    # -(z - shift) / T^2; the maps' cotangent needs the former).
+    z, map_values, shift = primals
+    dz, d_maps, _ = tangents
+    out = _scaled_difference(spec, z, map_values, shift)
+    _, t = jax.jvp(partial(_apply_maps, spec), (z, map_values), (dz, d_maps))
+    return out, _backend.vary_over(t, _backend.varying(jax.typeof(out)))
 
 
 # The maps' derivatives are written out so that an infinite logit (a -inf mask) has the
@@ -362,7 +418,7 @@ def _terms(
             ks, f_sum, df_sum = map(
                 vsum,
                 _focal_smoothing_sums(
-                    static.ops, static.spec, zc, m + log_se, cw, map_values, ov[0]
+                    static.ops, static.spec, zc, m, log_se, cw, map_values, ov[0]
                 ),
             )
             b, wq_b = f_sum / ks, df_sum / ks
@@ -411,20 +467,21 @@ class _Res(NamedTuple):
 
     lse: jax.Array
     log_se: jax.Array
-    m: jax.Array
+    shift: jax.Array  # the row's shift (see _shifted): the max is post_shift(shift)
     ce_y: jax.Array | None  # log_se - d_y (class indices), the label's surprisal
     terms: _Terms
     loss: jax.Array  # per-example loss before the example weight
-    e: jax.Array | None = None  # exp(x - m), [..., K], where kept (Static.keeps)
+    e: jax.Array | None = None  # exp(d), [..., K], where kept (Static.keeps)
 
 
 class RowSums(NamedTuple):
     """Reductions over the classes computed by a kernel of their own (the ``"pallas"``
     implementation's :func:`jcce._pallas.row_sums`) rather than by the strategy's
-    reductions: the max ``m`` (0 where not finite), ``se = sum exp(x - m)``, the label's
-    mapped logit, and where asked the smoothing sums ``K_S``, ``sum_S w``,
-    ``sum_S w (x - m)``, the power sum ``sum w exp(a (x - m))`` and focal's power sums
-    (:func:`_power_sums`)."""
+    reductions: the shift ``m`` (the max of :func:`pre_shift`'s logits, 0 where not
+    finite), ``se = sum exp(d)``, the label's logit before the shift, and where asked
+    the smoothing sums ``K_S``, ``sum_S w``, ``sum_S w d``, the power sum
+    ``sum w exp(a d)`` and focal's power sums (:func:`_power_sums`), for
+    ``d = x - max x``."""
 
     m: jax.Array
     se: jax.Array
@@ -452,20 +509,25 @@ def _log_sum_exp(
     sums=None,
     cap_shift=False,
 ):
-    """Mapped logits shifted by their max, ``d = x - m``, with ``m``,
-    ``log_se = log sum exp d`` (so ``lse = m + log_se``) per example, and with
-    ``keep`` the exponentials ``exp(d)`` (else None); over every vocabulary shard
-    with ``vocab_axis`` (``pmax`` and ``psum``: two numbers a token). With
-    :class:`RowSums` ``sums``, ``m`` and the sum come from there.
+    """Mapped logits shifted by their max, ``d = x - m``, with the row's ``shift``
+    (see :func:`_shifted`; ``m = post_shift(shift)``), ``log_se = log sum exp d`` (so
+    ``lse = m + log_se``) per example, and with ``keep`` the exponentials ``exp(d)``
+    (else None); over every vocabulary shard with ``vocab_axis`` (``pmax`` and
+    ``psum``: two numbers a token). With :class:`RowSums` ``sums``, the shift and the
+    sum come from there.
 
     ``cap_shift`` (only for a soft-capped spec over an unsharded vocabulary): ``m``
     may be the cap rather than the max (one pass fewer); ``log_se`` may then be
     negative, and the caller keeps each loss term ``log_se - d_k`` non-negative (see
     :func:`_forward`)."""
     acc = acc_dtype(zc.dtype)
-    x = _apply_maps(spec, zc, map_values)
+
+    def shifted(v, shift):
+        return _shifted(spec, v, map_values, shift)
+
     if sums is not None:
-        return x - sums.m[..., None], sums.m, _log_of_sum(sums.se), None
+        shift = sums.m
+        return shifted(zc, shift[..., None]), shift, _log_of_sum(sums.se), None
 
     def row_max():
         # The logit maps are increasing, so max(map(z)) = map(max(z)): reduce the raw
@@ -473,7 +535,7 @@ def _log_sum_exp(
         m_raw = lax.stop_gradient(ops.row_reduce(jnp.max, zc))
         if vocab_axis is not None:
             m_raw = lax.pmax(m_raw, vocab_axis)
-        m = lax.stop_gradient(_apply_maps(spec, m_raw, map_values))
+        m = lax.stop_gradient(pre_shift(spec, m_raw, map_values))
         return jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
 
     floor = jnp.ones((), acc)
@@ -486,30 +548,26 @@ def _log_sum_exp(
             _apply_maps(spec, jnp.full(zc.shape[:-1], jnp.inf, acc), map_values)
         )
         fits = jnp.all(2 * cap <= _SHIFT_RANGE * -jnp.log(jnp.finfo(acc).tiny))
-        m, floor = _backend.cond(
+        shift, floor = _backend.cond(
             fits, lambda: (cap, jnp.zeros((), acc)), lambda: (row_max(), floor)
         )
     else:
-        m = row_max()
+        shift = row_max()
     e = None
     if keep:
-        e = jnp.exp(x - m[..., None])
+        e = jnp.exp(shifted(zc, shift[..., None]))
         se = jnp.sum(e, axis=-1)
     elif spec.maps:
         # The mapped logits are recomputed from the raw ones inside the reduction (pinned,
         # so nothing of shape [..., K] is shared with the backward or materialized).
         se = ops.row_reduce(
-            jnp.sum,
-            zc,
-            lambda v, neg: jnp.exp(_apply_maps(spec, v, map_values) + neg),
-            -m,
-            layout=0,
+            jnp.sum, zc, lambda v, s_: jnp.exp(shifted(v, s_)), shift, layout=0
         )
     else:
-        se = ops.sum_exp(x, m)
+        se = ops.sum_exp(zc.astype(acc), shift)
     if vocab_axis is not None:
         se = lax.psum(se, vocab_axis)
-    return x - m[..., None], m, _log_of_sum(se, floor), e
+    return shifted(zc, shift[..., None]), shift, _log_of_sum(se, floor), e
 
 
 def _log_of_sum(se, floor=1):
@@ -552,15 +610,16 @@ def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, clean=None):
     def mapped(v):
         return _apply_maps(spec, v, map_values)
 
-    def masked_d(v, mr):  # d on S and exactly 0 off it
-        return ops.zero_neg_inf(mapped(v) - mr)
+    def d(v, shift):
+        return _shifted(spec, v, map_values, shift)
+
+    def masked_d(v, shift):  # d on S and exactly 0 off it
+        return ops.zero_neg_inf(d(v, shift))
 
     if "softcap" in spec.maps:
         ks = _support_size(ops, spec, zc, m, map_values)
         ws = ks if cw is None else jnp.broadcast_to(jnp.sum(cw), m.shape)
-        wd = ops.row_reduce(
-            jnp.sum, zc, lambda v, mr: mapped(v) - mr, m, layout=1, col=cw
-        )
+        wd = ops.row_reduce(jnp.sum, zc, d, m, layout=1, col=cw)
         return ks, ws, wd
 
     def exact():
@@ -571,9 +630,7 @@ def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, clean=None):
         )
 
     def unmasked():
-        return ops.row_reduce(
-            jnp.sum, zc, lambda v, mr: mapped(v) - mr, m, layout=2, col=cw
-        )
+        return ops.row_reduce(jnp.sum, zc, d, m, layout=2, col=cw)
 
     ks, wd = ops.support_sums(exact, unmasked, zc.shape[-1])
     if cw is None:
@@ -598,9 +655,10 @@ def _focal_arith(l_, gamma):
     return mod * l_, mod * (1 + gamma * jnp.exp(-l_) * (l_ / omp))
 
 
-def _focal_smoothing_sums(ops: Ops, spec: Spec, zc, lse, cw, map_values, gamma):
+def _focal_smoothing_sums(ops: Ops, spec: Spec, zc, m, log_se, cw, map_values, gamma):
     """``K_S``, ``sum_S w_k phi(l_k)`` and ``sum_S w_k phi'(l_k)`` for focal's ``phi``,
-    each one reduction over the raw logits in its own layout (no temp).
+    ``l_k = log_se - d_k`` (``m``: the shift), each one reduction over the raw logits
+    in its own layout (no temp).
 
     Written without compare or select so XLA:CPU fuses them: off the support the
     surprisal is set to 0 (where ``phi(0) = 0``), and ``(1 - p)^gamma`` is
@@ -609,16 +667,20 @@ def _focal_smoothing_sums(ops: Ops, spec: Spec, zc, lse, cw, map_values, gamma):
     def mapped(v):
         return _apply_maps(spec, v, map_values)
 
-    def f(v, lse_row):
-        return _focal_arith(-ops.zero_neg_inf(mapped(v) - lse_row), gamma)[0]
+    def surprisal(v, rows):  # l_k on S, 0 off it
+        shift, log_se_ = rows
+        return -ops.zero_neg_inf(_shifted(spec, v, map_values, shift) - log_se_)
 
-    def df(v, lse_row):
+    def f(v, rows):
+        return _focal_arith(surprisal(v, rows), gamma)[0]
+
+    def df(v, rows):
         on = 1.0 if "softcap" in spec.maps else ops.support(mapped(v))
-        return on * _focal_arith(-ops.zero_neg_inf(mapped(v) - lse_row), gamma)[1]
+        return on * _focal_arith(surprisal(v, rows), gamma)[1]
 
-    ks = _support_size(ops, spec, zc, lse, map_values)
-    f_sum = ops.row_reduce(jnp.sum, zc, f, lse, layout=2, col=cw)
-    df_sum = ops.row_reduce(jnp.sum, zc, df, lse, layout=3, col=cw)
+    ks = _support_size(ops, spec, zc, m, map_values)
+    f_sum = ops.row_reduce(jnp.sum, zc, f, (m, log_se), layout=2, col=cw)
+    df_sum = ops.row_reduce(jnp.sum, zc, df, (m, log_se), layout=3, col=cw)
     return ks, f_sum, df_sum
 
 
@@ -630,8 +692,8 @@ def _power_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, n):
     siblings of the sum of exponentials and share its pass."""
 
     def term(j, with_d):
-        def f(v, mr):
-            u = _apply_maps(spec, v, map_values) - mr
+        def f(v, shift):
+            u = _shifted(spec, v, map_values, shift)
             e = jnp.exp(j * u)  # 0 off the support, where d * e would be NaN
             return e * ops.zero_neg_inf(u) if with_d else e
 
@@ -689,7 +751,7 @@ def _exp_sum(ops: Ops, spec: Spec, zc, m, cw, map_values, power):
     return ops.row_reduce(
         jnp.sum,
         zc,
-        lambda v, mr: _exp_of_product(power, _apply_maps(spec, v, map_values) - mr),
+        lambda v, shift: _exp_of_product(power, _shifted(spec, v, map_values, shift)),
         m,
         layout=4,
         col=cw,
@@ -781,8 +843,11 @@ def _summed_forward(static, z, target, s, cw, params):
     batch, k = z.shape[:-1], z.shape[-1]
     live = jnp.ones(batch, bool) if s is None else _live(s)
 
-    def mapped(v, values):
-        return _apply_maps(spec, v, values["maps"])
+    def pre(v, values):
+        return pre_shift(spec, v, values["maps"])
+
+    def post(u, values):
+        return post_shift(spec, u, values["maps"])
 
     power = None
     if (
@@ -795,7 +860,7 @@ def _summed_forward(static, z, target, s, cw, params):
 
     values = {"maps": params.maps, "objective": params.objective}
     sums = _row_sums_for(static, z)(
-        mapped,
+        (pre, post),
         z.reshape(-1, k),
         target.reshape(-1),
         live.reshape(-1),
@@ -915,7 +980,7 @@ def _masked_forward(
         and static.integer_labels
         and not (spec.label_smoothing and spec.objective is not None)
     )
-    d, m, log_se, e = _log_sum_exp(
+    d, shift, log_se, e = _log_sum_exp(
         static.ops, spec, zc, params.maps, static.vocab_axis, keep, sums, cap_shift
     )
     if static.keep_exponentials and e is None:  # another platform's slot
@@ -930,12 +995,12 @@ def _masked_forward(
             valid = valid | ~live
         yc, owned = label_slot(static.vocab_axis, y, num_classes)
         if sums is not None:
-            d_y = sums.x_y - m
+            d_y = post_shift(spec, sums.x_y - shift, params.maps)
         else:
             z_y = static.ops.take_label(z, yc)
             if live is not None:
                 z_y = jnp.where(live[..., None], z_y, jnp.zeros((), z.dtype))
-            d_y = _apply_maps(spec, z_y, params.maps)[..., 0] - m
+            d_y = _shifted(spec, z_y, params.maps, shift[..., None])[..., 0]
         if static.vocab_axis is not None:  # the label's shard sends it to the others
             d_y = lax.psum(jnp.where(owned, d_y, 0), static.vocab_axis)
         # x_y <= max x, so d_y <= 0; where XLA computes the label's logit and the max
@@ -955,11 +1020,11 @@ def _masked_forward(
             else label_weight(static.vocab_axis, cw, yc, owned)
         )
 
-    lse = m + log_se
+    lse = lax.stop_gradient(post_shift(spec, shift, params.maps)) + log_se
     eps = params.label_smoothing if spec.label_smoothing else None
     ov = params.objective
     terms = _terms(
-        static, ov, eps, zc, m, params.maps, d, log_se, ce_y, w_y, target, cw, sums,
+        static, ov, eps, zc, shift, params.maps, d, log_se, ce_y, w_y, target, cw, sums,
         clean=(lambda: _clean(z, live)) if clean else None,
     )  # fmt: skip
     loss = _combine(static, ov, eps, terms)
@@ -968,7 +1033,7 @@ def _masked_forward(
     if spec.log_base:
         loss = loss / jnp.log(params.log_base)
     out = loss if s is None else jnp.where(live, s * loss, jnp.zeros((), acc))
-    return out, _Res(lse, log_se, m, ce_y, terms, loss, e)
+    return out, _Res(lse, log_se, shift, ce_y, terms, loss, e)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -1112,20 +1177,22 @@ def _backward(static, saved, ct, logits_only=False):
     cw_row = _as_row(cw, z.ndim)
     w = jnp.ones((), acc) if cw is None else cw_row
 
-    def mapped(zc):
-        """The mapped logits ``x`` and the maps' pullback, the gradient's cotangent
-        cast back to the logits' dtype."""
+    def shifted(zc):
+        """The shifted logits ``d = x - m`` and the maps' pullback, the gradient's
+        cotangent cast back to the logits' dtype."""
+
+        def d(z_, mv):
+            return _shifted(spec, z_, mv, r.shift[..., None])
+
         if zc.dtype != jnp.bfloat16:
-            return jax.vjp(lambda z_, mv: _apply_maps(spec, z_, mv), zc, params.maps)
-        x, pull_x = jax.vjp(
-            lambda x_, mv: _apply_maps(spec, x_, mv), static.ops.widen(zc), params.maps
-        )
+            return jax.vjp(d, zc, params.maps)
+        d_, pull_d = jax.vjp(d, static.ops.widen(zc), params.maps)
 
         def pull_maps(g):
-            dx, dm = pull_x(g)
-            return dx.astype(z.dtype), dm
+            dz_, dm = pull_d(g)
+            return dz_.astype(z.dtype), dm
 
-        return x, pull_maps
+        return d_, pull_maps
 
     kept = r.e is not None and static.keeps(z)
     phi = partial(_phi, kind, ov)
@@ -1165,8 +1232,7 @@ def _backward(static, saved, ct, logits_only=False):
         # Everything per logit is computed here, inside the strategy's branches (the
         # masked logits too): an [..., K] array from outside would be materialized
         # as a branch operand.
-        x, pull_maps = mapped(_clean(z, live))
-        d = x - r.m[..., None]
+        d, pull_maps = shifted(_clean(z, live))
         if kept:
             p = r.e * jnp.exp(-r.log_se)[..., None]
         else:
@@ -1254,7 +1320,7 @@ def _backward(static, saved, ct, logits_only=False):
             static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz, dmaps
         )
 
-    d = mapped(zc)[0] - r.m[..., None]  # for the other cotangents, if any is used
+    d = shifted(zc)[0]  # for the other cotangents, if any is used
     dtarget, ds, dcw, dparams = _input_cotangents(
         static, target, s, cw, params, r, ct, c, c0, c_k, eps, zc, d, yc, owned, w_y,
         live,
@@ -1272,11 +1338,11 @@ def _set_label_entries(static, zc, yc, w_y, params, r, c_row, eps, zl, live, dz,
     kind, ov, t = spec.objective, params.objective, r.terms
     if spec.maps:
         z_y = static.ops.take_label(zc, yc)[..., 0]
-        x_y, pull_y = jax.vjp(
-            lambda z_, mv: _apply_maps(spec, z_, mv), z_y, params.maps
+        d_y, pull_y = jax.vjp(
+            lambda z_, mv: _shifted(spec, z_, mv, r.shift), z_y, params.maps
         )
-        p_y = jnp.exp((x_y - r.m) - r.log_se)
-        on_support = x_y > -jnp.inf
+        p_y = jnp.exp(d_y - r.log_se)
+        on_support = d_y > -jnp.inf
     else:
         # p_y = exp(d_y - log_se) = exp(-ce_y) exactly; no second gather of the logits.
         p_y = jnp.exp(-r.ce_y)
@@ -1373,7 +1439,7 @@ def _input_cotangents(
                 ov_,
                 eps_,
                 zc,
-                r.m,
+                r.shift,
                 params.maps,
                 d,
                 r.log_se,

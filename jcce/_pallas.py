@@ -6,12 +6,12 @@ its classes ``COLUMNS`` at a time (:func:`class_block`), so ``value_and_grad`` o
 supported chain reads the logits twice and writes the gradient once, whatever the
 transforms:
 
-* :func:`row_sums` (the forward): one read. Per row, the running max of the mapped
-  logits and the sum of exponentials below it, rescaled whenever the max grows (the
-  online log-sum-exp), the label's mapped logit, and the label-smoothing sums (support
-  size, class weights over the support, ``sum_S w_k (x_k - m)``), the power sum
-  ``sum_k w_k exp(a (x_k - m))`` of poly and generalized smoothing and the power sums
-  of focal's whole gammas, rescaled likewise.
+* :func:`row_sums` (the forward): one read. Per row, the running max (the shift) and
+  the sum of exponentials below it, rescaled whenever the max grows (the online
+  log-sum-exp), the label's logit, and the label-smoothing sums (support size, class
+  weights over the support, ``sum_S w_k d_k``), the power sum ``sum_k w_k exp(a d_k)``
+  of poly and generalized smoothing and the power sums of focal's whole gammas,
+  rescaled likewise.
 * :func:`column_map` (the backward): one read and one write. Each block of classes gets
   its gradient from a function of the block and the per-example residuals; the kernel
   (:mod:`jcce._kernel`) passes its own closed form, so no math is written twice.
@@ -100,15 +100,18 @@ def _rescaled(total, factor):
     return jnp.where(total != 0, total * factor, total)
 
 
-def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
+def row_sums(maps, z, y, live, cw, scalars, *, smoothing, power, powers=0):
     """Per-row sums of the mapped logits in one read of ``z`` ``[N, K]``.
 
     Args:
-      mapped: ``mapped(z_block, scalars) -> x_block``, the logit maps (increasing),
-        returning the accumulation dtype.
+      maps: ``(pre, post)``, the logit maps split at the shift:
+        ``pre(z_block, scalars)`` gives the logits the shift (their max) is taken of,
+        in the accumulation dtype, and ``post(u, scalars)`` the shifted mapped logits
+        ``d = x - max x`` from ``u = pre(z) - shift``; both increasing, ``post``
+        linear (the identity, or a division by a temperature).
       z: ``[N, K]`` logits; ``y``: ``[N]`` int32 labels (any value; one out of range
         matches no class); ``live``: ``[N]`` bool, False rows read as zero logits.
-      cw: ``[K]`` class weights or None. ``scalars``: a pytree of scalars for ``mapped``
+      cw: ``[K]`` class weights or None. ``scalars``: a pytree of scalars for the maps
         and the power.
       smoothing: also compute the label-smoothing sums. ``power``: None, or a function
         of ``scalars`` giving ``a`` for ``sum_k w_k exp(a (x_k - m))``. ``powers``: a
@@ -117,15 +120,16 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
 
     Returns:
       ``(m, se, x_y, ks, ws, wd, wpa, e, f)``, each ``[N]`` in the accumulation dtype
-      (None where not asked; ``e`` and ``f`` tuples of ``n``): ``m`` the max of the
-      mapped logits (0 where not finite), ``se = sum exp(x - m)``, ``x_y`` the label's
-      mapped logit, ``ks`` the support size (``x > -inf``, NaN for a NaN logit),
-      ``ws = sum_S w``, ``wd = sum_S w (x - m)``, ``wpa = sum w exp(a (x - m))``,
-      ``e[j - 1] = sum w exp(j (x - m))``, ``f[j - 1] = sum_S w (x - m) exp(j (x - m))``.
+      (None where not asked; ``e`` and ``f`` tuples of ``n``): ``m`` the shift, the max
+      of ``pre(z)`` (0 where not finite), ``se = sum exp(d)``, ``x_y`` the label's
+      ``pre(z)``, ``ks`` the support size (``x > -inf``, NaN for a NaN logit),
+      ``ws = sum_S w``, ``wd = sum_S w d``, ``wpa = sum w exp(a d)``,
+      ``e[j - 1] = sum w exp(j d)``, ``f[j - 1] = sum_S w d exp(j d)``.
     """
     n, k = z.shape
     block = class_block(k)
-    acc = jax.eval_shape(mapped, jax.ShapeDtypeStruct((1, block), z.dtype), scalars)
+    pre, post = maps
+    acc = jax.eval_shape(pre, jax.ShapeDtypeStruct((1, block), z.dtype), scalars)
     acc = acc.dtype
     vector, unpack = _pack(scalars, acc)
     weighted = cw is not None
@@ -145,13 +149,14 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
             start = pl.multiple_of(j * block, block)
             zb = z_ref[:, pl.ds(start, block)]
             zb = jnp.where(keep[:, None], zb, jnp.zeros((), zb.dtype))
-            x = mapped(zb, values)
+            x = pre(zb, values)
             cols = start + lax.broadcasted_iota(jnp.int32, x.shape, 1)
             w = cw_ref[pl.ds(start, block)][None, :] if weighted else None
             m = jnp.maximum(carry["m"], jnp.max(x, axis=1))
             old, new = carry["shift"], jnp.where(jnp.isfinite(m), m, 0)
-            d = x - new[:, None]
-            ex, grow = jnp.exp(d), jnp.exp(old - new)
+            d = post(x - new[:, None], values)
+            step_d = post(old - new, values)  # d moves by this where the shift moves
+            ex, grow = jnp.exp(d), jnp.exp(step_d)
             dw = _xla.OPS.zero_neg_inf(d)
             out = dict(m=m, shift=new)
             out["se"] = _rescaled(carry["se"], grow) + jnp.sum(ex, axis=1)
@@ -159,20 +164,20 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
                 jnp.where(cols == label[:, None], x, 0), axis=1
             )
             if smoothing:
-                on = _xla.OPS.support(x)
+                on = _xla.OPS.support(d)
                 out["ks"] = carry["ks"] + jnp.sum(on, axis=1)
                 ws = jnp.sum(on if w is None else on * w, axis=1)
                 # sum_S w (x - m): the sum so far moves with the shift, by its weight.
                 moved = jnp.where(
                     carry["ws"] > 0,
-                    carry["wd"] + (old - new) * carry["ws"],
+                    carry["wd"] + step_d * carry["ws"],
                     carry["wd"],
                 )
                 out["wd"] = moved + jnp.sum(dw if w is None else dw * w, axis=1)
                 out["ws"] = carry["ws"] + ws
             if power is not None:
                 e = jnp.exp(a * d)
-                out["wpa"] = _rescaled(carry["wpa"], jnp.exp(a * (old - new))) + (
+                out["wpa"] = _rescaled(carry["wpa"], jnp.exp(a * step_d)) + (
                     jnp.sum(e if w is None else e * w, axis=1)
                 )
             e, factor = ex, grow  # e^{j d} and e^{j (old - new)}, by products
@@ -180,10 +185,10 @@ def row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
                 if j > 1:
                     e, factor = e * ex, factor * grow
                 ed = e * dw
-                # sum w (x - s) e^{j (x - s)} moves with the shift s by (old - new) times
-                # the matching sum of e^{j (x - s)}, and both scale by e^{j (old - new)}.
+                # sum w d e^{j d} moves with the shift by step_d times the matching
+                # sum of e^{j d}, and both scale by e^{j step_d}.
                 e_old, f_old = carry[f"e{j}"], carry[f"f{j}"]
-                moved = jnp.where(e_old != 0, f_old + (old - new) * e_old, f_old)
+                moved = jnp.where(e_old != 0, f_old + step_d * e_old, f_old)
                 out[f"f{j}"] = _rescaled(moved, factor) + jnp.sum(
                     ed if w is None else ed * w, axis=1
                 )

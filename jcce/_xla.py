@@ -10,6 +10,7 @@ token blocks from a memory budget (:func:`linear_plan`), never from a CPU cache.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jcce._backend import LinearPlan, Ops, rows_within
@@ -26,10 +27,16 @@ LEAN_BUDGET = 128 * 2**20
 
 def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
     del layout  # an XLA:CPU concern
-    v = x if elementwise is None else elementwise(x, row[..., None])
+    v = x if elementwise is None else elementwise(x, _per_class(row))
     if col is not None:
         v = v * col.reshape((1,) * (v.ndim - 1) + col.shape)
     return reduce(v, axis=-1)
+
+
+def _per_class(row):
+    """The per-example operand(s) ``row`` (an array or a tuple), broadcast along the
+    classes."""
+    return jax.tree.map(lambda r: r[..., None], row)
 
 
 def _sum_exp(x, m):

@@ -82,25 +82,35 @@ def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
             # width] copy of them, YNNPACK ran the reduction about 8x slower.
             v = _pin(x.reshape(-1, nb, width))
             if elementwise is not None:
-                v = elementwise(v, row.reshape(-1, 1, 1))
+                v = elementwise(v, jax.tree.map(lambda r: r.reshape(-1, 1, 1), row))
             v = v * col.reshape(1, nb, width)
             return reduce(reduce(v, axis=-1), axis=-1).reshape(lead)
         v = _pin(x.reshape(-1, width))
         if elementwise is not None:
-            r = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
-            v = elementwise(v, r)
+            v = elementwise(v, _per_chunk(row, lead, nb))
         if col is not None:
             cols = jnp.broadcast_to(col.reshape(nb, width), lead + (nb, width))
             v = v * cols.reshape(-1, width)
         return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
     if nb == 1:
-        v = x if elementwise is None else elementwise(x, row[..., None])
+        v = (
+            x
+            if elementwise is None
+            else elementwise(x, jax.tree.map(lambda r: r[..., None], row))
+        )
         return reduce(v, axis=-1)
     v = x.reshape(-1, x.shape[-1] // nb)
     if elementwise is not None:
-        per_chunk = jnp.broadcast_to(row[..., None], lead + (nb,)).reshape(-1, 1)
-        v = elementwise(v, per_chunk)
+        v = elementwise(v, _per_chunk(row, lead, nb))
     return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
+
+
+def _per_chunk(row, lead, nb):
+    """The per-example operand(s) ``row`` (an array or a tuple) as a column of the
+    ``[rows * nb, width]`` chunks."""
+    return jax.tree.map(
+        lambda r: jnp.broadcast_to(r[..., None], lead + (nb,)).reshape(-1, 1), row
+    )
 
 
 def _sum_exp(x, m):
@@ -288,7 +298,7 @@ def cluster_rows(num_rows: int, classes: int) -> int:
 _BLOCK_BYTES = 1 * 2**20
 
 
-def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
+def _row_sums(maps, z, y, live, cw, scalars, *, smoothing, power, powers=0):
     """:func:`jcce._pallas.row_sums` (same arguments, same results) as a loop over
     blocks of rows: each block's logits are mapped once (a soft-cap's ``tanh`` and the
     exponentials computed once) into a cache-sized temporary that every sum then reads,
@@ -301,7 +311,7 @@ def _row_sums(mapped, z, y, live, cw, scalars, *, smoothing, power, powers=0):
     sum ``sum_k w_k d_k`` that is not finite, and then the whole batch takes the exact
     sums in a second walk (a ``lax.cond``; under ``vmap`` both run)."""
     walk = partial(
-        _blocked_sums, mapped, z, y, live, cw, scalars, power=power, powers=powers
+        _blocked_sums, maps, z, y, live, cw, scalars, power=power, powers=powers
     )
     if not smoothing:
         return walk(smoothing=False)
@@ -317,7 +327,7 @@ _SUMS = ("m", "se", "x_y", "ks", "ws", "wd", "wpa")
 
 
 def _blocked_sums(
-    mapped, z, y, live, cw, scalars, *, smoothing, power, powers, finite=False
+    maps, z, y, live, cw, scalars, *, smoothing, power, powers, finite=False
 ):
     """The walk of :func:`_row_sums`; with ``finite`` it takes the smoothing sums as
     if every mapped logit were finite."""
@@ -339,13 +349,14 @@ def _blocked_sums(
 
     def one(zr, yr, keep):
         zr = jnp.where(keep, zr, jnp.zeros((), zr.dtype))
-        x = mapped(zr, scalars)
+        pre, post = maps
+        x = pre(zr, scalars)
         m = jnp.max(x)
         m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
-        d = x - m
+        d = post(x - m, scalars)
         e = jnp.exp(d)
         out = {"m": m, "se": total(e)}
-        # The label's mapped logit by index (a gather), not a masked sum over the
+        # The label's logit (before the shift) by index (a gather), not a masked sum over the
         # block (which cost a pass over it); 0 for a label out of range.
         inside = (yr >= 0) & (yr < k)
         out["x_y"] = jnp.where(inside, x[jnp.clip(yr, 0, k - 1)], 0)
@@ -353,7 +364,7 @@ def _blocked_sums(
         if smoothing:
             out["wd"] = weighted(dw)
         if smoothing and not finite:
-            on = _support(x)
+            on = _support(d)
             out["ks"], out["ws"] = total(on), weighted(on)
         if power is not None:
             out["wpa"] = weighted(jnp.exp(power(scalars) * d))

@@ -247,7 +247,8 @@ def naive_jax_objective(
     elif kind == "poly":
         phi = -logp + objective[1] * (1 - p)
     elif kind == "generalized":
-        phi = (1 - p ** objective[1]) / objective[1]
+        # p^q as exp(q log p): autodiff of p ** q is 0 * inf = NaN where p underflows
+        phi = (1 - jnp.exp(objective[1] * logp)) / objective[1]
     else:
         phi = objective[1] * -logp
     loss = jnp.sum(w * q * phi, axis=-1)

@@ -958,7 +958,7 @@ def test_blocked_sums_walk_once_where_every_logit_is_finite(x64, case):
 
     def walk(fn, **kw):
         return fn(
-            lambda v, s: v / s["t"], jnp.asarray(z), jnp.asarray(y),
+            (lambda v, s: v, lambda u, s: u / s["t"]), jnp.asarray(z), jnp.asarray(y),
             jnp.asarray(live), jnp.asarray(cw), {"t": 1.5},
             power=None, powers=2, **kw,
         )  # fmt: skip
@@ -971,9 +971,10 @@ def test_blocked_sums_walk_once_where_every_logit_is_finite(x64, case):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exact), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-12)
 
-    x = np.where(live[:, None], z, 0.0) / 1.5
+    # A temperature's shift is taken before it: m and x_y are raw logits.
+    x = np.where(live[:, None], z, 0.0)
     m = np.max(x, axis=-1, keepdims=True)
-    d = x - m
+    d = (x - m) / 1.5
     on = x > -np.inf
     dw = np.where(on, d, 0.0)
     want = {
