@@ -440,7 +440,10 @@ def symmetric(alpha=0.1, beta=1.0, log_zero=-4.0) -> Transform:
     Class weights are not defined for this loss.
 
     Args:
-      alpha: weight of the cross-entropy, float ``>= 0``.
+      alpha: weight of the cross-entropy, float ``>= 0``. The term is computed at
+        ``alpha = 0`` too: target mass (or a label) on a ``-inf`` logit makes the
+        cross-entropy infinite and the loss NaN (``0 * inf``), as it is infinite for
+        any ``alpha > 0``; mask such examples.
       beta: weight of the reverse cross-entropy, float ``>= 0``.
       log_zero: the floor of ``log q_k`` (the value used for ``log 0``), float
         ``< 0``.

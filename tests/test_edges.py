@@ -757,3 +757,20 @@ def test_a_traced_cap_takes_the_cap_or_the_max_at_run_time(cap):
     y = jax.random.randint(jax.random.key(6), (8,), 0, 50)
     got = jax.jit(lambda z_, c: jcce.softcap(c)(z_, y, reduction="none"))(z, cap)
     np.testing.assert_allclose(got, _capped_reference(z, y, cap), rtol=2e-6, atol=2e-6)
+
+
+def test_symmetric_at_alpha_zero_keeps_its_infinite_cross_entropy_term():
+    """``alpha = 0`` is not special-cased: target mass on a ``-inf`` logit makes the
+    cross-entropy term infinite, so the loss is NaN (``0 * inf``) as the docstring of
+    :func:`jcce.symmetric` says, where any ``alpha > 0`` gives ``inf``; masking the
+    example gives 0, and mass only on finite logits gives ``beta * RCE``."""
+    z = jnp.array([[0.0, -jnp.inf, 1.0]])
+    on_masked = jnp.array([[0.5, 0.5, 0.0]])
+    loss = jcce.symmetric(0.0, 1.0)
+    assert np.isnan(loss(z, on_masked, reduction="none")[0])
+    assert np.isnan(loss(z, jnp.array([1]), reduction="none")[0])
+    assert loss(z, jnp.array([1]), where=jnp.array([False]), reduction="sum") == 0
+    assert np.isposinf(jcce.symmetric(0.1, 1.0)(z, on_masked, reduction="none")[0])
+    # q = (1/2, 0, 1/2) on p = (p_0, 0, p_2): RCE = -(p_0 + p_2) log(1/2) = log 2
+    finite = jnp.array([[0.5, 0.0, 0.5]])
+    np.testing.assert_allclose(loss(z, finite, reduction="none"), [np.log(2)], 1e-6)
