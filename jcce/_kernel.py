@@ -140,28 +140,28 @@ def _apply_maps(spec: Spec, z, map_values):
 # ``d = post(pre(z) - shift)``, and the max itself is ``post(shift)``.
 
 
-def shifts_raw(spec: Spec) -> bool:
+def _shifts_raw(spec: Spec) -> bool:
     """Whether ``spec``'s shift is taken on the raw logits (temperatures alone)."""
     return _temperatures_only(spec)
 
 
-def pre_shift(spec: Spec, z, map_values):
+def _pre_shift(spec: Spec, z, map_values):
     """The logits in the space their shift is taken in (increasing in ``z``)."""
-    if shifts_raw(spec):
+    if _shifts_raw(spec):
         return z.astype(acc_dtype(z.dtype))
     return _apply_maps(spec, z, map_values)
 
 
-def post_shift(spec: Spec, u, map_values):
-    """``d`` from ``u = pre_shift(z) - shift`` (for temperatures, ``u / T``)."""
-    return _apply_maps(spec, u, map_values) if shifts_raw(spec) else u
+def _post_shift(spec: Spec, u, map_values):
+    """``d`` from ``u = _pre_shift(z) - shift`` (for temperatures, ``u / T``)."""
+    return _apply_maps(spec, u, map_values) if _shifts_raw(spec) else u
 
 
 def _shifted(spec: Spec, z, map_values, shift):
-    """``d = x - m``, the mapped logits less the row's max ``m = post_shift(shift)``
+    """``d = x - m``, the mapped logits less the row's max ``m = _post_shift(shift)``
     (``shift`` broadcast against ``z``). Its derivatives are those of ``x`` with ``m``
     held constant, as ``m`` is everywhere (a stopped max)."""
-    if shifts_raw(spec):
+    if _shifts_raw(spec):
         return _scaled_difference(spec, z, map_values, shift)
     return _apply_maps(spec, z, map_values) - shift
 
@@ -467,7 +467,7 @@ class _Res(NamedTuple):
 
     lse: jax.Array
     log_se: jax.Array
-    shift: jax.Array  # the row's shift (see _shifted): the max is post_shift(shift)
+    shift: jax.Array  # the row's shift (see _shifted): the max is _post_shift(shift)
     ce_y: jax.Array | None  # log_se - d_y (class indices), the label's surprisal
     terms: _Terms
     loss: jax.Array  # per-example loss before the example weight
@@ -477,7 +477,7 @@ class _Res(NamedTuple):
 class RowSums(NamedTuple):
     """Reductions over the classes computed by a kernel of their own (the ``"pallas"``
     implementation's :func:`jcce._pallas.row_sums`) rather than by the strategy's
-    reductions: the shift ``m`` (the max of :func:`pre_shift`'s logits, 0 where not
+    reductions: the shift ``m`` (the max of :func:`_pre_shift`'s logits, 0 where not
     finite), ``se = sum exp(d)``, the label's logit before the shift, and where asked
     the smoothing sums ``K_S``, ``sum_S w``, ``sum_S w d``, the power sum
     ``sum w exp(a d)`` and focal's power sums (:func:`_power_sums`), for
@@ -510,7 +510,7 @@ def _log_sum_exp(
     cap_shift=False,
 ):
     """Mapped logits shifted by their max, ``d = x - m``, with the row's ``shift``
-    (see :func:`_shifted`; ``m = post_shift(shift)``), ``log_se = log sum exp d`` (so
+    (see :func:`_shifted`; ``m = _post_shift(shift)``), ``log_se = log sum exp d`` (so
     ``lse = m + log_se``) per example, and with ``keep`` the exponentials ``exp(d)``
     (else None); over every vocabulary shard with ``vocab_axis`` (``pmax`` and
     ``psum``: two numbers a token). With :class:`RowSums` ``sums``, the shift and the
@@ -535,7 +535,7 @@ def _log_sum_exp(
         m_raw = lax.stop_gradient(ops.row_reduce(jnp.max, zc))
         if vocab_axis is not None:
             m_raw = lax.pmax(m_raw, vocab_axis)
-        m = lax.stop_gradient(pre_shift(spec, m_raw, map_values))
+        m = lax.stop_gradient(_pre_shift(spec, m_raw, map_values))
         return jnp.where(jnp.isfinite(m), m, jnp.zeros((), acc))
 
     floor = jnp.ones((), acc)
@@ -844,10 +844,10 @@ def _summed_forward(static, z, target, s, cw, params):
     live = jnp.ones(batch, bool) if s is None else _live(s)
 
     def pre(v, values):
-        return pre_shift(spec, v, values["maps"])
+        return _pre_shift(spec, v, values["maps"])
 
     def post(u, values):
-        return post_shift(spec, u, values["maps"])
+        return _post_shift(spec, u, values["maps"])
 
     power = None
     if (
@@ -995,7 +995,7 @@ def _masked_forward(
             valid = valid | ~live
         yc, owned = label_slot(static.vocab_axis, y, num_classes)
         if sums is not None:
-            d_y = post_shift(spec, sums.x_y - shift, params.maps)
+            d_y = _post_shift(spec, sums.x_y - shift, params.maps)
         else:
             z_y = static.ops.take_label(z, yc)
             if live is not None:
@@ -1020,7 +1020,7 @@ def _masked_forward(
             else label_weight(static.vocab_axis, cw, yc, owned)
         )
 
-    lse = lax.stop_gradient(post_shift(spec, shift, params.maps)) + log_se
+    lse = lax.stop_gradient(_post_shift(spec, shift, params.maps)) + log_se
     eps = params.label_smoothing if spec.label_smoothing else None
     ov = params.objective
     terms = _terms(
