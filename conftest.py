@@ -10,7 +10,9 @@ level, 11 with this). XLA's own HLO passes still run, so the programs the tests 
 (their fusions, the passes over the logits counted in ``tests/test_passes.py``, the
 compiled memory) are the ones users get; only the machine code is less optimized
 (LLVM may contract a multiply and an add into one rounding at the default level, which
-every tolerance here admits). To test with other flags set ``XLA_FLAGS`` yourself,
+every tolerance here admits; where contraction changed results beyond rounding, with huge
+logits and a constant temperature, ``tests/test_contraction.py`` runs the losses in a
+process at the default level). To test with other flags set ``XLA_FLAGS`` yourself,
 with ``--xla_force_host_platform_device_count=8`` for the multi-device tests.
 """
 
