@@ -364,7 +364,7 @@ def _blocked_sums(
         if smoothing:
             out["wd"] = weighted(dw)
         if smoothing and not finite:
-            on = _support(d)
+            on = _support(x)
             out["ks"], out["ws"] = total(on), weighted(on)
         if power is not None:
             out["wpa"] = weighted(jnp.exp(power(scalars) * d))
