@@ -104,7 +104,14 @@ def _at_default_level():
     """Values and gradients of every case, computed in a fresh process whose XLA:CPU
     runs LLVM at its default optimization level (``XLA_FLAGS`` unset). One process
     for every case: its start and compiles are most of this test's time."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # No XLA_FLAGS, and not the suite's shared compilation cache: a program compiled
+    # at level 0 by another test must not be loaded here.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "XLA_FLAGS"
+        and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSIST"))
+    }
     root = str(Path(__file__).parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     spec = {
