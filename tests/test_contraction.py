@@ -74,6 +74,10 @@ CHAINS = {
 CASES = [(c, i, "labels") for c in CHAINS for i in ("xla", "xla_cpu")]
 CASES += [(c, "xla", "probabilities") for c in ("plain", "smoothing", "focal")]
 CASES += [(c, "pallas", "labels") for c in ("plain", "smoothing", "focal_whole")]
+# The fused linear loss on embeddings I and a [D, V] classifier z (its logits are z),
+# the gradient taken with respect to the classifier.
+CASES += [(c, i, kind) for c in ("plain", "focal") for i in ("xla", "xla_cpu")
+          for kind in ("linear", "linear_lean")]  # fmt: skip
 
 _SCRIPT = """
 import json, sys
@@ -84,11 +88,16 @@ spec = json.loads(sys.argv[1])
 z = jnp.asarray(spec["logits"], jnp.float32)
 out = {}
 for chain, impl, kind in spec["cases"]:
-    t = jnp.asarray(spec["labels"]) if kind == "labels" else jnp.asarray(spec["targets"])
+    probabilities = kind == "probabilities"
+    t = jnp.asarray(spec["targets"] if probabilities else spec["labels"])
     transforms = eval(spec["chains"][chain])
     loss = jcce.chain(jcce.temperature(spec["t"]), *transforms)
 
     def f(z):
+        if kind.startswith("linear"):
+            eye = jnp.eye(z.shape[0], dtype=z.dtype)
+            return loss.linear(eye, z, t, reduction="none", implementation=impl,
+                               lean=kind == "linear_lean")
         with interpret_pallas(impl == "pallas"):
             return loss(z, t, reduction="none", implementation=impl)
 
@@ -135,7 +144,7 @@ def _at_default_level():
 
 def _references(chain, kind):
     """The float64 per-example losses and the gradient of their sum."""
-    targets = np.array(LABELS) if kind == "labels" else np.array(TARGETS)
+    targets = np.array(TARGETS) if kind == "probabilities" else np.array(LABELS)
     kw = dict(CHAINS[chain][1])
     kw["maps"] = (("temperature", T),) + tuple(kw.get("maps", ()))
     value = numpy_objective(np.array(LOGITS), targets, **kw)
