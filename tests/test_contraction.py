@@ -6,8 +6,9 @@ a constant ``T`` becomes one fused multiply-add, ``fma(z, 1 / T, -m)``, which ke
 rounding error of ``m`` in the max's own ``d = x - m``: about ``1e23`` at
 ``|z| = 1e30`` (``exp`` of it is 0 or inf) and tens of nats at ``|z| = 1e9``. jcce takes
 a temperature's shift before the division (``d = (z - max z) / T``, see
-``jcce._kernel._shifted``). This test runs the losses in a subprocess at the default
-level and checks them against float64 references.
+``jcce._kernel._shifted``). This test runs the losses (and the fused linear loss,
+default and lean) in a subprocess at the default level and checks them against float64
+references.
 """
 
 import json
