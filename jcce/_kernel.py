@@ -140,28 +140,23 @@ def _apply_maps(spec: Spec, z, map_values):
 # ``d = post(pre(z) - shift)``, and the max itself is ``post(shift)``.
 
 
-def _shifts_raw(spec: Spec) -> bool:
-    """Whether ``spec``'s shift is taken on the raw logits (temperatures alone)."""
-    return _temperatures_only(spec)
-
-
 def _pre_shift(spec: Spec, z, map_values):
     """The logits in the space their shift is taken in (increasing in ``z``)."""
-    if _shifts_raw(spec):
+    if _temperatures_only(spec):
         return z.astype(acc_dtype(z.dtype))
     return _apply_maps(spec, z, map_values)
 
 
 def _post_shift(spec: Spec, u, map_values):
     """``d`` from ``u = _pre_shift(z) - shift`` (for temperatures, ``u / T``)."""
-    return _apply_maps(spec, u, map_values) if _shifts_raw(spec) else u
+    return _apply_maps(spec, u, map_values) if _temperatures_only(spec) else u
 
 
 def _shifted(spec: Spec, z, map_values, shift):
     """``d = x - m``, the mapped logits less the row's max ``m = _post_shift(shift)``
     (``shift`` broadcast against ``z``). Its derivatives are those of ``x`` with ``m``
     held constant, as ``m`` is everywhere (a stopped max)."""
-    if _shifts_raw(spec):
+    if _temperatures_only(spec):
         return _scaled_difference(spec, z, map_values, shift)
     return _apply_maps(spec, z, map_values) - shift
 
@@ -553,9 +548,9 @@ def _log_sum_exp(
         )
     else:
         shift = row_max()
-    e = None
+    d, e = shifted(zc, shift[..., None]), None
     if keep:
-        e = jnp.exp(shifted(zc, shift[..., None]))
+        e = jnp.exp(d)
         se = jnp.sum(e, axis=-1)
     elif spec.maps:
         # The mapped logits are recomputed from the raw ones inside the reduction (pinned,
@@ -567,7 +562,7 @@ def _log_sum_exp(
         se = ops.sum_exp(zc.astype(acc), shift)
     if vocab_axis is not None:
         se = lax.psum(se, vocab_axis)
-    return shifted(zc, shift[..., None]), shift, _log_of_sum(se, floor), e
+    return d, shift, _log_of_sum(se, floor), e
 
 
 def _log_of_sum(se, floor=1):
