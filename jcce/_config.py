@@ -119,6 +119,42 @@ def value_key(value):
 
 
 @jax.tree_util.register_pytree_node_class
+class Record:
+    """One transform's data: its kind and its value (the value a JAX pytree leaf, or a
+    tuple of them, the kind static). The public :class:`jcce.Transform` is a record
+    that can also be called as a loss; a loss below the transforms (such as
+    :func:`jcce.info_nce_loss`, whose temperature is the kernel's) builds a
+    :class:`Configuration` of records directly. Immutable, compared by value."""
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self, kind: str, value):
+        _validate.transform_record(kind, value, KINDS, TUPLE_VALUES)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "value", value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def tree_flatten(self):
+        return (self.value,), self.kind
+
+    @classmethod
+    def tree_unflatten(cls, kind, children):
+        return cls(kind, children[0])
+
+    def __eq__(self, other):
+        if not isinstance(other, Record):
+            return NotImplemented
+        return self.kind == other.kind and value_key(self.value) == value_key(
+            other.value
+        )
+
+    def __hash__(self):
+        return hash((self.kind, value_key(self.value)))
+
+
+@jax.tree_util.register_pytree_node_class
 class Configuration:
     """An ordered tuple of transforms (records with ``kind`` and ``value``), as the
     kernel's callers see it: :meth:`config` and :meth:`class_factors`. A JAX pytree

@@ -23,6 +23,7 @@ from jax import lax
 
 from jcce import _backend, _losses
 from jcce import _validate as v
+from jcce._config import Configuration, Record
 
 
 def info_nce_loss(
@@ -43,7 +44,8 @@ def info_nce_loss(
     that and the same loss of ``keys`` against ``queries``. Normalise the embeddings
     first for cosine similarities, as CLIP does. The similarities are accumulated in
     float32 (float64 for float64 inputs), and the cross-entropy is jcce's kernel (its
-    closed-form gradient).
+    closed-form gradient) with ``temperature`` as its :func:`jcce.temperature`: exact
+    for similarities of any size (see the docs' semantics, section 4).
 
     Args:
       queries: float ``[N, D]`` (e.g. image embeddings).
@@ -102,18 +104,23 @@ def _info_nce(q, k, t, keep, *, symmetric, reduction, axes, implementation):
         return x if axes is None else lax.all_gather(x, axes, tiled=True)
 
     every_keep = None if keep is None else gather(keep)
+    # The temperature is the kernel's own: it divides the similarities after their
+    # row's shift, exact however large they are (dividing them here, XLA would fuse
+    # the division into the kernel's passes, where a compiled multiply-add rounds the
+    # max's own shifted logit to tens of nats once they pass about 1e8).
+    scaled = Configuration((Record("temperature", t.astype(acc)),))
     labels = offset + jnp.arange(n, dtype=jnp.int32)
 
     def direction(rows, columns):
         logits = jnp.einsum(
             "nd,md->nm", rows, gather(columns), preferred_element_type=acc
         )
-        logits = logits / t.astype(acc)
         if every_keep is not None:  # a removed pair is no one's negative
             logits = jnp.where(every_keep[None, :], logits, -jnp.inf)
-        return _losses.cross_entropy(
-            logits, labels, where=keep, reduction="none", implementation=implementation
-        )
+        return _losses.configured_cross_entropy(
+            "info_nce_loss", scaled, logits, labels, where=keep, reduction="none",
+            implementation=implementation,
+        )  # fmt: skip
 
     losses = direction(q, k)
     if symmetric:

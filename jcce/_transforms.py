@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jcce import _linear, _losses, _validate
-from jcce._config import KINDS, TUPLE_VALUES, Configuration, value_key
+from jcce._config import Configuration, Record, value_key
 
 
 def _shown(v) -> str:
@@ -33,7 +33,7 @@ def _shown(v) -> str:
 
 
 @jax.tree_util.register_pytree_node_class
-class Transform:
+class Transform(Record):
     """One hyper-parameter of the loss, built by a function such as :func:`temperature`.
 
     Calling a transform is calling ``chain(transform)`` (and ``.linear`` is
@@ -41,38 +41,13 @@ class Transform:
     their values; the class itself checks only the kind and the value's structure.
     """
 
-    __slots__ = ("kind", "value")
-
-    def __init__(self, kind: str, value):
-        _validate.transform_record(kind, value, KINDS, TUPLE_VALUES)
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "value", value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def tree_flatten(self):
-        return (self.value,), self.kind
-
-    @classmethod
-    def tree_unflatten(cls, kind, children):
-        return cls(kind, children[0])
+    __slots__ = ()
 
     def __repr__(self):
         values = self.value if isinstance(self.value, tuple) else (self.value,)
         if self.kind == "focal" and values[1] is None:  # as called: focal(2.0)
             values = values[:1]
         return f"{self.kind}({', '.join(map(_shown, values))})"
-
-    def __eq__(self, other):
-        if not isinstance(other, Transform):
-            return NotImplemented
-        return self.kind == other.kind and value_key(self.value) == value_key(
-            other.value
-        )
-
-    def __hash__(self):
-        return hash((self.kind, value_key(self.value)))
 
     def __call__(self, *args, **kwargs):
         return chain(self)(*args, **kwargs)

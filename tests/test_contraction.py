@@ -6,9 +6,9 @@ a constant ``T`` becomes one fused multiply-add, ``fma(z, 1 / T, -m)``, which ke
 rounding error of ``m`` in the max's own ``d = x - m``: about ``1e23`` at
 ``|z| = 1e30`` (``exp`` of it is 0 or inf) and tens of nats at ``|z| = 1e9``. jcce takes
 a temperature's shift before the division (``d = (z - max z) / T``, see
-``jcce._kernel._shifted``). This test runs the losses (and the fused linear loss,
-default and lean) in a subprocess at the default level and checks them against float64
-references.
+``jcce._kernel._shifted``). This test runs the losses (the fused linear loss, default
+and lean, and ``info_nce_loss``, whose temperature is the kernel's) in a subprocess at
+the default level and checks them against float64 references.
 """
 
 import json
@@ -79,6 +79,9 @@ CASES += [(c, "pallas", "labels") for c in ("plain", "smoothing", "focal_whole")
 # the gradient taken with respect to the classifier.
 CASES += [(c, i, kind) for c in ("plain", "focal") for i in ("xla", "xla_cpu")
           for kind in ("linear", "linear_lean")]  # fmt: skip
+# info_nce_loss of queries z against keys I (its similarities are z, the positives on
+# the diagonal), its temperature T: the kernel's temperature, not a division of its own.
+CASES += [("plain", i, "info_nce") for i in ("xla", "xla_cpu")]
 
 _SCRIPT = """
 import json, sys
@@ -95,6 +98,10 @@ for chain, impl, kind in spec["cases"]:
     loss = jcce.chain(jcce.temperature(spec["t"]), *transforms)
 
     def f(z):
+        if kind == "info_nce":
+            return jcce.info_nce_loss(z, jnp.eye(z.shape[1], dtype=z.dtype),
+                                      temperature=spec["t"], symmetric=False,
+                                      reduction="none", implementation=impl)
         if kind.startswith("linear"):
             eye = jnp.eye(z.shape[0], dtype=z.dtype)
             return loss.linear(eye, z, t, reduction="none", implementation=impl,
@@ -146,6 +153,8 @@ def _at_default_level():
 def _references(chain, kind):
     """The float64 per-example losses and the gradient of their sum."""
     targets = np.array(TARGETS) if kind == "probabilities" else np.array(LABELS)
+    if kind == "info_nce":
+        targets = np.arange(len(LOGITS))
     kw = dict(CHAINS[chain][1])
     kw["maps"] = (("temperature", T),) + tuple(kw.get("maps", ()))
     value = numpy_objective(np.array(LOGITS), targets, **kw)
