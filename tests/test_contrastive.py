@@ -60,6 +60,42 @@ def test_values_match_float64(symmetric, t):
     )
 
 
+@pytest.mark.parametrize("implementation", ["xla", "xla_cpu"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_huge_similarities_are_exact(symmetric, implementation):
+    """Embeddings of norm 1e5: similarities near 1e10 / T. Dividing them by T before
+    the kernel (as this loss once did), XLA fused the division into the kernel's passes
+    and contracted it with the shift, and the losses were infinite; the kernel's own
+    temperature shifts them first. Values and gradients within a few units in the last
+    place of the largest similarity of float64 on the same float32 inputs."""
+    q, k = (x * np.float32(1e5) for x in _pair(2))
+    t = 0.3
+
+    def loss(q):
+        return jcce.info_nce_loss(
+            q, k, temperature=t, symmetric=symmetric, reduction="none",
+            implementation=implementation,
+        )  # fmt: skip
+
+    scale = np.abs(np.asarray(q, np.float64) @ np.asarray(k, np.float64).T).max() / t
+    ulp = scale * 2.0**-23
+    got = jax.jit(loss)(q)
+    np.testing.assert_allclose(
+        got, _reference(q, k, t, symmetric), rtol=0, atol=8 * ulp
+    )
+    with jax.enable_x64(True):
+        want = jax.grad(lambda q: _naive(q, k, t, symmetric) * N)(
+            jnp.asarray(q, jnp.float64)
+        )
+    # One-hot softmaxes: each gradient row is a difference of keys over T.
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(lambda q: jnp.sum(loss(q))))(q),
+        want,
+        rtol=1e-5,
+        atol=1e-5 * np.abs(k).max() / t,
+    )
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gradients_and_hessian_match_autodiff_of_the_naive_formula(symmetric, x64):
     q, k = _pair(1, np.float64)
