@@ -39,15 +39,19 @@ from jcce._backend import LinearPlan, Ops, rows_within
 # XLA:CPU (YNNPACK) reduces rows longer than ~32k elements about 5x slower; reductions
 # over the class axis are split into chunks of at most this many classes when K allows.
 _ROW_CHUNK = 8192
+# Chunks narrower than this cost more than the long row they split: K = 32002 = 2 x
+# 16001 in 16001 chunks of 2 classes took value_and_grad at [256, K] from 7 to 42 ms.
+_MIN_CHUNK = 1024
 
 
 def _n_chunks(k: int) -> int:
-    """The fewest equal chunks of <= _ROW_CHUNK classes that tile ``k`` (1 for
-    ``k <= _ROW_CHUNK``; for a prime ``k`` above it, ``k`` chunks of one class)."""
+    """The fewest equal chunks of ``_MIN_CHUNK`` to ``_ROW_CHUNK`` classes that tile
+    ``k``; 1 (the row whole) for ``k <= _ROW_CHUNK`` or where no such tiling exists
+    (``k`` prime, or twice a prime, above ``_ROW_CHUNK``)."""
     if k <= _ROW_CHUNK:
         return 1
-    for n in range(-(-k // _ROW_CHUNK), k + 1):
-        if k % n == 0 and k // n <= _ROW_CHUNK:
+    for n in range(-(-k // _ROW_CHUNK), k // _MIN_CHUNK + 1):
+        if k % n == 0:
             return n
     return 1
 

@@ -99,12 +99,30 @@ LARGE_CASES = (
 def assert_large_k_chunks(k):
     want = LARGE_K[k]
     assert k > cpu._ROW_CHUNK
-    if want is None:  # unchunked, or one class a chunk (today: k chunks of 1 class)
+    if want is None:  # a prime: the row whole
         assert all(k % n for n in range(2, math.isqrt(k) + 1)), k
-        assert cpu._n_chunks(k) in (1, k)
+        assert cpu._n_chunks(k) == 1
     else:
         assert cpu._n_chunks(k) == want
         assert k // want <= cpu._ROW_CHUNK and k % want == 0
+
+
+def test_chunks_are_never_narrow():
+    """``"xla_cpu"``'s chunking of long rows (a CPU constant): equal chunks of
+    ``_MIN_CHUNK`` to ``_ROW_CHUNK`` classes, or the row whole. K = 32002 (2 x 16001)
+    was once 16001 chunks of 2 classes, 6x slower than the row whole."""
+    for k in [*range(1, 40000, 37), 32002, 65538, 131074, 262147]:
+        n = cpu._n_chunks(k)
+        if n > 1:
+            assert k % n == 0 and cpu._MIN_CHUNK <= k // n <= cpu._ROW_CHUNK, (k, n)
+        elif k > cpu._ROW_CHUNK:  # no tiling exists
+            assert not any(
+                k % m == 0 and k // m <= cpu._ROW_CHUNK
+                for m in range(2, k // cpu._MIN_CHUNK + 1)
+            ), k
+    assert [cpu._n_chunks(k) for k in (8192, 32000, 32002, 131072, 262144)] == [
+        1, 4, 1, 16, 32,
+    ]  # fmt: skip
 
 
 def large_inputs(k, dtype):
