@@ -472,7 +472,8 @@ def labels_kind(fn: str, labels, batch_shape, logits_shape, *, allow=("int", "pr
         or jnp.issubdtype(labels.dtype, jnp.floating)
     ):
         raise TypeError(
-            f"{fn}: labels has dtype {labels.dtype}; labels must have shape {need}"
+            f"{fn}: labels has dtype {labels.dtype}, neither integer nor floating; "
+            f"labels must have shape {need}"
         )
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if "int" not in allow:
@@ -1056,9 +1057,9 @@ def optax_where(fn: str, where, logits_shape, batch_shape):
     if where.shape == logits_shape:
         return where, True
     raise ValueError(
-        f"{fn}: where has shape {where.shape} but must have (or broadcast to) "
-        f"the logits' shape {logits_shape} (per logit) or have the batch shape "
-        f"{batch_shape}"
+        f"{fn}: where has shape {where.shape} but must have the logits' shape "
+        f"{logits_shape} or a shape of the same rank that broadcasts to it (per "
+        f"logit), or the batch shape {batch_shape} (per example)"
     )
 
 

@@ -93,8 +93,8 @@ _NEED_23 = (
     "targets)"
 )
 _LABELS_DTYPE_23 = (
-    "{fn}: labels has dtype {dtype}; labels must have shape (2,) (integer class "
-    "indices) or (2, 3) (floating probability targets)"
+    "{fn}: labels has dtype {dtype}, neither integer nor floating; labels must have "
+    "shape (2,) (integer class indices) or (2, 3) (floating probability targets)"
 )
 
 
@@ -779,16 +779,18 @@ def _where_cases(name: str, loss, labels) -> list[Case]:
             lambda z, y, w: loss(z, y, where=w),
             (Z, labels, jnp.ones(3, bool)),
             ValueError,
-            f"{name}: where has shape (3,) but must have (or broadcast to) the "
-            "logits' shape (2, 3) (per logit) or have the batch shape (2,)",
+            f"{name}: where has shape (3,) but must have the logits' shape (2, 3) "
+            "or a shape of the same rank that broadcasts to it (per logit), or the "
+            "batch shape (2,) (per example)",
         ),
         Case(
             f"{name}-where_wrong_shape_2d",
             lambda z, y, w: loss(z, y, where=w),
             (Z, labels, jnp.ones((3, 2), bool)),
             ValueError,
-            f"{name}: where has shape (3, 2) but must have (or broadcast to) the "
-            "logits' shape (2, 3) (per logit) or have the batch shape (2,)",
+            f"{name}: where has shape (3, 2) but must have the logits' shape (2, 3) "
+            "or a shape of the same rank that broadcasts to it (per logit), or the "
+            "batch shape (2,) (per example)",
         ),
     ]
 
@@ -867,16 +869,16 @@ OPTAX_CASES = [
         lambda z, y: _sceil(z, y),
         (Z, B2),
         TypeError,
-        f"{SCEI}: labels has dtype bool; labels must have shape (2,) (integer class "
-        "indices)",
+        f"{SCEI}: labels has dtype bool, neither integer nor floating; labels must "
+        "have shape (2,) (integer class indices)",
     ),
     Case(
         f"{SCEI}-labels_complex",
         lambda z, y: _sceil(z, y),
         (Z, jnp.zeros(2, jnp.complex64)),
         TypeError,
-        f"{SCEI}: labels has dtype complex64; labels must have shape (2,) (integer "
-        "class indices)",
+        f"{SCEI}: labels has dtype complex64, neither integer nor floating; labels "
+        "must have shape (2,) (integer class indices)",
     ),
     Case(
         f"{SCEI}-labels_int_logits_shape",
