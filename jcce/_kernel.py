@@ -577,21 +577,25 @@ def _log_of_sum(se, floor=1):
     return jnp.log(jnp.where((se > 0) & (se < floor), floor, se))
 
 
-def _support_size(ops: Ops, spec: Spec, zc, row, map_values):
-    """``K_S``, the number of classes whose mapped logit is finite (layout 1; ``row``
-    is any per-example array of the accumulation dtype, for its shape)."""
+def _support_size(ops: Ops, spec: Spec, zc, shift, map_values):
+    """``K_S``, the number of classes whose shifted logit ``d_k`` is finite (layout 1).
+
+    The support is read off ``d``, not the mapped logit: in a row whose finite logits
+    lie further apart than the dtype's largest number, a ``d_k`` is ``-inf``, and the
+    sums over the support (which drop a ``-inf`` ``d``) and the backward's masks
+    (``d > -inf``) count that class as masked. Counting it here too keeps one reading."""
     k = zc.shape[-1]
     if "softcap" in spec.maps:
-        # The soft-cap maps every logit, -inf included, to a finite value: S is every
-        # class (a NaN logit makes the example NaN whatever S is).
-        return jnp.full(row.shape, k, row.dtype)
-    return ops.row_reduce(
-        jnp.sum,
-        zc,
-        lambda v, _: ops.support(_apply_maps(spec, v, map_values)),
-        row,
-        layout=1,
-    )
+        # The soft-cap maps every logit, -inf included, to a value within the cap: S is
+        # every class (a NaN logit makes the example NaN whatever S is).
+        return jnp.full(shift.shape, k, shift.dtype)
+    return ops.row_reduce(jnp.sum, zc, _on_support(ops, spec, map_values), shift, layout=1)
+
+
+def _on_support(ops: Ops, spec: Spec, map_values):
+    """The per-logit support indicator of :func:`_support_size` (0 or 1, NaN for NaN),
+    as a ``row_reduce`` function of the raw logits and the shift."""
+    return lambda v, shift: ops.support(_shifted(spec, v, map_values, shift))
 
 
 def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, clean=None):
@@ -601,9 +605,6 @@ def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, clean=None):
     ``clean()`` (else ``zc`` itself) gives the logits inside the exact sums, which a
     strategy may put in a conditional branch: masked logits computed outside it would
     be materialized as the branch's ``[..., K]`` operand."""
-
-    def mapped(v):
-        return _apply_maps(spec, v, map_values)
 
     def d(v, shift):
         return _shifted(spec, v, map_values, shift)
@@ -631,7 +632,7 @@ def _smoothing_sums(ops: Ops, spec: Spec, zc, m, cw, map_values, clean=None):
     if cw is None:
         return ks, ks, wd
     ws = ops.row_reduce(
-        jnp.sum, zc, lambda v, _: ops.support(mapped(v)), m, layout=3, col=cw
+        jnp.sum, zc, _on_support(ops, spec, map_values), m, layout=3, col=cw
     )
     return ks, ws, wd
 
@@ -659,8 +660,7 @@ def _focal_smoothing_sums(ops: Ops, spec: Spec, zc, m, log_se, cw, map_values, g
     surprisal is set to 0 (where ``phi(0) = 0``), and ``(1 - p)^gamma`` is
     ``exp(gamma log max(1 - p, tiny))``, whose derivatives stay finite at ``p = 1``."""
 
-    def mapped(v):
-        return _apply_maps(spec, v, map_values)
+    on_support = _on_support(ops, spec, map_values)
 
     def surprisal(v, rows):  # l_k on S, 0 off it
         shift, log_se_ = rows
@@ -670,7 +670,7 @@ def _focal_smoothing_sums(ops: Ops, spec: Spec, zc, m, log_se, cw, map_values, g
         return _focal_arith(surprisal(v, rows), gamma)[0]
 
     def df(v, rows):
-        on = 1.0 if "softcap" in spec.maps else ops.support(mapped(v))
+        on = 1.0 if "softcap" in spec.maps else on_support(v, rows[0])
         return on * _focal_arith(surprisal(v, rows), gamma)[1]
 
     ks = _support_size(ops, spec, zc, m, map_values)

@@ -164,7 +164,7 @@ def row_sums(maps, z, y, live, cw, scalars, *, smoothing, power, powers=0):
                 jnp.where(cols == label[:, None], x, 0), axis=1
             )
             if smoothing:
-                on = _xla.OPS.support(x)
+                on = _xla.OPS.support(d)  # a d of -inf is off the support
                 out["ks"] = carry["ks"] + jnp.sum(on, axis=1)
                 ws = jnp.sum(on if w is None else on * w, axis=1)
                 # sum_S w (x - m): the sum so far moves with the shift, by its weight.

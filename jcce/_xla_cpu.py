@@ -368,7 +368,7 @@ def _blocked_sums(
         if smoothing:
             out["wd"] = weighted(dw)
         if smoothing and not finite:
-            on = _support(x)
+            on = _support(d)  # a d of -inf is off the support (see _support_size)
             out["ks"], out["ws"] = total(on), weighted(on)
         if power is not None:
             out["wpa"] = weighted(jnp.exp(power(scalars) * d))
