@@ -95,6 +95,7 @@ CPU_CORE_SHAPES = [
     (4096, 32768),  # bench_core.py
     (256, 262144),  # bench_core.py
     (256, 32002),  # 2 x 16001: no equal chunks of 1,024 to 8,192 classes
+    (128, 100277),  # cl100k's vocabulary, 149 x 673: reduced in windows on the CPU
     *SMALL_K_SHAPES,
 ]
 QUICK_CORE_SHAPES = [(256, 4096), (16, 65536), (4096, 100), (4096, 10), (4096, 2)]

@@ -5,7 +5,8 @@ performance pages) and is wrong, or pointless, on an accelerator, which uses
 :mod:`jcce._xla`. The numbers are those of :mod:`jcce._kernel`; only the layout differs:
 
 * Row reductions over more than ``_ROW_CHUNK`` classes are split into chunks (YNNPACK
-  reduces long rows about 5x slower), behind an optimization barrier.
+  reduces long rows about 5x slower), behind an optimization barrier; a class count
+  with no such tiling (a prime) is reduced in padded windows (``lax.reduce_window``).
 * Reductions that would share a ``[..., K]`` subexpression get distinct chunk layouts,
   so XLA cannot CSE them into one materialized temporary.
 * ``-inf`` tests are arithmetic (no compare or select), which XLA:CPU fuses into its
@@ -31,6 +32,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jcce import _backend
@@ -46,14 +48,42 @@ _MIN_CHUNK = 1024
 
 def _n_chunks(k: int) -> int:
     """The fewest equal chunks of ``_MIN_CHUNK`` to ``_ROW_CHUNK`` classes that tile
-    ``k``; 1 (the row whole) for ``k <= _ROW_CHUNK`` or where no such tiling exists
-    (``k`` prime, or twice a prime, above ``_ROW_CHUNK``)."""
+    ``k``; 1 for ``k <= _ROW_CHUNK`` (the row whole) or where no such tiling exists
+    (``k`` prime, or a small multiple of a large prime, above ``_ROW_CHUNK``: then
+    :func:`_windowed` reduces the row)."""
     if k <= _ROW_CHUNK:
         return 1
     for n in range(-(-k // _ROW_CHUNK), k // _MIN_CHUNK + 1):
         if k % n == 0:
             return n
     return 1
+
+
+def _untiled(k: int) -> bool:
+    """Whether a row of ``k`` classes is too long to reduce whole and has no tiling."""
+    return k > _ROW_CHUNK and _n_chunks(k) == 1
+
+
+# The reductions the kernel hands _row_reduce, as (monoid, identity) for
+# lax.reduce_window.
+_MONOIDS = {jnp.sum: (lax.add, 0.0), jnp.max: (lax.max, -jnp.inf)}
+
+
+def _windowed(reduce, v):
+    """``reduce(v, axis=-1)`` for a row with no tiling (:func:`_untiled`): a
+    ``lax.reduce_window`` over windows of ``_ROW_CHUNK`` classes, the last one padded
+    with the reduction's identity (no copy: the padding is virtual), then the windows.
+    Whole-row, the sum of exponentials at [256, 100277] took 46 ms, in windows 8 ms; a
+    slice of the remainder is copied by XLA:CPU (a [N, K] temp)."""
+    op, identity = _MONOIDS[reduce]
+    k, ones = v.shape[-1], (1,) * (v.ndim - 1)
+    window = ones + (_ROW_CHUNK,)
+    padding = ((0, 0),) * (v.ndim - 1) + ((0, -k % _ROW_CHUNK),)
+    # A NumPy scalar, concrete under tracing: lax.reduce_window then takes the sum's
+    # or the max's own primitive, which JAX differentiates (a traced init takes the
+    # generic one, which it does not).
+    init = np.asarray(identity, v.dtype)
+    return reduce(lax.reduce_window(v, init, op, window, window, padding), axis=-1)
 
 
 def _pin(x):
@@ -76,6 +106,8 @@ def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
     ``layout``) multiplies the elementwise result per class."""
     lead = x.shape[:-1]
     nb = _n_chunks(x.shape[-1])
+    if _untiled(x.shape[-1]):
+        return _windowed_row_reduce(reduce, x, elementwise, row, layout, col)
     if layout is not None:
         n = nb * 2 ** (layout + (nb == 1))
         nb = n if x.shape[-1] % n == 0 else nb
@@ -107,6 +139,23 @@ def _row_reduce(reduce, x, elementwise=None, row=None, layout=None, col=None):
     if elementwise is not None:
         v = elementwise(v, _per_chunk(row, lead, nb))
     return reduce(reduce(v, axis=-1).reshape(lead + (nb,)), axis=-1)
+
+
+def _windowed_row_reduce(reduce, x, elementwise, row, layout, col):
+    """:func:`_row_reduce` for a row with no tiling: the class axis in windows
+    (:func:`_windowed`). With ``layout``, ``x`` is :func:`_pin`-ned with ``layout + 1``
+    unit axes before the classes, so reductions of different layouts share no
+    ``[..., K]`` subexpression."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    units = (1,) * (0 if layout is None else layout + 1)
+    v = x.reshape((-1,) + units + (k,))
+    if layout is not None:
+        v = _pin(v)
+    if elementwise is not None:
+        v = elementwise(v, jax.tree.map(lambda r: r.reshape((-1,) + units + (1,)), row))
+    if col is not None:
+        v = v * col.reshape((1,) + units + (k,))
+    return _windowed(reduce, v).reshape(lead)
 
 
 def _per_chunk(row, lead, nb):

@@ -1,7 +1,8 @@
 """Kernel code paths selected by shapes and special values, against float64 references.
 
 - ``K > _ROW_CHUNK``: the row reductions tile the class axis into ``_n_chunks(K)``
-  chunks (and the layouts into more), so a wrong chunk reshape mixes rows or classes.
+  chunks (and the layouts into more), so a wrong chunk reshape mixes rows or classes;
+  a ``K`` with no tiling (a prime) is reduced in padded windows (``lax.reduce_window``).
 - ``K`` a multiple of 8 or 16: the layouts split even a short row into chunks of several
   classes, so per-class weights (``col``) must be laid out as the chunks are.
 - ``+inf`` logits: the row's loss is ``+inf`` (or the indeterminate ``inf - inf``), and
@@ -71,7 +72,7 @@ LARGE_K = {
     16384: 2,  # two full chunks of _ROW_CHUNK
     24576: 3,  # three full chunks
     20000: 4,  # equal chunks of 5000: K is no multiple of _ROW_CHUNK
-    16411: None,  # a prime: no split into equal chunks of several classes
+    16411: None,  # a prime: no equal chunks, lax.reduce_window's windows instead
 }
 
 CHAIN4 = jcce.chain(
@@ -99,9 +100,9 @@ LARGE_CASES = (
 def assert_large_k_chunks(k):
     want = LARGE_K[k]
     assert k > cpu._ROW_CHUNK
-    if want is None:  # a prime: the row whole
+    if want is None:  # a prime: windows of _ROW_CHUNK classes, the last one padded
         assert all(k % n for n in range(2, math.isqrt(k) + 1)), k
-        assert cpu._n_chunks(k) == 1
+        assert cpu._n_chunks(k) == 1 and cpu._untiled(k)
     else:
         assert cpu._n_chunks(k) == want
         assert k // want <= cpu._ROW_CHUNK and k % want == 0
@@ -109,13 +110,15 @@ def assert_large_k_chunks(k):
 
 def test_chunks_are_never_narrow():
     """``"xla_cpu"``'s chunking of long rows (a CPU constant): equal chunks of
-    ``_MIN_CHUNK`` to ``_ROW_CHUNK`` classes, or the row whole. K = 32002 (2 x 16001)
-    was once 16001 chunks of 2 classes, 6x slower than the row whole."""
+    ``_MIN_CHUNK`` to ``_ROW_CHUNK`` classes, or (``_untiled``) windows of
+    ``_ROW_CHUNK``. K = 32002 (2 x 16001) was once 16001 chunks of 2 classes, 6x slower
+    than the row whole."""
     for k in [*range(1, 40000, 37), 32002, 65538, 131074, 262147]:
         n = cpu._n_chunks(k)
         if n > 1:
             assert k % n == 0 and cpu._MIN_CHUNK <= k // n <= cpu._ROW_CHUNK, (k, n)
-        elif k > cpu._ROW_CHUNK:  # no tiling exists
+        elif k > cpu._ROW_CHUNK:  # no tiling exists: windows
+            assert cpu._untiled(k), k
             assert not any(
                 k % m == 0 and k // m <= cpu._ROW_CHUNK
                 for m in range(2, k // cpu._MIN_CHUNK + 1)
@@ -123,6 +126,42 @@ def test_chunks_are_never_narrow():
     assert [cpu._n_chunks(k) for k in (8192, 32000, 32002, 131072, 262144)] == [
         1, 4, 1, 16, 32,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        jcce.chain(jcce.focal(1.5), jcce.label_smoothing(0.1)),
+        jcce.chain(jcce.softcap(20.0), jcce.temperature(1.5), jcce.label_smoothing(0.1)),
+    ],
+    ids=["focal_ls", "cap_temp_ls"],
+)
+def test_windowed_rows_second_order(chain):
+    """Hessian-vector products through ``"xla_cpu"``'s windowed reductions (K a prime
+    above ``_ROW_CHUNK``; the backward rules reduce over the classes too, so the windows
+    are differentiated: forward over reverse and reverse over reverse), against the
+    ``"xla"`` path's whole-row reductions (derivatives of a float64 reference at this
+    size are checked by ``test_large_k_values_and_gradients`` to first order)."""
+    k = 16411
+    assert cpu._untiled(k)
+    z, y, _, _ = large_inputs(k, jnp.float32)
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(z.shape), jnp.float32)
+    got = {}
+    for implementation in ("xla", "xla_cpu"):
+
+        def grad(z, implementation=implementation):
+            return jax.grad(lambda z: chain(z, y, implementation=implementation))(z)
+
+        got[implementation] = jax.jit(
+            lambda z, grad=grad: (
+                jax.jvp(grad, (z,), (v,))[1],
+                jax.grad(lambda z: jnp.vdot(grad(z), v))(z),
+            )
+        )(z)
+    for want, have in zip(got["xla"], got["xla_cpu"], strict=True):
+        scale = float(jnp.max(jnp.abs(want)))
+        assert scale > 0
+        np.testing.assert_allclose(have, want, atol=1e-5 * scale, rtol=0)
 
 
 def large_inputs(k, dtype):
