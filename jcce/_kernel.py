@@ -589,7 +589,9 @@ def _support_size(ops: Ops, spec: Spec, zc, shift, map_values):
         # The soft-cap maps every logit, -inf included, to a value within the cap: S is
         # every class (a NaN logit makes the example NaN whatever S is).
         return jnp.full(shift.shape, k, shift.dtype)
-    return ops.row_reduce(jnp.sum, zc, _on_support(ops, spec, map_values), shift, layout=1)
+    return ops.row_reduce(
+        jnp.sum, zc, _on_support(ops, spec, map_values), shift, layout=1
+    )
 
 
 def _on_support(ops: Ops, spec: Spec, map_values):

@@ -432,7 +432,8 @@ def test_generalized_q_derivatives_with_label_smoothing_and_a_masked_class(
         lambda: jcce.chain(jcce.poly(1.0), jcce.label_smoothing(0.1)),
         lambda: jcce.chain(jcce.temperature(2.0), jcce.label_smoothing(0.1)),
         lambda: jcce.chain(
-            jcce.label_smoothing(0.1), jcce.class_weights(jnp.ones(128).at[:3].set(jnp.array([1.0, 2.0, 0.5])))
+            jcce.label_smoothing(0.1),
+            jcce.class_weights(jnp.ones(128).at[:3].set(jnp.array([1.0, 2.0, 0.5]))),
         ),
     ],
     ids=["smoothing", "focal-2", "focal-1.5", "poly", "temperature", "weights"],

@@ -132,7 +132,9 @@ def test_chunks_are_never_narrow():
     "chain",
     [
         jcce.chain(jcce.focal(1.5), jcce.label_smoothing(0.1)),
-        jcce.chain(jcce.softcap(20.0), jcce.temperature(1.5), jcce.label_smoothing(0.1)),
+        jcce.chain(
+            jcce.softcap(20.0), jcce.temperature(1.5), jcce.label_smoothing(0.1)
+        ),
     ],
     ids=["focal_ls", "cap_temp_ls"],
 )

@@ -426,7 +426,8 @@ UNTILED_K = 16411
 
 
 @pytest.mark.parametrize(
-    "name", ["plain", "label_smoothing", "with softcap", "with class weights", "with focal"]
+    "name",
+    ["plain", "label_smoothing", "with softcap", "with class weights", "with focal"],
 )
 def test_a_vocabulary_without_tiling_is_reduced_in_windows_with_no_scratch(name):
     """``"xla_cpu"`` reduces such rows in windows of ``_ROW_CHUNK`` classes
