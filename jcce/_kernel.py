@@ -778,15 +778,9 @@ def _exp_of_float_product_jvp(primals, tangents):
 def forward(static: Static, z, target, s, cw, params: Params):
     """The per-example losses and the :class:`_Res` residuals, for a resolved
     ``static.implementation``."""
-    target = _pinned(static, target)
     if _row_sums_for(static, z) is not None:
         return _summed_forward(static, z, target, s, cw, params)
     return _forward(static, z, target, s, cw, params)
-
-
-def _pinned(static: Static, target):
-    """Probability targets through the implementation's ``Ops.pin_targets``."""
-    return target if static.integer_labels else static.ops.pin_targets(target)
 
 
 def _row_sums_for(static: Static, z):
@@ -1160,7 +1154,6 @@ def _backward(static, saved, ct, logits_only=False):
     """:func:`backward` on the strategy's reductions; ``logits_only``: the logits'
     cotangent alone."""
     z, target, s, cw, params, r = saved
-    target = _pinned(static, target)
     spec = static.spec
     kind, ov = spec.objective, params.objective
     acc = acc_dtype(z.dtype)

@@ -17,8 +17,6 @@ performance pages) and is wrong, or pointless, on an accelerator, which uses
 * Label smoothing's gradient drops its support masks where every row's support is
   full (:func:`_full_support`, a ``lax.cond``).
 * The backward writes the label entries with a scatter for 32/64-bit logits.
-* Probability targets pass an optimization barrier (:func:`_pin_targets`): as a
-  constant, XLA:CPU's YNNPACK fusions summed them inaccurately under ``vmap``.
 * Up to ``_KEEP_EXPONENTIALS`` classes, 32/64-bit logits: the VJP saves ``exp(x - m)``
   from the forward (as optax saves its softmax) rather than computing it twice.
 * The fused linear loss runs its gradient matmuls in float32 over cache-sized chunks of
@@ -158,16 +156,6 @@ def _windowed_row_reduce(reduce, x, elementwise, row, layout, col):
     if col is not None:
         v = v * col.reshape((1,) + units + (k,))
     return _windowed(reduce, v).reshape(lead)
-
-
-def _pin_targets(t):
-    """Probability targets behind an optimization barrier. Closed over by a jitted
-    ``vmap(grad(...))`` they are an HLO constant broadcast along the mapped axis, and
-    XLA:CPU's YNNPACK fusion of the backward's target-weighted sum then lost precision
-    (jax 0.10.2: 3.5% of the gradient's scale with generalized(0.5) and a soft-cap at
-    8,209 classes, against 2e-7 with the targets as an argument). No cost measured:
-    with in-graph one-hot targets at [2048, 32768], 179 against 181 ms and no temp."""
-    return lax.optimization_barrier(t)
 
 
 def _per_chunk(row, lead, nb):
