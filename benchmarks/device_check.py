@@ -90,6 +90,13 @@ def cases():
             lambda z, impl: jcce.cross_entropy(z, t, implementation=impl),
             (z,),
         ),
+        # 50,257 classes (GPT-2): "pallas" walks 6 blocks of 8,192 and a tail of 2,048.
+        "4 transforms, K = 50257": (
+            lambda z, impl: four_transforms()(
+                z, y[:64], implementation=impl, ignore_index=-100, weights=w[:64]
+            ),
+            (np.resize(z, (64, 50257)),),
+        ),
         "bf16 logits, smoothing + softcap": (
             lambda z, impl: jcce.chain(jcce.label_smoothing(0.1), jcce.softcap(30.0))(
                 z, y, implementation=impl, **ce

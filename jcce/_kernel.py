@@ -811,7 +811,7 @@ def _pallas_runs(static: Static, z) -> bool:
     """Whether the ``"pallas"`` kernels compute this configuration: class indices, an
     unsharded vocabulary, no sum that needs the log-sum-exp first (focal's label
     smoothing with a gamma that is not a static whole power), and a class count they
-    can walk (:func:`jcce._pallas.class_block`).
+    can walk (:func:`jcce._pallas.class_walk`).
     Everything else on ``"pallas"`` runs the ``"xla"`` path."""
     return (
         static.implementation == "pallas"
@@ -822,7 +822,7 @@ def _pallas_runs(static: Static, z) -> bool:
             and static.spec.label_smoothing
             and static.spec.focal_power is None
         )
-        and _pallas.class_block(z.shape[-1]) is not None
+        and _pallas.class_walk(z.shape[-1]) is not None
     )
 
 

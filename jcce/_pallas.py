@@ -2,7 +2,7 @@
 
 XLA decides how many times a chain reads the logits; these kernels decide it
 themselves. Each program of a kernel takes one row of the ``[N, K]`` logits and walks
-its classes ``COLUMNS`` at a time (:func:`class_block`), so ``value_and_grad`` of any
+its classes ``COLUMNS`` at a time (:func:`class_walk`), so ``value_and_grad`` of any
 supported chain reads the logits twice and writes the gradient once, whatever the
 transforms:
 
@@ -25,6 +25,8 @@ where the kernels run in Pallas's interpret mode (how the CPU tests check them).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,22 +38,51 @@ from jcce import _backend, _xla
 # Classes per step of a program's walk along its row: 8192 ran fastest on an H200 for a
 # two-pass kernel of one row per program (../shared/ACCELERATOR.md; 2048: 3% slower).
 COLUMNS = 8192
-# The smallest block worth a kernel; a class count with no power-of-two divisor this
-# large (and not itself a power of two) runs the "xla" path.
+# Below this many classes a class count that is not a power of two runs the "xla" path
+# (a walk of blocks that small is not worth a kernel).
 MIN_COLUMNS = 128
 
 # Outside the two kernels (and for what they do not cover) the "xla" path's layout.
 OPS = _xla.OPS._replace(name="pallas")
 
 
-def class_block(num_classes: int) -> int | None:
-    """Classes per step: the largest power of two up to :data:`COLUMNS` dividing
-    ``num_classes`` (Triton blocks are powers of two, and an exact division needs no
-    masked loads), or None where that is below :data:`MIN_COLUMNS` and not every
-    class."""
-    block = num_classes & -num_classes  # the largest power of two dividing it
-    block = min(block, COLUMNS)
-    return block if block >= min(MIN_COLUMNS, num_classes) else None
+class Walk(NamedTuple):
+    """How a program walks a row of ``K`` classes: ``steps`` aligned blocks of
+    ``block`` classes, then, where they leave ``r = K - steps * block > 0`` classes, one
+    block of ``tail`` classes (the smallest power of two ``>= r``) ending at ``K``,
+    whose first ``tail - r`` classes the aligned blocks already covered (masked there).
+    Every load and store is a power of two in size (Triton requires it) and in bounds,
+    so nothing depends on how a backend pads an out-of-bounds block."""
+
+    block: int
+    steps: int
+    tail: int
+
+
+def class_walk(num_classes: int) -> Walk | None:
+    """The :class:`Walk` of a row: blocks of the largest power of two up to
+    :data:`COLUMNS` and ``num_classes``, or None for fewer than :data:`MIN_COLUMNS`
+    classes that are not a power of two."""
+    block = min(COLUMNS, 1 << (num_classes.bit_length() - 1))
+    steps, rest = divmod(num_classes, block)
+    if rest and num_classes < MIN_COLUMNS:
+        return None
+    return Walk(block, steps, 1 << (rest - 1).bit_length() if rest else 0)
+
+
+def _walk(k, step, carry):
+    """``carry`` through ``step(start, width, covered, carry)`` over a row of ``k``
+    classes (:func:`class_walk`): ``covered`` is None for the aligned blocks, and for
+    the tail the first class it must not count again."""
+    walk = class_walk(k)
+
+    def aligned(j, carry):
+        return step(pl.multiple_of(j * walk.block, walk.block), walk.block, None, carry)
+
+    carry = lax.fori_loop(0, walk.steps, aligned, carry)
+    if walk.tail:
+        carry = step(k - walk.tail, walk.tail, walk.steps * walk.block, carry)
+    return carry
 
 
 def _pack(tree, dtype):
@@ -127,9 +158,8 @@ def row_sums(maps, z, y, live, cw, scalars, *, smoothing, power, powers=0):
       ``e[j - 1] = sum w exp(j d)``, ``f[j - 1] = sum_S w d exp(j d)``.
     """
     n, k = z.shape
-    block = class_block(k)
     pre, post = maps
-    acc = jax.eval_shape(pre, jax.ShapeDtypeStruct((1, block), z.dtype), scalars)
+    acc = jax.eval_shape(pre, jax.ShapeDtypeStruct((1, 1), z.dtype), scalars)
     acc = acc.dtype
     vector, unpack = _pack(scalars, acc)
     weighted = cw is not None
@@ -145,13 +175,17 @@ def row_sums(maps, z, y, live, cw, scalars, *, smoothing, power, powers=0):
         label, keep = y_ref[...], live_ref[...]
         zero = jnp.zeros((1,), acc)
 
-        def step(j, carry):
-            start = pl.multiple_of(j * block, block)
-            zb = z_ref[:, pl.ds(start, block)]
+        def step(start, width, covered, carry):
+            zb = z_ref[:, pl.ds(start, width)]
             zb = jnp.where(keep[:, None], zb, jnp.zeros((), zb.dtype))
             x = pre(zb, values)
             cols = start + lax.broadcasted_iota(jnp.int32, x.shape, 1)
-            w = cw_ref[pl.ds(start, block)][None, :] if weighted else None
+            w = cw_ref[pl.ds(start, width)][None, :] if weighted else None
+            hit = cols == label[:, None]
+            if covered is not None:  # the tail: a class counted before reads masked
+                fresh = cols >= covered
+                x = jnp.where(fresh, x, -jnp.inf)
+                hit = hit & fresh
             m = jnp.maximum(carry["m"], jnp.max(x, axis=1))
             old, new = carry["shift"], jnp.where(jnp.isfinite(m), m, 0)
             d = post(x - new[:, None], values)
@@ -160,9 +194,7 @@ def row_sums(maps, z, y, live, cw, scalars, *, smoothing, power, powers=0):
             dw = _xla.OPS.zero_neg_inf(d)
             out = dict(m=m, shift=new)
             out["se"] = _rescaled(carry["se"], grow) + jnp.sum(ex, axis=1)
-            out["x_y"] = carry["x_y"] + jnp.sum(
-                jnp.where(cols == label[:, None], x, 0), axis=1
-            )
+            out["x_y"] = carry["x_y"] + jnp.sum(jnp.where(hit, x, 0), axis=1)
             if smoothing:
                 on = _xla.OPS.support(d)  # a d of -inf is off the support
                 out["ks"] = carry["ks"] + jnp.sum(on, axis=1)
@@ -200,7 +232,7 @@ def row_sums(maps, z, y, live, cw, scalars, *, smoothing, power, powers=0):
         init = {name: zero for name in names}
         init["m"] = jnp.full((1,), -jnp.inf, acc)
         init["shift"] = zero
-        final = lax.fori_loop(0, k // block, step, init)
+        final = _walk(k, step, init)
         final["m"] = final["shift"]
         for name in names:
             out_refs[name][...] = final[name]
@@ -242,7 +274,6 @@ def column_map(fun, z, y, rows, cols, scalars, dtype):
     result, of dtype ``dtype``.
     """
     n, k = z.shape
-    block = class_block(k)
     row_leaves, row_def = jax.tree.flatten(rows)
     col_leaves, col_def = jax.tree.flatten(cols)
     acc = jnp.result_type(*row_leaves) if row_leaves else jnp.float32
@@ -256,22 +287,24 @@ def column_map(fun, z, y, rows, cols, scalars, dtype):
         row_block = jax.tree.unflatten(row_def, [r[...] for r in row_refs])
         label = y_ref[...]
 
-        def step(j, carry):
-            start = pl.multiple_of(j * block, block)
+        # The tail rewrites the classes it shares with the last aligned block with the
+        # same values (``fun`` maps each class on its own).
+        def step(start, width, covered, carry):
+            del covered
             cols_block = jax.tree.unflatten(
-                col_def, [r[pl.ds(start, block)] for r in col_refs]
+                col_def, [r[pl.ds(start, width)] for r in col_refs]
             )
             out = fun(
-                z_ref[:, pl.ds(start, block)],
+                z_ref[:, pl.ds(start, width)],
                 label - start,
                 row_block,
                 cols_block,
                 values,
             )
-            out_ref[:, pl.ds(start, block)] = out.astype(dtype)
+            out_ref[:, pl.ds(start, width)] = out.astype(dtype)
             return carry
 
-        lax.fori_loop(0, k // block, step, 0)
+        _walk(k, step, 0)
 
     row = _spec((1,), lambda i: (i,))
     in_specs = (

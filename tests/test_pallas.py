@@ -12,6 +12,7 @@ the gradient (the pass count of issue 15). Speed is for ``benchmarks/``.
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,12 @@ import jcce
 from jcce import _backend, _pallas
 from tests.reference import numpy_objective
 
-N, K = 6, 384  # three blocks of 128 classes a row
+N, K = 6, 384  # a block of 256 classes, then a tail block of 128
+# A block of 512 classes, then a tail block of 512 over classes 488..999, of which
+# 488..511 were counted by the first (class_walk): _inputs puts a masked class, a label
+# and a row's max there.
+ODD = 1000
+CLASS_COUNTS = pytest.mark.parametrize("k", [K, ODD], ids=["K384", "K1000"])
 CW = np.linspace(0.5, 1.5, K).astype(np.float32)  # as the chains hold them
 
 # name: (chain, numpy_objective keywords)
@@ -94,9 +100,11 @@ def interpreted():
 def _inputs(dtype=jnp.float32, n=N, k=K, seed=0):
     rng = np.random.default_rng(seed)
     z = rng.normal(0, 3, (n, k))
-    z[0, [3, 200]] = -np.inf  # masked classes, in two blocks
+    z[0, [3, 200, k // 2]] = -np.inf  # masked classes, in every block
+    z[5, k // 2 - 1] = 20.0  # the row's max
     y = rng.integers(0, k, n)
     y[1] = k - 1  # the last class of the last block
+    y[2] = k // 2 + 1
     return jnp.asarray(z, dtype), jnp.asarray(y, jnp.int32)
 
 
@@ -112,22 +120,40 @@ def _pallas_calls(fun, *args) -> int:
 # ------------------------------------------------------------ values and derivatives
 
 
+def _chain(name, k):
+    """``CHAINS[name]`` for ``k`` classes (the class weights cut or tiled to ``k``)."""
+    chain, keywords = CHAINS[name]
+    if "class_weights" not in keywords or k == K:
+        return chain, keywords
+    cw = np.resize(CW, k)
+    links = [
+        jcce.class_weights(cw) if t.kind == "class_weights" else t
+        for t in chain.transforms
+    ]
+    return jcce.chain(*links), {**keywords, "class_weights": cw}
+
+
+@CLASS_COUNTS
 @pytest.mark.parametrize("name", CHAINS)
-def test_values_match_float64_and_gradients_match_xla(name):
+def test_values_match_float64_and_gradients_match_xla(name, k):
+    chain, keywords = _chain(name, k)
     with jax.enable_x64(True):
-        z, y = _inputs(jnp.float64)
-        loss = _loss(name, "pallas", reduction="none")
-        got = loss(z, y)
-        want = numpy_objective(np.asarray(z), np.asarray(y), **CHAINS[name][1])
+        z, y = _inputs(jnp.float64, k=k)
+
+        def loss(z, y, impl, **kw):
+            return chain(z, y, implementation=impl, **kw)
+
+        got = loss(z, y, "pallas", reduction="none")
+        want = numpy_objective(np.asarray(z), np.asarray(y), **keywords)
         np.testing.assert_allclose(got, want, rtol=1e-12)
         grads = {
-            impl: jax.grad(lambda z, impl=impl: _loss(name, impl)(z, y))(z)
+            impl: jax.grad(lambda z, impl=impl: loss(z, y, impl))(z)
             for impl in ("pallas", "xla")
         }
         np.testing.assert_allclose(
             grads["pallas"], grads["xla"], rtol=1e-12, atol=1e-15
         )
-        assert _pallas_calls(jax.grad(lambda z: _loss(name, "pallas")(z, y)), z) == 2
+        assert _pallas_calls(jax.grad(lambda z: loss(z, y, "pallas")), z) == 2
 
 
 # Second order goes through the same rule for every chain (the "xla" rule's JVP): the
@@ -186,18 +212,20 @@ def test_dtypes_agree_with_xla(dtype, rtol):
 # ------------------------------------------------------------------ extreme inputs
 
 
+@CLASS_COUNTS
 @pytest.mark.parametrize(
     "name", ["plain", "four_and_log_base", "focal", "focal_smoothing_class_weights"]
 )
-def test_extremes_masks_and_nan_in_masked_rows(name):
-    z, y = _inputs()
-    z = z.at[2].set(jnp.where(jnp.arange(K) % 2 == 0, 1e30, -1e30))
+def test_extremes_masks_and_nan_in_masked_rows(name, k):
+    chain = _chain(name, k)[0]
+    z, y = _inputs(k=k)
+    z = z.at[2].set(jnp.where(jnp.arange(k) % 2 == 0, 1e30, -1e30))
     z = z.at[3].set(-jnp.inf).at[3, int(y[3])].set(7.0)  # one finite logit
     z = z.at[4].set(jnp.nan)  # masked below: must reach nothing
     where = jnp.arange(N) != 4
     out = {}
     for impl in ("pallas", "xla"):
-        loss = _loss(name, impl, where=where, reduction="none")
+        loss = partial(chain, where=where, reduction="none", implementation=impl)
         per_example = loss(z, y)
         grad = jax.grad(lambda z, loss=loss: jnp.sum(loss(z, y)))(z)
         out[impl] = per_example, grad
@@ -364,7 +392,7 @@ def test_what_the_kernels_do_not_cover_runs_the_xla_path(case):
     elif case == "focal_smoothing":  # a fractional gamma: sums after the lse
         chain = jcce.chain(jcce.focal(0.5), jcce.label_smoothing(0.1))
         call = lambda z, impl: chain(z, y, implementation=impl)  # noqa: E731
-    elif case == "odd_class_count":  # 100 = 4 x 25: no block of 128 divides it
+    elif case == "odd_class_count":  # under 128 classes and not a power of two
         z = z[:, :100]
         call = lambda z, impl: jcce.cross_entropy(z, y % 100, implementation=impl)  # noqa: E731
     else:
@@ -378,13 +406,22 @@ def test_what_the_kernels_do_not_cover_runs_the_xla_path(case):
     np.testing.assert_allclose(value_and_grad["pallas"][1], value_and_grad["xla"][1])
 
 
-def test_class_blocks():
-    assert _pallas.class_block(131072) == 8192
-    assert _pallas.class_block(50304) == 128  # 2^7 x 393
-    assert _pallas.class_block(384) == 128
-    assert _pallas.class_block(64) == 64  # every class in one block
-    assert _pallas.class_block(100) is None
-    assert _pallas.class_block(1000) is None  # 8 x 125
+def test_class_walks():
+    walk = _pallas.class_walk
+    assert walk(131072) == (8192, 16, 0)
+    assert walk(50257) == (8192, 6, 2048)  # GPT-2: 1,105 classes left, a block of 2,048
+    assert walk(151643) == (8192, 18, 8192)  # Qwen: 4,187 left
+    assert walk(50304) == (8192, 6, 2048)
+    assert walk(8193) == (8192, 1, 1)
+    assert walk(1000) == (512, 1, 512)
+    assert walk(384) == (256, 1, 128)
+    assert walk(128) == (128, 1, 0)
+    assert walk(64) == (64, 1, 0)  # every class in one block
+    assert walk(100) is None
+    for k in (128, 129, 1000, 8191, 8193, 50257, 151643, 262144):
+        block, steps, tail = walk(k)
+        assert tail & (tail - 1) == 0 and block & (block - 1) == 0
+        assert steps * block <= k <= steps * block + tail and tail <= block
 
 
 # ------------------------------------------------- what an NVIDIA GPU would run
@@ -442,6 +479,25 @@ def test_lowered_for_cuda_two_triton_kernels_are_all_that_touch_the_logits(name,
     others = [line for line in touching if line not in kernels]
     allowed = ("func.func", "call @", "return", "}) :", "stablehlo.return")
     assert all(line.startswith(allowed) or " call @" in line for line in others), others
+
+
+@pytest.mark.parametrize("k", [ODD, 50257, 151643])
+@pytest.mark.parametrize("name", ["four_and_log_base", "focal_smoothing_class_weights"])
+def test_lowered_for_cuda_a_walk_with_a_tail_block(name, k):
+    """Class counts with a tail block (GPT-2's 50,257, Qwen's 151,643) lower to the two
+    Triton kernels: every load and store of the walk is a power of two in size, as
+    Triton requires, and nothing else touches the logits."""
+    text = _cuda_program(
+        jax.value_and_grad(
+            lambda z, y: _chain(name, k)[0](z, y, implementation="pallas")
+        ),
+        jax.ShapeDtypeStruct((8, k), jnp.bfloat16),
+        jax.ShapeDtypeStruct((8,), jnp.int32),
+    )
+    assert text.count(TRITON) == 2
+    assert not [
+        line for line in text.splitlines() if f"x{k}x" in line and "reduce" in line
+    ]
 
 
 @pytest.mark.parametrize(("lean", "kernels"), [(False, 2), (True, 3)])
