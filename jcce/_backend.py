@@ -92,7 +92,8 @@ class Ops(NamedTuple):
     nothing was saved). ``late_row_mask``: whether the forward reads masked examples'
     logits as they are and replaces those rows' results afterwards (their derivatives
     come from the masked logits), instead of masking the logits before any pass reads
-    them."""
+    them. ``pin_targets(t)``: constant probability targets as the kernel reads them
+    (identity, or behind an optimization barrier where the compiler mishandles them)."""
 
     name: str
     row_reduce: Callable
@@ -105,6 +106,7 @@ class Ops(NamedTuple):
     support_sums: Callable
     full_support: Callable
     row_sums: Callable | None
+    pin_targets: Callable
     scatter_labels: bool
     late_row_mask: bool
 

@@ -61,6 +61,9 @@ class Static(NamedTuple):
     # labels shifted to it, the residuals those of every class: labels may lie
     # outside the slice, so the label entries are set by a one-hot compare.
     vocab_slice: bool = False
+    # The probability targets are a constant of the compiled program (closed over, not
+    # an argument): see Ops.pin_targets.
+    constant_targets: bool = False
 
     @property
     def ops(self) -> Ops:
@@ -778,9 +781,20 @@ def _exp_of_float_product_jvp(primals, tangents):
 def forward(static: Static, z, target, s, cw, params: Params):
     """The per-example losses and the :class:`_Res` residuals, for a resolved
     ``static.implementation``."""
+    target = _pinned(static, target)
     if _row_sums_for(static, z) is not None:
         return _summed_forward(static, z, target, s, cw, params)
     return _forward(static, z, target, s, cw, params)
+
+
+def _pinned(static: Static, target):
+    """Probability targets through the implementation's ``Ops.pin_targets`` where they
+    are a compile-time constant and the objective is not the plain cross-entropy (its
+    gradient sums the targets alone; the others sum them times a function of the
+    logits, which is what XLA:CPU got wrong)."""
+    if static.constant_targets and static.spec.objective is not None:
+        return static.ops.pin_targets(target)
+    return target
 
 
 def _row_sums_for(static: Static, z):
@@ -1154,6 +1168,7 @@ def _backward(static, saved, ct, logits_only=False):
     """:func:`backward` on the strategy's reductions; ``logits_only``: the logits'
     cotangent alone."""
     z, target, s, cw, params, r = saved
+    target = _pinned(static, target)
     spec = static.spec
     kind, ov = spec.objective, params.objective
     acc = acc_dtype(z.dtype)

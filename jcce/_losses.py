@@ -39,6 +39,7 @@ def _native(
     reduction="mean",
     vocab_axis=None,
     implementation=None,
+    constant_targets=False,
 ) -> jax.Array:
     logits = v.floating_logits(fn, logits)
     axes = v.canonical_axes(fn, axis, logits.ndim, logits.shape)
@@ -47,7 +48,8 @@ def _native(
         return auto_vocab_parallel(
             partial(_native, fn, axis=axes[0], ignore_index=ignore_index,
                     reduction=reduction, vocab_axis=vocab_axis,
-                    implementation=implementation),
+                    implementation=implementation,
+                    constant_targets=constant_targets),
             fn, vocab_axis, logits, axes[0],
             args=(chain, logits, labels),
             specs=("replicated", "classes", "classes" if labels.ndim == logits.ndim
@@ -82,8 +84,9 @@ def _native(
         k = num_classes * vocab_shards(vocab_axis)
         v.check_labels(fn, target, k, None if s is None else s != 0)
     out = kernel_call(
-        chain, z, target, integer_labels, s, cw, alpha, vocab_axis, implementation
-    )
+        chain, z, target, integer_labels, s, cw, alpha, vocab_axis, implementation,
+        constant_targets,
+    )  # fmt: skip
     return reduce_losses(out, s, cw, target, integer_labels, reduction, vocab_axis)
 
 
@@ -96,8 +99,20 @@ _native_jit = v.keyed_jit(
         "reduction",
         "vocab_axis",
         "implementation",
+        "constant_targets",
     ),
 )
+
+
+def _constant(labels) -> bool:
+    """Whether ``labels`` is a concrete array, or a tracer standing for one (an array
+    made inside a user's ``jit`` from a closed-over value): outside ``jit`` an argument
+    of jcce's own compiled function, inside a user's ``jit`` a constant of the program.
+    XLA:CPU's fusions mishandled such a constant broadcast along a ``vmap`` axis
+    (``Static.constant_targets``, ``Ops.pin_targets``)."""
+    if isinstance(labels, jax.core.Tracer):
+        labels = labels.get_referent()  # the constant's value, or the tracer itself
+    return not isinstance(labels, jax.core.Tracer)
 
 
 def configured_cross_entropy(
@@ -134,6 +149,7 @@ def configured_cross_entropy(
         reduction=reduction,
         vocab_axis=v.vocab_axis(fn, vocab_axis),
         implementation=_backend.resolve(v.implementation(fn, implementation)),
+        constant_targets=_constant(labels),
     )
 
 
@@ -243,7 +259,16 @@ def cross_entropy(
 
 
 def _optax_style(
-    fn, logits, labels, axis, where, chain, *, integer_labels: bool, implementation
+    fn,
+    logits,
+    labels,
+    axis,
+    where,
+    chain,
+    *,
+    integer_labels: bool,
+    implementation,
+    constant_targets=False,
 ):
     """optax's semantics: per-example losses, ``axis`` may be a tuple, ``where`` may
     mask single logits (``logits.shape``) or whole examples (the batch shape)."""
@@ -276,14 +301,21 @@ def _optax_style(
     if integer_labels:
         v.check_labels(fn, target, z.shape[-1], None if s is None else s != 0)
     return kernel_call(
-        chain, z, target, integer_labels, s, None, implementation=implementation
+        chain,
+        z,
+        target,
+        integer_labels,
+        s,
+        None,
+        implementation=implementation,
+        constant_targets=constant_targets,
     )
 
 
 _optax_style_jit = v.keyed_jit(
     _optax_style,
     static_argnums=(0, 3),
-    static_argnames=("integer_labels", "implementation"),
+    static_argnames=("integer_labels", "implementation", "constant_targets"),
 )
 
 
@@ -301,6 +333,7 @@ def optax_style(
         chain,
         integer_labels=integer_labels,
         implementation=_backend.resolve(v.implementation(fn, implementation)),
+        constant_targets=_constant(labels),
     )
 
 

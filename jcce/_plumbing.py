@@ -78,14 +78,23 @@ def kernel_call(
     alpha: jax.Array | None = None,
     vocab_axis=None,
     implementation: str | None = None,
+    constant_targets: bool = False,
 ) -> jax.Array:
-    """Runs the kernel on class-last ``z``; returns weighted per-example losses."""
+    """Runs the kernel on class-last ``z``; returns weighted per-example losses.
+    ``constant_targets``: probability targets that the caller saw as a concrete array
+    (a constant of the compiled program, see ``Static.constant_targets``)."""
     if z.shape[-1] == 0:
         return no_classes(z, integer_labels, s)
     spec, s, cw, params = kernel_args(
         chain, jax.typeof(z), s, cw, alpha, z.shape[-1], vocab_axis
     )
-    static = Static(spec, integer_labels, vocab_axis, implementation)
+    static = Static(
+        spec,
+        integer_labels,
+        vocab_axis,
+        implementation,
+        constant_targets=constant_targets and not integer_labels,
+    )
     return v.rule_free(fused_cross_entropy)(static, z, target, s, cw, params)
 
 

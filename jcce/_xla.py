@@ -82,6 +82,11 @@ def _full_support(full, exact, ks, k):
 # XLA fuses sibling reductions into one pass on an accelerator: no blocks of rows.
 _row_sums = None
 
+
+def _pin_targets(t):
+    return t
+
+
 # A select fuses into an accelerator's reductions: mask the logits first.
 OPS = Ops.collect("xla", globals(), scatter_labels=False, late_row_mask=False)
 

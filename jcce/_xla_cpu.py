@@ -17,6 +17,9 @@ performance pages) and is wrong, or pointless, on an accelerator, which uses
 * Label smoothing's gradient drops its support masks where every row's support is
   full (:func:`_full_support`, a ``lax.cond``).
 * The backward writes the label entries with a scatter for 32/64-bit logits.
+* Probability targets that are a constant of the program pass an optimization
+  barrier for the nonlinear objectives (:func:`_pin_targets`): XLA:CPU's YNNPACK
+  fusions computed their sums wrongly where ``vmap`` broadcast them.
 * Up to ``_KEEP_EXPONENTIALS`` classes, 32/64-bit logits: the VJP saves ``exp(x - m)``
   from the forward (as optax saves its softmax) rather than computing it twice.
 * The fused linear loss runs its gradient matmuls in float32 over cache-sized chunks of
@@ -156,6 +159,18 @@ def _windowed_row_reduce(reduce, x, elementwise, row, layout, col):
     if col is not None:
         v = v * col.reshape((1,) + units + (k,))
     return _windowed(reduce, v).reshape(lead)
+
+
+def _pin_targets(t):
+    """Constant probability targets behind an optimization barrier (the kernel calls
+    this only for those, and only with a nonlinear objective: ``_kernel._pinned``).
+    Closed over by a jitted ``vmap(grad(...))`` they are an HLO constant broadcast along
+    the mapped axis, and jaxlib 0.10.2's YNNPACK fusion of the backward's sum of the
+    targets times a function of the logits was wrong by 3% to 10% of the gradient's
+    scale with generalized(0.5) and a soft-cap, from 8,193 classes up. Barriers on
+    every probability target cost one ``[N, K]`` copy of targets computed in the
+    program, hence the restriction to constants."""
+    return lax.optimization_barrier(t)
 
 
 def _per_chunk(row, lead, nb):
