@@ -545,12 +545,18 @@ def test_targets_computed_in_the_program_are_not_pinned():
     def loss(z, t):
         return chain(z, t, implementation="xla_cpu")
 
-    pinned = jax.grad(lambda z: loss(z, t))
-    assert barriers(pinned, z) > 0  # the closed-over constant: pinned
-    assert barriers(jax.grad(loss), z, t) == 0
-    assert barriers(jax.grad(lambda z, y: loss(z, jax.nn.one_hot(y, 64))), z, y) == 0
-    plain = jax.grad(lambda z: jcce.cross_entropy(z, t, implementation="xla_cpu"))
-    assert barriers(plain, z) == 0  # the plain objective sums the targets alone
+    # (The kernel's own layouts have barriers of their own: count the difference.)
+    argument = barriers(jax.grad(loss), z, t)
+    assert barriers(jax.grad(lambda z: loss(z, t)), z) > argument  # the constant
+    in_program = jax.grad(lambda z, y: loss(z, jax.nn.one_hot(y, 64)))
+    assert barriers(in_program, z, y) == argument
+
+    def plain(z, t):  # the plain objective sums the targets alone: never pinned
+        return jcce.cross_entropy(z, t, implementation="xla_cpu")
+
+    assert barriers(jax.grad(lambda z: plain(z, t)), z) == barriers(
+        jax.grad(plain), z, t
+    )
 
 
 def test_negative_temperature_was_a_wrong_infinity():
