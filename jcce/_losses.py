@@ -110,8 +110,11 @@ def _constant(labels) -> bool:
     of jcce's own compiled function, inside a user's ``jit`` a constant of the program.
     XLA:CPU's fusions mishandled such a constant broadcast along a ``vmap`` axis
     (``Static.constant_targets``, ``Ops.pin_targets``)."""
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.floating):
+        return False  # class indices: nothing to pin (and one jit cache entry)
     if isinstance(labels, jax.core.Tracer):
-        labels = labels.get_referent()  # the constant's value, or the tracer itself
+        # The constant's value, or the tracer itself.
+        labels = getattr(labels, "get_referent", lambda: labels)()
     return not isinstance(labels, jax.core.Tracer)
 
 
@@ -149,7 +152,7 @@ def configured_cross_entropy(
         reduction=reduction,
         vocab_axis=v.vocab_axis(fn, vocab_axis),
         implementation=_backend.resolve(v.implementation(fn, implementation)),
-        constant_targets=_constant(labels),
+        constant_targets=_constant(arrays["labels"]),
     )
 
 
@@ -333,7 +336,7 @@ def optax_style(
         chain,
         integer_labels=integer_labels,
         implementation=_backend.resolve(v.implementation(fn, implementation)),
-        constant_targets=_constant(labels),
+        constant_targets=_constant(arrays["labels"]),
     )
 
 
