@@ -28,7 +28,14 @@ N, K = 6, 384  # a block of 256 classes, then a tail block of 128
 # 488..511 were counted by the first (class_walk): _inputs puts a masked class, a label
 # and a row's max there.
 ODD = 1000
-CLASS_COUNTS = pytest.mark.parametrize("k", [K, ODD], ids=["K384", "K1000"])
+
+
+def _with_tail(names, tail_names):
+    """``(name, k)`` cases: every name at ``K``, ``tail_names`` also at ``ODD``."""
+    cases = [pytest.param(n, K, id=f"{n}-K{K}") for n in names]
+    return cases + [pytest.param(n, ODD, id=f"{n}-K{ODD}") for n in tail_names]
+
+
 CW = np.linspace(0.5, 1.5, K).astype(np.float32)  # as the chains hold them
 
 # name: (chain, numpy_objective keywords)
@@ -133,8 +140,19 @@ def _chain(name, k):
     return jcce.chain(*links), {**keywords, "class_weights": cw}
 
 
-@CLASS_COUNTS
-@pytest.mark.parametrize("name", CHAINS)
+# At ODD classes, chains that take every sum of the forward kernel between them: the
+# maps and smoothing sums, the power sum with class weights, focal's power sums.
+@pytest.mark.parametrize(
+    ("name", "k"),
+    _with_tail(
+        CHAINS,
+        [
+            "four_and_log_base",
+            "poly_smoothing_class_weights",
+            "focal_smoothing_class_weights",
+        ],
+    ),
+)
 def test_values_match_float64_and_gradients_match_xla(name, k):
     chain, keywords = _chain(name, k)
     with jax.enable_x64(True):
@@ -212,9 +230,12 @@ def test_dtypes_agree_with_xla(dtype, rtol):
 # ------------------------------------------------------------------ extreme inputs
 
 
-@CLASS_COUNTS
 @pytest.mark.parametrize(
-    "name", ["plain", "four_and_log_base", "focal", "focal_smoothing_class_weights"]
+    ("name", "k"),
+    _with_tail(
+        ["plain", "four_and_log_base", "focal", "focal_smoothing_class_weights"],
+        ["plain", "focal_smoothing_class_weights"],
+    ),
 )
 def test_extremes_masks_and_nan_in_masked_rows(name, k):
     chain = _chain(name, k)[0]
