@@ -82,7 +82,8 @@ def kernel_call(
 ) -> jax.Array:
     """Runs the kernel on class-last ``z``; returns weighted per-example losses.
     ``constant_targets``: probability targets that the caller saw as a concrete array
-    (a constant of the compiled program, see ``Static.constant_targets``)."""
+    (a constant of the compiled program, see ``Static.constant_targets``; False for
+    class indices, which ``_losses._constant`` never reports)."""
     if z.shape[-1] == 0:
         return no_classes(z, integer_labels, s)
     spec, s, cw, params = kernel_args(
@@ -93,7 +94,7 @@ def kernel_call(
         integer_labels,
         vocab_axis,
         implementation,
-        constant_targets=constant_targets and not integer_labels,
+        constant_targets=constant_targets,
     )
     return v.rule_free(fused_cross_entropy)(static, z, target, s, cw, params)
 
