@@ -3,17 +3,22 @@
 Runs before JAX initialises: eight host CPU devices for the multi-device tests, rank
 promotion as an error, and Hypothesis profiles that are fast and repeatable.
 
-On a machine with only the CPU, the suite compiles with LLVM's optimizations off
-(``--xla_backend_optimization_level=0``), which cuts XLA:CPU's compile time by about a
-third, and the suite is mostly compiling (about 14 minutes on two cores at the default
-level, 11 with this). XLA's own HLO passes still run, so the programs the tests check
-(their fusions, the passes over the logits counted in ``tests/test_passes.py``, the
-compiled memory) are the ones users get; only the machine code is less optimized
-(LLVM may contract a multiply and an add into one rounding at the default level, which
-every tolerance here admits; where contraction changed results beyond rounding, with huge
-logits and a constant temperature, ``tests/test_contraction.py`` runs the losses in a
-process at the default level). To test with other flags set ``XLA_FLAGS`` yourself,
-with ``--xla_force_host_platform_device_count=8`` for the multi-device tests.
+On a machine with only the CPU the suite is mostly compiling, and it compiles with
+two of XLA:CPU's code generation settings changed: LLVM's optimizations off
+(``--xla_backend_optimization_level=0``) and the older, faster loop emitter instead of
+the MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=false``). On two cores the
+suite took 14 to 17 minutes with the first alone and 10 with both (1,150 seconds of
+tests against 1,956).
+Values are checked to the same tolerances either way (the machine code differs, the
+arithmetic asked for does not; LLVM may contract a multiply and an add into one
+rounding at the default level, which every tolerance here admits). What the two settings
+could hide, the tests check at XLA's defaults: without the fusion emitters XLA fuses some
+programs differently, so every test that reads a compiled program's HLO or memory
+compiles it with them (``tests/compiled.py``); and ``tests/test_contraction.py`` runs
+the losses in a process with no flags at all, where contraction changed results beyond
+rounding (huge logits and a constant temperature). To test with other flags set
+``XLA_FLAGS`` yourself, with ``--xla_force_host_platform_device_count=8`` for the
+multi-device tests.
 """
 
 import importlib.util
@@ -38,7 +43,11 @@ def _cpu_only() -> bool:
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8"
-    + (" --xla_backend_optimization_level=0" if _cpu_only() else ""),
+    + (
+        " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+        if _cpu_only()
+        else ""
+    ),
 )
 
 

@@ -1,16 +1,20 @@
-"""Huge logits and a constant temperature, compiled as users compile them.
+"""Losses compiled as users compile them: huge logits and a constant temperature, and
+ordinary logits, at XLA's defaults.
 
-The suite compiles with LLVM's optimizations off (``conftest.py``), where a multiply and
-an add stay two roundings. At LLVM's default level, and on every GPU, ``z / T - m`` with
-a constant ``T`` becomes one fused multiply-add, ``fma(z, 1 / T, -m)``, which keeps the
-rounding error of ``m`` in the max's own ``d = x - m``: about ``1e23`` at
-``|z| = 1e30`` (``exp`` of it is 0 or inf) and tens of nats at ``|z| = 1e9``. jcce takes
-a temperature's shift before the division (``d = (z - max z) / T``, see
-``jcce._kernel._shifted``). This test runs the losses (the fused linear loss, default
-and lean, and ``info_nce_loss``, whose temperature is the kernel's) in a subprocess at
-the default level and checks them against float64 references.
+The suite compiles with LLVM's optimizations off and XLA:CPU's older loop emitter
+(``conftest.py``). At LLVM's default level a multiply and an add may become one
+rounding: ``z / T - m`` with a constant ``T`` becomes one fused multiply-add,
+``fma(z, 1 / T, -m)`` (so on every GPU too), which keeps the rounding error of ``m`` in
+the max's own ``d = x - m``: about ``1e23`` at ``|z| = 1e30`` (``exp`` of it is 0 or
+inf) and tens of nats at ``|z| = 1e9``. jcce takes a temperature's shift before the
+division (``d = (z - max z) / T``, see ``jcce._kernel._shifted``). These tests run the
+losses (the fused linear loss, default and lean, and ``info_nce_loss``, whose
+temperature is the kernel's, for the huge logits) in a subprocess with no ``XLA_FLAGS``
+and check them against float64 references: the huge logits, and ordinary ones over
+enough classes for the vectorized loops of the default emitters.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -83,17 +87,38 @@ CASES += [(c, i, kind) for c in ("plain", "focal") for i in ("xla", "xla_cpu")
 # the diagonal), its temperature T: the kernel's temperature, not a division of its own.
 CASES += [("plain", i, "info_nce") for i in ("xla", "xla_cpu")]
 
+# Ordinary logits: every chain but the four class weights on both XLA paths, and
+# probability targets with a nonlinear objective.
+ORDINARY_SHAPE = (4, 300)
+ORDINARY_CASES = [
+    (c, i, "labels") for c in CHAINS if c != "class_weights" for i in ("xla", "xla_cpu")
+]
+ORDINARY_CASES += [(c, "xla_cpu", "probabilities") for c in ("plain", "focal")]
+
+
+def _ordinary_inputs():
+    rng = np.random.default_rng(0)
+    n, k = ORDINARY_SHAPE
+    return {
+        "logits": (4 * rng.standard_normal(ORDINARY_SHAPE)).tolist(),
+        "labels": rng.integers(0, k, n).tolist(),
+        "targets": rng.dirichlet(np.ones(k), n).tolist(),
+    }
+
+
+HUGE = {"logits": LOGITS, "labels": LABELS, "targets": TARGETS}
+
 _SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, jcce
 from jcce._backend import interpret_pallas
 
 spec = json.loads(sys.argv[1])
-z = jnp.asarray(spec["logits"], jnp.float32)
 out = {}
-for chain, impl, kind in spec["cases"]:
+for inputs, chain, impl, kind in spec["cases"]:
+    z = jnp.asarray(spec["inputs"][inputs]["logits"], jnp.float32)
     probabilities = kind == "probabilities"
-    t = jnp.asarray(spec["targets"] if probabilities else spec["labels"])
+    t = jnp.asarray(spec["inputs"][inputs]["targets" if probabilities else "labels"])
     transforms = eval(spec["chains"][chain])
     loss = jcce.chain(jcce.temperature(spec["t"]), *transforms)
 
@@ -111,16 +136,17 @@ for chain, impl, kind in spec["cases"]:
 
     value = jax.jit(f)(z)
     grad = jax.jit(jax.grad(lambda z: jnp.sum(f(z))))(z)
-    out["/".join((chain, impl, kind))] = [np.asarray(value).tolist(),
+    out["/".join((inputs, chain, impl, kind))] = [np.asarray(value).tolist(),
                                           np.asarray(grad).tolist()]
 print(json.dumps(out))
 """
 
 
+@functools.cache
 def _at_default_level():
-    """Values and gradients of every case, computed in a fresh process whose XLA:CPU
-    runs LLVM at its default optimization level (``XLA_FLAGS`` unset). One process
-    for every case: its start and compiles are most of this test's time."""
+    """Values and gradients of every case of both sets, computed in a fresh process
+    with XLA's default settings (``XLA_FLAGS`` unset). One process for every case: its
+    start and compiles are most of the test's time."""
     # No XLA_FLAGS, and not the suite's shared compilation cache: a program compiled
     # at level 0 by another test must not be loaded here.
     env = {
@@ -132,12 +158,11 @@ def _at_default_level():
     root = str(Path(__file__).parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     spec = {
-        "logits": LOGITS,
-        "labels": LABELS,
-        "targets": TARGETS,
+        "inputs": {"huge": HUGE, "ordinary": _ordinary_inputs()},
         "t": T,
         "chains": {name: src for name, (src, _) in CHAINS.items()},
-        "cases": CASES,
+        "cases": [("huge", *c) for c in CASES]
+        + [("ordinary", *c) for c in ORDINARY_CASES],
     }
     run = subprocess.run(
         [sys.executable, "-c", _SCRIPT, json.dumps(spec)],
@@ -150,33 +175,47 @@ def _at_default_level():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def _references(chain, kind):
+def _references(chain, kind, inputs):
     """The float64 per-example losses and the gradient of their sum."""
-    targets = np.array(TARGETS) if kind == "probabilities" else np.array(LABELS)
+    logits = np.array(inputs["logits"])
+    targets = np.array(inputs["targets" if kind == "probabilities" else "labels"])
     if kind == "info_nce":
-        targets = np.arange(len(LOGITS))
+        targets = np.arange(len(logits))
     kw = dict(CHAINS[chain][1])
     kw["maps"] = (("temperature", T),) + tuple(kw.get("maps", ()))
-    value = numpy_objective(np.array(LOGITS), targets, **kw)
+    value = numpy_objective(logits, targets, **kw)
     with jax.enable_x64(True):
         kw = {k: jnp.asarray(v) if k == "class_weights" else v for k, v in kw.items()}
         if kind == "probabilities":
             targets = jnp.asarray(targets, jnp.float64)
         grad = jax.grad(
             lambda z: naive_jax_objective(z, targets, reduction="sum", **kw)
-        )(jnp.asarray(LOGITS, jnp.float64))
+        )(jnp.asarray(logits, jnp.float64))
     return value, np.asarray(grad)
 
 
-def test_huge_logits_with_a_constant_temperature_at_llvm_default_level():
+def _mismatches(name, inputs, cases, rtol, atol):
     got = _at_default_level()
     wrong = []
-    for chain, implementation, kind in CASES:
-        value, grad = got["/".join((chain, implementation, kind))]
-        want_value, want_grad = _references(chain, kind)
-        for name, g, w in (("value", value, want_value), ("grad", grad, want_grad)):
+    references = {}  # by (chain, kind): the same for every implementation
+    for chain, implementation, kind in cases:
+        value, grad = got["/".join((name, chain, implementation, kind))]
+        if (chain, kind) not in references:
+            references[chain, kind] = _references(chain, kind, inputs)
+        want_value, want_grad = references[chain, kind]
+        for what, g, w in (("value", value, want_value), ("grad", grad, want_grad)):
             try:
-                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
             except AssertionError as e:
-                wrong.append(f"{chain} {implementation} {kind} {name}: {e}")
+                wrong.append(f"{name}: {chain} {implementation} {kind} {what}: {e}")
+    return wrong
+
+
+def test_huge_and_ordinary_logits_at_xla_defaults():
+    """One test, so that one process computes both sets (xdist would give two tests
+    a process each)."""
+    wrong = _mismatches("huge", HUGE, CASES, rtol=1e-5, atol=1e-4)
+    wrong += _mismatches(
+        "ordinary", _ordinary_inputs(), ORDINARY_CASES, rtol=2e-5, atol=1e-6
+    )
     assert not wrong, "\n".join(wrong)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import jcce
 from jcce import _xla, _xla_cpu
 from jcce._xla_cpu import default_block_size, vocab_chunk
+from tests.compiled import compiled_as_users
 from tests.reference import assert_close_to_scale, numpy_cross_entropy
 
 N, D, V = 37, 12, 50
@@ -406,7 +407,7 @@ def test_memory_stays_block_sized():
 
     def temp(f):
         g = jax.value_and_grad(f, argnums=(0, 1))
-        return jax.jit(g).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        return compiled_as_users(g, *args).memory_analysis().temp_size_in_bytes
 
     fused = temp(lambda e, w: jcce.linear_cross_entropy(e, w, y, block_size=128))
     unfused = temp(lambda e, w: jcce.cross_entropy(e @ w, y))
@@ -431,7 +432,7 @@ def test_16_bit_inputs_hold_no_float32_copy_of_the_classifier():
         lambda e, w: jcce.linear_cross_entropy(e, w, y, block_size=block),
         argnums=(0, 1),
     )
-    temp = jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    temp = compiled_as_users(f, *args).memory_analysis().temp_size_in_bytes
     mib = 2**20
     assert temp < 4 * d * v + 2 * 4 * block * v + 16 * mib + 8 * mib, temp / mib
 
@@ -724,7 +725,7 @@ def test_lean_holds_no_float32_classifier_gradient():
             ),
             argnums=(0, 1),
         )
-        return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        return compiled_as_users(f, *args).memory_analysis().temp_size_in_bytes
 
     carry = 4 * v * d
     default, lean = temp(False), temp(True)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import pytest
 
 import jcce
+from tests.compiled import compiled_as_users
 
 N, K = 64, 4096
 ONE_BUFFER = N * K * 4  # bytes of one float32 [N, K] array
@@ -59,7 +60,7 @@ def _compiled_text(loss, dtype=jnp.float32, probability_targets=False):
     else:
         y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
     with jcce.use_implementation("xla_cpu"):
-        compiled = jax.jit(jax.value_and_grad(loss)).lower(z, y).compile()
+        compiled = compiled_as_users(jax.value_and_grad(loss), z, y)
     return compiled
 
 
@@ -216,7 +217,7 @@ def test_blocked_sums_keep_scratch_of_a_few_blocks(name):
     z = jax.ShapeDtypeStruct((64 * N, K), jnp.float32, sharding=ON_CPU)
     y = jax.ShapeDtypeStruct((64 * N,), jnp.int32, sharding=ON_CPU)
     with jcce.use_implementation("xla_cpu"):
-        compiled = jax.jit(jax.value_and_grad(SMOOTHING[name][0])).lower(z, y).compile()
+        compiled = compiled_as_users(jax.value_and_grad(SMOOTHING[name][0]), z, y)
     assert "while" in compiled.as_text()  # the loop over blocks
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= 6 * _xla_cpu._BLOCK_BYTES < 64 * ONE_BUFFER // 10
@@ -322,7 +323,7 @@ def forward_reduction_depth(loss, implementation="xla"):
     z = jax.ShapeDtypeStruct((N, K), jnp.float32, sharding=ON_CPU)
     y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
     with jcce.use_implementation(implementation):
-        text = jax.jit(lambda z, y: loss(z, y)).lower(z, y).compile().as_text()
+        text = compiled_as_users(lambda z, y: loss(z, y), z, y).as_text()
     bodies = {block.split(" ", 1)[0]: block for block in re.split(r"\n(?=%)", text)}
     depth = {}
     for line in text[text.index("ENTRY") :].splitlines():
@@ -416,7 +417,7 @@ def test_a_where_mask_keeps_no_masked_copy_of_the_logits(loss):
     z = jax.ShapeDtypeStruct((N, K), jnp.float32, sharding=ON_CPU)
     y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
     with jcce.use_implementation("xla_cpu"):
-        forward = jax.jit(masked).lower(z, y).compile()
+        forward = compiled_as_users(masked, z, y)
     assert forward.memory_analysis().temp_size_in_bytes < ONE_BUFFER // 100
 
 
@@ -461,7 +462,7 @@ def test_a_vocabulary_without_tiling_is_reduced_in_windows_with_no_scratch(name)
     z = jax.ShapeDtypeStruct((N, UNTILED_K), jnp.float32, sharding=ON_CPU)
     y = jax.ShapeDtypeStruct((N,), jnp.int32, sharding=ON_CPU)
     with jcce.use_implementation("xla_cpu"):
-        compiled = jax.jit(jax.value_and_grad(loss)).lower(z, y).compile()
+        compiled = compiled_as_users(jax.value_and_grad(loss), z, y)
     text = compiled.as_text()
     assert "reduce-window" in text
     assert not _whole_row_reductions(text, f"f32[{N},{UNTILED_K}]")

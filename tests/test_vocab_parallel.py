@@ -18,6 +18,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jcce
+from tests.compiled import USER_PIPELINE, compiled_as_users
 from tests.reference import assert_close_to_scale
 
 N, V = 16, 24  # tokens and classes: 24 = 8 * 3, so every mesh divides them
@@ -214,7 +215,7 @@ def test_only_per_token_numbers_cross_the_network():
     hlo = (
         jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
         .lower(*args)
-        .compile()
+        .compile(USER_PIPELINE)
         .as_text()
     )
     ops = _collectives(hlo)
@@ -427,7 +428,7 @@ def test_jit_named_sharding_partitions_without_gathering_logits(name, implementa
         zs = jax.device_put(JZ, NamedSharding(mesh, P("data", "model")))
         ys = jax.device_put(JY, NamedSharding(mesh, P("data")))
         step = jax.jit(jax.value_and_grad(f, argnums=(0, 2)))
-        compiled = step.lower(zs, ys, JCW).compile()
+        compiled = step.lower(zs, ys, JCW).compile(USER_PIPELINE)
         got = compiled(zs, ys, JCW)
     want = jax.value_and_grad(
         lambda z, cw: loss(z, JY, class_weights=cw), argnums=(0, 1)
@@ -458,7 +459,7 @@ def test_jit_linear_with_a_sharded_classifier():
         ws = jax.device_put(JW, NamedSharding(mesh, P(None, "model")))
         bs = jax.device_put(JB, NamedSharding(mesh, P("model")))
         compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
-        compiled = compiled.lower(es, ws, bs).compile()
+        compiled = compiled.lower(es, ws, bs).compile(USER_PIPELINE)
         got = compiled(es, ws, bs)
     want = jax.value_and_grad(
         lambda e, w, b: loss(e @ w + b[None, :], JY), argnums=(0, 1, 2)
@@ -505,7 +506,7 @@ def test_three_numbers_per_token_in_the_forward_pass():
         return jcce.cross_entropy(z, y, reduction="none", vocab_axis="model")
 
     f = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P())
-    hlo = jax.jit(f).lower(jnp.asarray(Z), jnp.asarray(Y)).compile().as_text()
+    hlo = compiled_as_users(f, jnp.asarray(Z), jnp.asarray(Y)).as_text()
     ops = _collectives(hlo)
     assert {op for op, _ in ops} == {"all-reduce"}
     assert sum(count for _, count in ops) == 3 * N

@@ -1,0 +1,30 @@
+"""The compiler options under which a test compiles a program whose HLO or memory it
+reads.
+
+On a CPU-only machine ``conftest.py`` turns XLA:CPU's fusion emitters off for the suite
+(``--xla_cpu_use_fusion_emitters=false``: they take about 40% of its time, the suite is
+mostly compiling). Their absence changes some of XLA's fusion decisions, so a test that
+counts a compiled program's passes over the logits or its scratch bytes compiles it with
+``jax.jit(f).lower(...).compile(USER_PIPELINE)``: with the emitters back on, as users'
+programs are compiled. ``None`` (nothing to restore) where the suite runs XLA's
+defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+SUITE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+USER_PIPELINE: dict | None = (
+    {"xla_cpu_use_fusion_emitters": True}
+    if SUITE_FLAG in os.environ.get("XLA_FLAGS", "").split()
+    else None
+)
+
+
+def compiled_as_users(fun, *args):
+    """``jax.jit(fun)`` compiled for ``args`` as users' programs are compiled."""
+    return jax.jit(fun).lower(*args).compile(USER_PIPELINE)
