@@ -6,24 +6,26 @@ promotion as an error, and Hypothesis profiles that are fast and repeatable.
 On a machine with only the CPU the suite is mostly compiling, and it compiles with
 two of XLA:CPU's code generation settings changed: LLVM's optimizations off
 (``--xla_backend_optimization_level=0``) and the older, faster loop emitter instead of
-the MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=false``). On two cores the
-suite took 14 to 17 minutes with the first alone and 10 with both (1,150 seconds of
-tests against 1,956).
-Values are checked to the same tolerances either way (the machine code differs, the
-arithmetic asked for does not; LLVM may contract a multiply and an add into one
-rounding at the default level, which every tolerance here admits). What the two settings
-could hide, the tests check at XLA's defaults: without the fusion emitters XLA fuses some
-programs differently, so every test that reads a compiled program's HLO or memory
-compiles it with them (``tests/compiled.py``); and ``tests/test_contraction.py`` runs
-the losses in a process with no flags at all, where contraction changed results beyond
-rounding (huge logits and a constant temperature). To test with other flags set
-``XLA_FLAGS`` yourself, with ``--xla_force_host_platform_device_count=8`` for the
-multi-device tests.
+the MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=false``, where the installed
+XLA has that flag). On two cores the suite took 14 to 17 minutes with the first alone
+and 10 with both (1,150 seconds of tests against 1,956). Values are checked to the
+same tolerances either way (the machine code differs, the arithmetic asked for does
+not; LLVM may contract a multiply and an add into one rounding at the default level,
+which every tolerance here admits). What the two settings could hide, the tests check
+at XLA's defaults: without the fusion emitters XLA fuses some programs differently, so
+every test that reads a compiled program's HLO or memory compiles it with them
+(``tests/compiled.py``); and ``tests/test_contraction.py`` runs the losses in a
+process with no flags at all (where contraction changed results beyond rounding, with
+huge logits and a constant temperature, and with ordinary logits). To test with other
+flags set ``XLA_FLAGS`` yourself, with ``--xla_force_host_platform_device_count=8``
+for the multi-device tests.
 """
 
 import importlib.util
 import os
 import pkgutil
+import subprocess
+import sys
 
 
 def _cpu_only() -> bool:
@@ -40,15 +42,27 @@ def _cpu_only() -> bool:
     return not plugins and importlib.util.find_spec("libtpu") is None
 
 
-os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=8"
-    + (
-        " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-        if _cpu_only()
-        else ""
-    ),
-)
+def _accepted(flags: str) -> bool:
+    """Whether the installed XLA accepts ``flags`` (it aborts a process that sets a
+    flag it does not know, as a jaxlib without the loop emitter would), asked of a
+    child process."""
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    return subprocess.run(probe, env=env, capture_output=True).returncode == 0
+
+
+def _suite_flags() -> str:
+    flags = "--xla_force_host_platform_device_count=8"
+    if not _cpu_only():
+        return flags
+    flags += " --xla_backend_optimization_level=0"
+    loop_emitter = flags + " --xla_cpu_use_fusion_emitters=false"
+    return loop_emitter if _accepted(loop_emitter) else flags
+
+
+# Set in the controlling process, whose environment the xdist workers inherit.
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = _suite_flags()
 
 
 def _shared_compilation_cache() -> None:
