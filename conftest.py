@@ -14,7 +14,7 @@ not; LLVM may contract a multiply and an add into one rounding at the default le
 which every tolerance here admits). What the two settings could hide, the tests check
 at XLA's defaults: without the fusion emitters XLA fuses some programs differently, so
 every test that reads a compiled program's HLO or memory compiles it with them
-(``tests/compiled.py``); and ``tests/test_contraction.py`` runs the losses in a
+(``tests/compiled.py``); and ``tests/test_xla_defaults.py`` runs the losses in a
 process with no flags at all (where contraction changed results beyond rounding, with
 huge logits and a constant temperature, and with ordinary logits). To test with other
 flags set ``XLA_FLAGS`` yourself, with ``--xla_force_host_platform_device_count=8``
