@@ -93,7 +93,10 @@ class Ops(NamedTuple):
     logits as they are and replaces those rows' results afterwards (their derivatives
     come from the masked logits), instead of masking the logits before any pass reads
     them. ``pin_targets(t)``: constant probability targets as the kernel reads them
-    (identity, or behind an optimization barrier where the compiler mishandles them)."""
+    (identity, or behind an optimization barrier where the compiler mishandles them).
+    ``by_rows(fun, *arrays)``: ``fun(*arrays)`` for a ``fun`` of each row of its
+    ``[..., K]`` and ``[...]`` operands with per-row results, in one call or a block of
+    rows at a time (``fun`` then sees a single row: it must broadcast by rank)."""
 
     name: str
     row_reduce: Callable
@@ -107,6 +110,7 @@ class Ops(NamedTuple):
     full_support: Callable
     row_sums: Callable | None
     pin_targets: Callable
+    by_rows: Callable
     scatter_labels: bool
     late_row_mask: bool
 

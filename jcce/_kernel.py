@@ -350,20 +350,29 @@ def _terms(
         return v if scale is None else scale * v
 
     vsum = partial(vocab_sum, static.vocab_axis)
-    l_k = None if linear else log_se[..., None] - d
     if static.integer_labels:
         f_y, df_y = phi(ce_y)
         a, wq_a = w_y * f_y, jnp.broadcast_to(w_y * df_y, ce_y.shape)
     else:
-        wt = target.astype(acc) if cw_row is None else target.astype(acc) * cw_row
         if linear:
+            wt = target.astype(acc) if cw_row is None else target.astype(acc) * cw_row
             wsum = vsum(jnp.sum(wt, axis=-1))
             wq_a = scaled(wsum)
             a = scaled(log_se * wsum) - scaled(vsum(jnp.sum(_weigh(wt, d), axis=-1)))
         else:
-            f, df = phi(_finite_off_target(wt, l_k))
-            a = vsum(jnp.sum(_weigh(wt, f), axis=-1))
-            wq_a = vsum(jnp.sum(_weigh(wt, df), axis=-1))
+
+            def target_sums(zr, log_se_r, m_r, t_r):  # rows, or one row
+                d_r = _shifted(static.spec, zr, map_values, m_r[..., None])
+                w_r = t_r.astype(acc)
+                if cw is not None:
+                    w_r = w_r * _as_row(cw, w_r.ndim)
+                f, df = phi(_finite_off_target(w_r, log_se_r[..., None] - d_r))
+                return (
+                    jnp.sum(_weigh(w_r, f), axis=-1),
+                    jnp.sum(_weigh(w_r, df), axis=-1),
+                )
+
+            a, wq_a = map(vsum, static.ops.by_rows(target_sums, zc, log_se, m, target))
 
     b = wq_b = ks = None
     support = d > -jnp.inf

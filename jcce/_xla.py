@@ -88,6 +88,10 @@ def _pin_targets(t):
 
 
 # A select fuses into an accelerator's reductions: mask the logits first.
+def _by_rows(fun, *arrays):
+    return fun(*arrays)
+
+
 OPS = Ops.collect("xla", globals(), scatter_labels=False, late_row_mask=False)
 
 

@@ -11,6 +11,7 @@ never compiles anew.
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -1360,3 +1361,188 @@ def test_a_new_hyper_parameter_value_does_not_retrace():
         want = numpy_objective(z, y, objective=("symmetric", *values), reduction="mean")
         np.testing.assert_allclose(val, want, rtol=2e-6)
     assert len(traces) == 2
+
+
+# ------------------------------------- 11. probability targets over many classes
+
+# From 64 classes up, "xla_cpu" takes the target sums of probability targets with a
+# nonlinear objective a block of rows at a time (jcce._xla_cpu._by_rows): at
+# [37, 200] blocks of 4 rows, nine of them and one row left over. The cases above
+# (5 classes) take them in one call; "xla" always does.
+WIDE_N, WIDE_K = 37, 200
+WIDE_CASES = [
+    ("focal2-aK", "smooth_cw"),
+    ("focal0.5", "weighted"),
+    ("poly-1", "smooth_cw"),
+    ("gce0.3", "smooth"),
+    ("gce1", "weighted"),
+]
+WIDE_IDS = ["-".join(c) for c in WIDE_CASES]
+
+
+def _wide_inputs(seed, dtype=np.float64, n=WIDE_N):
+    """Logits, targets with exact zeros (a one-hot row, a zero run), class weights
+    (the focal alpha's class vector tiled to the classes), example weights, a mask."""
+    rng = np.random.default_rng(seed)
+    z = (3 * rng.standard_normal((n, WIDE_K))).astype(dtype)
+    t = rng.dirichlet(np.ones(WIDE_K), n)
+    t[0] = np.eye(WIDE_K)[3]
+    t[1, 10:60] = 0.0
+    t = (t / t.sum(-1, keepdims=True)).astype(dtype)
+    cw = rng.uniform(0.5, 2.0, WIDE_K).astype(dtype)
+    s = rng.uniform(0.5, 2.0, n).astype(dtype)
+    keep = np.ones(n, bool)
+    keep[[5, n - 2]] = False
+    return z, t, cw, s, keep
+
+
+def _wide_hp(case, scenario):
+    kind, hp = _hp(case, scenario)
+    if "alpha" in hp and np.ndim(hp["alpha"]):
+        hp = {**hp, "alpha": np.resize(hp["alpha"], WIDE_K)}
+    return kind, hp
+
+
+def _wide_value_and_grads(kind, scenario, implementation, z, t, cw, s, keep, hp):
+    def f(z, t, cw, s, hp, reduction="mean"):
+        loss = _loss(kind, scenario, hp, cw)
+        kw = _call_kwargs(kind, scenario, cw, s, keep)
+        return loss(z, t, reduction=reduction, implementation=implementation, **kw)
+
+    values = {r: f(z, t, cw, s, hp, r) for r in REDUCTIONS}
+    return values, jax.grad(f, (0, 1, 2, 3, 4))(z, t, cw, s, hp)
+
+
+_WIDE = jax.jit(_wide_value_and_grads, static_argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("implementation", ["xla_cpu", "xla"])
+@pytest.mark.parametrize(("case", "scenario"), WIDE_CASES, ids=WIDE_IDS)
+def test_many_classes_of_probability_targets_match_float64_and_autodiff(
+    x64, case, scenario, implementation
+):
+    """Values of every reduction against NumPy, gradients of every input (logits,
+    targets, class and example weights, hyper-parameters) against autodiff."""
+    kind, hp = _wide_hp(case, scenario)
+    z, t, cw, s, keep = _wide_inputs(20)
+    args = (z, t, cw, s, keep, _as_jax_hp(hp))
+    values, got = _WIDE(kind, scenario, implementation, *args)
+    kw = _ref_kwargs(kind, scenario, hp, cw, s, keep)
+    for reduction in REDUCTIONS:
+        want = numpy_objective(z, t, reduction=reduction, **kw)
+        np.testing.assert_allclose(
+            values[reduction], want, rtol=1e-12, atol=1e-14, err_msg=reduction
+        )
+    want = _naive_grads(kind, scenario, "prob", *args)
+    names = ["logits", "targets", "class_weights", "weights", "hyper-parameters"]
+    for name, g, w in zip(names, got, want, strict=True):
+        jax.tree.map(
+            lambda g, w, name=name: np.testing.assert_allclose(
+                g, w, rtol=1e-9, atol=1e-12, err_msg=name
+            ),
+            g,
+            w,
+        )
+
+
+@pytest.mark.parametrize(("case", "scenario"), WIDE_CASES[:3], ids=WIDE_IDS[:3])
+def test_many_classes_of_probability_targets_second_order(x64, case, scenario):
+    """Hessian-vector products, reverse over reverse and forward over reverse, and
+    d/d(hyper-parameters) of <grad, v>, against autodiff of the naive formula."""
+    kind, hp = _wide_hp(case, scenario)
+    z, t, cw, s, keep = _wide_inputs(21, n=9)  # blocks of one row
+    v = np.random.default_rng(22).standard_normal(z.shape)
+
+    def f(z, hp, naive):
+        if naive:
+            kw = _ref_kwargs(kind, scenario, hp, cw, s, keep)
+            return naive_jax_objective(z, t, **kw)
+        loss = _loss(kind, scenario, hp, cw)
+        return loss(z, t, **_call_kwargs(kind, scenario, cw, s, keep))
+
+    @partial(jax.jit, static_argnums=2)
+    def second(z, hp, naive):
+        grad = jax.grad(f)
+        return (
+            jax.grad(lambda z: jnp.vdot(grad(z, hp, naive), v))(z),
+            jax.jvp(lambda z: grad(z, hp, naive), (z,), (v,))[1],
+            jax.grad(lambda hp: jnp.vdot(grad(z, hp, naive), v))(hp),
+        )
+
+    hp = _as_jax_hp(hp)
+    got, want = second(z, hp, False), second(z, hp, True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got[1], want[0], rtol=1e-9, atol=1e-12)
+    for name in hp:
+        np.testing.assert_allclose(
+            got[2][name], want[2][name], rtol=1e-9, atol=1e-12, err_msg=name
+        )
+
+
+@pytest.mark.parametrize(("case", "scenario"), WIDE_CASES[:4], ids=WIDE_IDS[:4])
+def test_many_classes_minus_inf_classes_and_nan_in_masked_rows(case, scenario):
+    """Two classes at -inf in every row (no target mass there) and NaN logits in the
+    masked rows: the value is NumPy's on the clean logits, the gradient is finite,
+    exactly 0 on the -inf classes and the masked rows, and that of the "xla" path."""
+    kind, hp = _wide_hp(case, scenario)
+    z, t, cw, s, keep = _wide_inputs(23, np.float32)
+    z[:, [7, 150]] = -np.inf
+    t[:, [7, 150]] = 0.0
+    t /= t.sum(-1, keepdims=True)
+    bad = z.copy()
+    bad[~keep] = np.nan
+    loss = _loss(kind, scenario, hp, cw)
+    kw = _call_kwargs(kind, scenario, cw, s, keep)
+
+    @partial(jax.jit, static_argnums=1)
+    def value_and_grad(z, implementation):
+        return jax.value_and_grad(
+            lambda z: loss(z, t, implementation=implementation, **kw)
+        )(z)
+
+    value, grad = value_and_grad(bad, "xla_cpu")
+    want = numpy_objective(
+        z, t, reduction="mean", **_ref_kwargs(kind, scenario, hp, cw, s, keep)
+    )
+    np.testing.assert_allclose(value, want, rtol=2e-6)
+    grad = np.asarray(grad)
+    assert np.all(np.isfinite(grad))
+    assert np.all(grad[:, [7, 150]] == 0) and np.all(grad[~keep] == 0)
+    xla_value, xla_grad = value_and_grad(bad, "xla")
+    np.testing.assert_allclose(value, xla_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, xla_grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_many_classes_of_probability_targets_in_16_and_32_bits_and_under_vmap(dtype):
+    """vmap over examples gives the batched losses and gradients; bfloat16 logits and
+    targets are within bfloat16 rounding of float64 on the same rounded inputs."""
+    kind, hp = _wide_hp("focal2-aK", "smooth_cw")
+    z, t, cw, s, keep = _wide_inputs(24, np.float32)
+    zh, th = jnp.asarray(z, dtype), jnp.asarray(t, dtype)
+    loss = _loss(kind, "smooth_cw", hp, cw)
+
+    def one(zi, ti):
+        return loss(zi[None], ti[None], reduction="sum")
+
+    @jax.jit
+    def both(z, t):
+        return (
+            (jax.vmap(one)(z, t), loss(z, t, reduction="none")),
+            (
+                jax.vmap(jax.grad(one))(z, t),
+                jax.grad(lambda z: loss(z, t, reduction="sum"))(z),
+            ),
+        )
+
+    (per, batched), (per_g, batched_g) = both(zh, th)
+    assert batched.dtype == jnp.float32 and batched_g.dtype == dtype
+    np.testing.assert_allclose(per, batched, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(per_g, np.float32), np.asarray(batched_g, np.float32), rtol=1e-2
+    )
+    kw = _ref_kwargs(kind, "smooth_cw", hp, cw, s, np.ones(WIDE_N, bool))
+    want = numpy_objective(
+        np.asarray(zh, np.float64), np.asarray(th, np.float64), reduction="none", **kw
+    )
+    np.testing.assert_allclose(batched, want, rtol=1e-5)

@@ -223,6 +223,37 @@ def test_blocked_sums_keep_scratch_of_a_few_blocks(name):
     assert temp <= 6 * _xla_cpu._BLOCK_BYTES < 64 * ONE_BUFFER // 10
 
 
+# Probability targets with a nonlinear objective: "xla_cpu" takes their target sums a
+# block of rows at a time (jcce._xla_cpu._by_rows). Taken whole, XLA:CPU shared their
+# [N, K] subexpressions with the gradient and kept 1 to 6 [N, K] float32 copies.
+PROBABILITY_OBJECTIVES = {
+    "generalized": jcce.chain(jcce.generalized(0.5)),
+    "focal": jcce.chain(jcce.focal(2.0)),
+    "poly + label smoothing": jcce.chain(jcce.poly(1.0), jcce.label_smoothing(0.1)),
+    "generalized + softcap": jcce.chain(jcce.generalized(0.5), jcce.softcap(5.0)),
+    "focal(1.5) + label smoothing + class weights": jcce.chain(
+        jcce.focal(1.5), jcce.label_smoothing(0.1), jcce.class_weights(CW)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROBABILITY_OBJECTIVES))
+def test_probability_targets_with_an_objective_keep_scratch_of_a_few_blocks(name):
+    """Compiled for 64 times more examples: the scratch of a few blocks of at most
+    ``_BLOCK_BYTES`` of float32 logits, no ``[N, K]`` copy."""
+    from jcce import _xla_cpu
+
+    z = jax.ShapeDtypeStruct((64 * N, K), jnp.float32, sharding=ON_CPU)
+    t = jax.ShapeDtypeStruct((64 * N, K), jnp.float32, sharding=ON_CPU)
+    with jcce.use_implementation("xla_cpu"):
+        compiled = compiled_as_users(
+            jax.value_and_grad(PROBABILITY_OBJECTIVES[name]), z, t
+        )
+    assert "while" in compiled.as_text()  # the loop over blocks
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 6 * _xla_cpu._BLOCK_BYTES < 64 * ONE_BUFFER // 10
+
+
 def test_bfloat16_chain_keeps_no_float32_copy():
     chain = jcce.chain(jcce.softcap(30.0), jcce.temperature(2.0), jcce.z_loss(1e-4))
     reads, temp = reads_and_temp(chain, jnp.bfloat16)
