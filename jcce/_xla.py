@@ -87,11 +87,13 @@ def _pin_targets(t):
     return t
 
 
-# A select fuses into an accelerator's reductions: mask the logits first.
 def _by_rows(fun, *arrays):
+    """``fun(*arrays)`` in one call: an accelerator fuses its per-row sums into the
+    pass that reads the logits."""
     return fun(*arrays)
 
 
+# A select fuses into an accelerator's reductions: mask the logits first.
 OPS = Ops.collect("xla", globals(), scatter_labels=False, late_row_mask=False)
 
 
