@@ -27,6 +27,8 @@ import pkgutil
 import subprocess
 import sys
 
+from tests.compiled import SUITE_FLAG
+
 
 def _cpu_only() -> bool:
     """Whether JAX will find no accelerator plugin (CUDA, ROCm, TPU), asked without
@@ -56,7 +58,7 @@ def _suite_flags() -> str:
     if not _cpu_only():
         return flags
     flags += " --xla_backend_optimization_level=0"
-    loop_emitter = flags + " --xla_cpu_use_fusion_emitters=false"
+    loop_emitter = f"{flags} {SUITE_FLAG}"
     return loop_emitter if _accepted(loop_emitter) else flags
 
 

@@ -18,7 +18,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jcce
-from tests.compiled import USER_PIPELINE, compiled_as_users
+from tests.compiled import compiled_as_users, user_pipeline
 from tests.reference import assert_close_to_scale
 
 N, V = 16, 24  # tokens and classes: 24 = 8 * 3, so every mesh divides them
@@ -215,7 +215,7 @@ def test_only_per_token_numbers_cross_the_network():
     hlo = (
         jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
         .lower(*args)
-        .compile(USER_PIPELINE)
+        .compile(user_pipeline())
         .as_text()
     )
     ops = _collectives(hlo)
@@ -428,7 +428,7 @@ def test_jit_named_sharding_partitions_without_gathering_logits(name, implementa
         zs = jax.device_put(JZ, NamedSharding(mesh, P("data", "model")))
         ys = jax.device_put(JY, NamedSharding(mesh, P("data")))
         step = jax.jit(jax.value_and_grad(f, argnums=(0, 2)))
-        compiled = step.lower(zs, ys, JCW).compile(USER_PIPELINE)
+        compiled = step.lower(zs, ys, JCW).compile(user_pipeline())
         got = compiled(zs, ys, JCW)
     want = jax.value_and_grad(
         lambda z, cw: loss(z, JY, class_weights=cw), argnums=(0, 1)
@@ -459,7 +459,7 @@ def test_jit_linear_with_a_sharded_classifier():
         ws = jax.device_put(JW, NamedSharding(mesh, P(None, "model")))
         bs = jax.device_put(JB, NamedSharding(mesh, P("model")))
         compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
-        compiled = compiled.lower(es, ws, bs).compile(USER_PIPELINE)
+        compiled = compiled.lower(es, ws, bs).compile(user_pipeline())
         got = compiled(es, ws, bs)
     want = jax.value_and_grad(
         lambda e, w, b: loss(e @ w + b[None, :], JY), argnums=(0, 1, 2)
